@@ -1,0 +1,191 @@
+"""The ``afpa`` command.
+
+    afpa serve [--root DIR] [--listen HOST:PORT] [--table FILE] [--admin HOST:PORT] ...
+    afpa tables list
+    afpa tables show NAME
+    afpa tables check FILE...
+    afpa tables graph FILE [--mermaid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from afpa import graph, tables
+from afpa.config import Settings, parse_hostport, parse_size
+from afpa.modules import Registry, default_registry
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``afpa`` command."""
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)")
+    s.add_argument("--root", default=".", help="document root (default: current directory)")
+    s.add_argument("--listen", type=_hostport, default=defaults.listen, metavar="HOST:PORT",
+                   help="address to accept clients on (default: 127.0.0.1:8080)")
+    s.add_argument("--table", help="run this transition table instead of the shipped one")
+    s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
+                   help="serve /metrics, /healthz and /tables/ on this address")
+    s.add_argument("--cache-size", type=_size, default=defaults.cache_bytes, metavar="SIZE",
+                   help="memory cache budget (default: 256M)")
+    s.add_argument("--max-object-size", type=_size, default=defaults.max_object_bytes, metavar="SIZE",
+                   help="larger files are streamed from disk without caching (default: 8M)")
+    s.add_argument("--revalidate-after", type=_seconds, default=defaults.revalidate_after, metavar="SECONDS",
+                   help="check a cached file on disk again after this long (default: 2)")
+    s.add_argument("--idle-timeout", type=_seconds, default=defaults.idle_timeout, metavar="SECONDS")
+    s.add_argument("--header-timeout", type=_seconds, default=defaults.header_timeout, metavar="SECONDS")
+    s.add_argument("--send-timeout", type=_seconds, default=defaults.send_timeout, metavar="SECONDS")
+    s.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+    t = sub.add_parser("tables", help="list, show, check and draw transition tables")
+    tsub = t.add_subparsers(dest="tables_command", required=True)
+    tsub.add_parser("list", help="names of the shipped tables")
+    show = tsub.add_parser("show", help="print a shipped table (start an edit from it)")
+    show.add_argument("name")
+    check = tsub.add_parser("check", help="validate tables; exit 1 listing every problem")
+    check.add_argument("files", nargs="+")
+    g = tsub.add_parser("graph", help="draw a table as Graphviz DOT (or Mermaid)")
+    g.add_argument("file")
+    g.add_argument("--mermaid", action="store_true", help="print a Mermaid stateDiagram instead of DOT")
+    return p
+
+
+def _table_source(name_or_path: str) -> tuple[str, str]:
+    """(text, file label) for a path, or for the name of a shipped table."""
+    path = Path(name_or_path)
+    if not path.exists() and "/" not in name_or_path and name_or_path in tables.shipped_table_names():
+        path = tables.shipped_table_path(name_or_path)
+    return path.read_text(encoding="utf-8"), name_or_path
+
+
+def _tables(args: argparse.Namespace, registry: Registry) -> int:
+    out = sys.stdout
+    if args.tables_command == "list":
+        for name in tables.shipped_table_names():
+            print(name, file=out)
+        return 0
+    if args.tables_command == "show":
+        if args.name not in tables.shipped_table_names():
+            print(f"afpa: no shipped table named {args.name!r} (shipped: "
+                  f"{', '.join(tables.shipped_table_names())})", file=sys.stderr)
+            return 1
+        out.write(tables.shipped_table_path(args.name).read_text(encoding="utf-8"))
+        return 0
+    if args.tables_command == "check":
+        failed = False
+        for f in args.files:
+            try:
+                text, label = _table_source(f)
+            except OSError as exc:
+                print(f"{f}: cannot read: {exc.strerror}", file=sys.stderr)
+                failed = True
+                continue
+            _, problems = tables.check_text(text, label, registry)
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            if problems:
+                failed = True
+                print(f"{label}: {len(problems)} problem(s)", file=sys.stderr)
+            else:
+                print(f"{label}: ok")
+        return 1 if failed else 0
+    if args.tables_command == "graph":
+        try:
+            text, label = _table_source(args.file)
+        except OSError as exc:
+            print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+            return 1
+        spec, problems = tables.parse(text, label)
+        if spec is None:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            return 1
+        out.write(graph.to_mermaid(spec) if args.mermaid else graph.to_dot(spec))
+        return 0
+    return 2
+
+
+def _serve(args: argparse.Namespace, registry: Registry) -> int:
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    from afpa.server import Server
+
+    level = LogLevel.warn if args.quiet else LogLevel.info
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
+                                    [LogLevelFilterPredicate(defaultLogLevel=level)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+    settings = Settings(listen=args.listen, root=args.root, table=args.table, admin=args.admin,
+                        cache_bytes=args.cache_size, max_object_bytes=args.max_object_size,
+                        revalidate_after=args.revalidate_after, idle_timeout=args.idle_timeout,
+                        header_timeout=args.header_timeout, send_timeout=args.send_timeout)
+    try:
+        server = Server(settings, reactor=reactor, registry=registry)
+    except tables.TableError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print("afpa: the table has problems; not starting", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"afpa: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server.start()
+    except CannotListenError as exc:
+        print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
+        return 1
+    host, port = server.ports[0].getHost().host, server.ports[0].getHost().port
+    print(f"afpa: serving {os.path.realpath(settings.root)} on http://{host}:{port}/ "
+          f"(table {server.machine.source})", file=sys.stderr, flush=True)
+    if settings.admin is not None:
+        a = server.ports[1].getHost()
+        print(f"afpa: metrics on http://{a.host}:{a.port}/metrics", file=sys.stderr, flush=True)
+    reactor.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``afpa`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    registry = default_registry()
+    if args.command == "tables":
+        return _tables(args, registry)
+    return _serve(args, registry)

@@ -1,0 +1,257 @@
+"""The engine: runs a compiled machine on a connection's events.
+
+Twisted's protocol callbacks are the TCP hooks of the AFPA paper:
+``connectionMade`` (SYN handled), ``dataReceived`` (data arrival), the Send
+Engine's producer ``resumeProducing`` (send window open) and ``connectionLost``
+(FIN/RST).  On data arrival the engine steps the machine: call the current
+state's function, look the outcome up in the compiled table, move on.  A state
+that returns a Deferred suspends the machine until it fires; input arriving
+meanwhile is buffered (and reading paused past a limit), so pipelined requests
+are answered strictly in order.
+
+House rules:
+
+- A step is a function call plus a dict lookup plus two list increments
+  (entries and transition counters); nothing else runs between states.
+- ``@wait``: stop, the same state runs again on the next data arrival.
+  ``@done``: the request is over, start again at the machine's start state
+  (at once if input is already buffered).  ``@close``: close after flushing.
+- A state function that raises, or returns a word its table does not map, is
+  logged once with the state's name, counted, answered with the protocol's error
+  response when nothing was sent yet, and its connection is closed.  No other
+  connection notices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from afpa import sendengine
+from afpa.scopes import Connection
+from afpa.tables import CLOSE, WAIT
+
+log = Logger(namespace="afpa.engine")
+INF = float("inf")
+
+
+class MachineProtocol(Protocol):
+    """One connection driven by the machine that was current when it was accepted."""
+
+    def __init__(self, server: Any):
+        self.server = server
+        self.conn: Connection | None = None
+        self.reading_paused = False
+
+    # -- events ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        server = self.server
+        machine = server.machine
+        t = self.transport
+        conn = self.conn = Connection(t, machine, machine.start)
+        peer = t.getPeer()
+        conn.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        # Direct socket writes only for plain TCP; TLS goes through its transport.
+        sock = getattr(t, "socket", None)
+        if sock is not None and hasattr(t, "_tempDataLen") and not server.tls:
+            conn.sock = sock
+        if hasattr(t, "setTcpNoDelay"):
+            t.setTcpNoDelay(True)
+        conn.deadline = server.reactor.seconds() + server.settings.idle_timeout
+        server.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.inpos >= len(conn.inbuf):
+            conn.inbuf = data
+            conn.scan = 0
+        else:
+            conn.inbuf = conn.inbuf[conn.inpos:] + data
+            conn.scan = max(0, conn.scan - conn.inpos)
+        conn.inpos = 0
+        if conn.busy:
+            if conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pauseProducing()
+            return
+        self.run(conn.state, None)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        conn.closed = True
+        if conn.req is not None:
+            _release(conn.req)
+        self.server.connection_closed(self)
+
+    # -- stepping -------------------------------------------------------------
+
+    def run(self, state: Any, outcome: str | None) -> None:
+        """Step from ``state`` (running its function unless ``outcome`` is given)."""
+        conn = self.conn
+        server = self.server
+        g = server.g
+        machine = conn.machine
+        entries, transitions = machine.entries, machine.transitions
+        req = conn.req
+        while True:
+            if outcome is None:
+                if req is None:
+                    req = conn.req = machine.module.make_request(conn)
+                    req.started = server.reactor.seconds()
+                entries[state.index] += 1
+                try:
+                    outcome = state.fn(g, conn, req)
+                except Exception:
+                    self.fail(state, Failure())
+                    return
+                if outcome.__class__ is not str:
+                    outcome = self._suspend(state, outcome)
+                    if outcome is None:
+                        return
+            edge = state.on.get(outcome)
+            if edge is None:
+                self.fail(state, None, outcome)
+                return
+            transitions[edge.index] += 1
+            outcome = None
+            nxt = edge.target
+            if nxt.fn is not None:
+                state = nxt
+                continue
+            if nxt.name == WAIT:
+                conn.state = state
+                if conn.deadline_kind == "idle":
+                    conn.deadline_kind = "header"
+                    conn.deadline = server.reactor.seconds() + server.settings.header_timeout
+                return
+            # @done or @close: the request is over.
+            server.request_finished(machine, req)
+            req = conn.req = None
+            conn.requests += 1
+            if nxt.name == CLOSE or conn.closed:
+                conn.state = machine.start
+                conn.closed = True
+                self.transport.loseConnection()
+                server.connection_closed(self)
+                return
+            state = conn.state = machine.start
+            if self.reading_paused:
+                self.reading_paused = False
+                self.transport.resumeProducing()
+            if conn.inpos >= len(conn.inbuf):
+                conn.deadline_kind = "idle"
+                conn.deadline = server.reactor.seconds() + server.settings.idle_timeout
+                return
+            conn.deadline_kind = "idle"  # pipelined input: next request starts now
+
+    def _suspend(self, state: Any, d: Deferred) -> str | None:
+        """A state returned a Deferred.  If it has already fired, return its
+        outcome and keep stepping; otherwise park the machine until it fires."""
+        conn = self.conn
+        sync: list[Any] = []
+        resumed = False
+
+        def fired(result: Any) -> None:
+            if not resumed:
+                sync.append(result)
+            else:
+                self._resumed(state, result)
+
+        d.addBoth(fired)
+        if sync:
+            result = sync[0]
+            if isinstance(result, Failure):
+                self.fail(state, result)
+                return None
+            return result
+        resumed = True
+        conn.busy = True
+        conn.state = state
+        if conn.deadline_kind != "send":
+            conn.deadline_kind = "busy"
+            conn.deadline = INF
+        return None
+
+    def _resumed(self, state: Any, result: Any) -> None:
+        conn = self.conn
+        conn.busy = False
+        if conn.closed:
+            if conn.req is not None:
+                _release(conn.req)
+            return
+        if isinstance(result, Failure):
+            self.fail(state, result)
+            return
+        if conn.deadline_kind == "busy":
+            conn.deadline_kind = "idle"
+        self.run(state, result)
+
+    # -- failure --------------------------------------------------------------
+
+    def fail(self, state: Any, failure: Failure | None, outcome: Any = None) -> None:
+        """A state raised (or returned an unmapped outcome): answer, count, close."""
+        conn = self.conn
+        machine = conn.machine
+        machine.errors[state.index] += 1
+        if failure is not None:
+            log.failure("machine {machine} state {state} raised (peer {peer})", failure,
+                        machine=machine.name, state=state.name, peer=conn.peer)
+        else:
+            log.error("machine {machine} state {state} returned {outcome!r}, which the table "
+                      "does not map (peer {peer})", machine=machine.name, state=state.name,
+                      outcome=outcome, peer=conn.peer)
+        self.abort_request(500)
+
+    def abort_request(self, status: int) -> None:
+        """End the current request with the protocol's error answer (if nothing of a
+        response went out yet) and close the connection."""
+        conn = self.conn
+        if conn.closed:
+            return
+        req = conn.req
+        machine = conn.machine
+        if req is None:
+            req = conn.req = machine.module.make_request(conn)
+            req.started = self.server.reactor.seconds()
+        if not req.sent_head:
+            _release(req)
+            req.head, req.body, req.status = b"", None, 0
+            machine.module.fail(self.server.g, conn, req, status)
+            if req.head:
+                sendengine.write(conn, [req.head])
+                req.sent_head = True
+        self.server.request_finished(machine, req)
+        conn.req = None
+        conn.closed = True
+        self.transport.loseConnection()
+        self.server.connection_closed(self)
+
+    def timed_out(self, kind: str) -> None:
+        """Called by the server's sweep when ``conn.deadline`` has passed."""
+        conn = self.conn
+        if conn.closed:
+            return
+        if kind == "header":
+            self.abort_request(408)
+        elif kind == "send":
+            conn.closed = True
+            self.transport.abortConnection()
+            self.server.connection_closed(self)
+        else:
+            conn.closed = True
+            self.transport.loseConnection()
+            self.server.connection_closed(self)
+
+
+def _release(req: Any) -> None:
+    """Free what an unfinished request holds (an open file body)."""
+    body = req.body
+    if body is not None and body.__class__ is sendengine.FileBody:
+        body.close()

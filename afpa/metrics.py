@@ -1,0 +1,110 @@
+"""Prometheus metrics, counted with plain integers and exported on scrape.
+
+The hot path never touches prometheus-client: the engine bumps list slots of the
+compiled machine and the store bumps integer attributes.  :class:`Collector`
+turns those into metric families when ``/metrics`` is scraped.  Label sets are
+bounded by the table (machine, state, outcome are the table's own words) and by
+five status classes.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class RequestStats:
+    """Requests by status class and a duration histogram, for one machine name."""
+
+    __slots__ = ("by_class", "buckets", "total_seconds", "count")
+
+    def __init__(self) -> None:
+        self.by_class = [0] * 5
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.total_seconds = 0.0
+        self.count = 0
+
+    def observe(self, status: int, seconds: float) -> None:
+        """Count one finished request."""
+        cls = status // 100 - 1
+        if 0 <= cls < 5:
+            self.by_class[cls] += 1
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+        self.count += 1
+
+
+class Collector:
+    """A prometheus-client custom collector reading a running server's counters."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        """Nothing to pre-declare (registration must not call collect())."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every ``afpa_`` family from the live counters."""
+        s = self.server
+        entries = CounterMetricFamily("afpa_state_entries", "Times a state's function ran",
+                                      labels=["machine", "state"])
+        trans = CounterMetricFamily("afpa_state_transitions", "Transitions taken, by state and outcome",
+                                    labels=["machine", "state", "outcome"])
+        errors = CounterMetricFamily("afpa_state_errors", "State functions that raised or returned an unmapped outcome",
+                                     labels=["machine", "state"])
+        for m in s.machines():
+            for st in m.states.values():
+                entries.add_metric([m.name, st.name], m.entries[st.index])
+                errors.add_metric([m.name, st.name], m.errors[st.index])
+            for i, (state, outcome, _target) in enumerate(m.edges):
+                trans.add_metric([m.name, state, outcome], m.transitions[i])
+        yield entries
+        yield trans
+        yield errors
+
+        c = s.runtime.cache
+        for name, value, text in (
+            ("hits", c.hits, "Lookups answered by a fresh cached object"),
+            ("stale", c.stale, "Lookups that found a stale object (revalidated or refetched)"),
+            ("misses", c.misses, "Lookups that found nothing"),
+            ("stored", c.stored, "Objects stored"),
+            ("evicted", c.evicted, "Objects evicted to stay within the byte budget"),
+            ("rejected", c.rejected, "Objects too large to store"),
+        ):
+            yield CounterMetricFamily(f"afpa_cache_{name}", text, value=value)
+        yield GaugeMetricFamily("afpa_cache_bytes", "Bytes held by cached objects", value=c.bytes)
+        yield GaugeMetricFamily("afpa_cache_objects", "Objects in the cache", value=len(c))
+        yield GaugeMetricFamily("afpa_cache_pinned_bytes", "Bytes of evicted objects still being sent",
+                                value=c.pinned_bytes)
+        yield GaugeMetricFamily("afpa_cache_budget_bytes", "Configured cache byte budget", value=c.budget)
+
+        reqs = CounterMetricFamily("afpa_requests", "Finished requests by response status class",
+                                   labels=["machine", "status_class"])
+        hist = HistogramMetricFamily("afpa_request_duration_seconds",
+                                     "Time from the start of a request to its response being fully handed to the transport",
+                                     labels=["machine"])
+        for name, st in sorted(s.request_stats.items()):
+            for cls, n in zip(STATUS_CLASSES, st.by_class):
+                reqs.add_metric([name, cls], n)
+            cumulative, acc = [], 0
+            for bound, n in zip((*DURATION_BUCKETS, float("inf")), st.buckets):
+                acc += n
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            hist.add_metric([name], cumulative, st.total_seconds)
+        yield reqs
+        yield hist
+        yield GaugeMetricFamily("afpa_connections_open", "Client connections open", value=len(s.connections))
+        yield CounterMetricFamily("afpa_connections", "Client connections accepted", value=s.connections_total)

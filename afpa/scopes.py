@@ -1,0 +1,83 @@
+"""The three scopes of data a state function sees (AFPA paper, section 3.2).
+
+- **global**: one per module instance; built by the module's ``make_global`` from
+  :class:`Runtime` (reactor, cache, helper threads, settings).
+- **connection**: :class:`Connection`, one per accepted socket.
+- **request**: a subclass of :class:`Request` that the module defines, one per
+  request on a connection.
+
+Nothing else is shared between state functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from afpa.cache import CacheStore
+from afpa.config import Settings
+from afpa.helpers import Helpers
+
+
+@attrs.define(slots=True, eq=False)
+class Runtime:
+    """Services the runtime hands to a module when it builds its global scope."""
+
+    reactor: Any
+    settings: Settings
+    cache: CacheStore
+    helpers: Helpers
+
+
+@attrs.define(slots=True, eq=False)
+class Connection:
+    """Per-connection data.
+
+    ``inbuf[inpos:]`` is input not yet consumed; ``scan`` is where the module's
+    search for the end of a message resumes, so a request trickling in one byte
+    at a time is not rescanned from its start on every byte.  ``pending`` holds
+    protocol work left over from the previous request (e.g. a request body still
+    to be read and discarded).  ``deadline`` / ``deadline_kind`` drive the
+    timeout sweep.
+    """
+
+    transport: Any
+    machine: Any
+    state: Any
+    req: Any = None
+    sock: Any = None
+    peer: str = ""
+    inbuf: bytes = b""
+    inpos: int = 0
+    scan: int = 0
+    pending: Any = None
+    deadline: float = 0.0
+    deadline_kind: str = "idle"
+    requests: int = 0
+    busy: bool = False
+    closed: bool = False
+    send: Any = None
+
+    def unread(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self.inbuf) - self.inpos
+
+
+@attrs.define(slots=True, eq=False)
+class Request:
+    """Base of every module's request scope: what the Send Engine sends.
+
+    A state function that has an answer fills ``head`` (bytes, the complete
+    response head), ``body`` (``None``, a :class:`~afpa.cache.CacheObject` or a
+    :class:`~afpa.sendengine.FileBody`), ``status`` and ``close`` (close the
+    connection after this response), then hands over to ``afpa.send_engine``,
+    which sets ``sent_head`` once the head is on its way.
+    """
+
+    started: float = 0.0
+    head: bytes = b""
+    body: Any = None
+    status: int = 0
+    close: bool = False
+    sent_head: bool = False

@@ -1,0 +1,254 @@
+"""The Send Engine: the runtime-intrinsic state that writes a response.
+
+It sends what a protocol's state function left on the request scope
+(``req.head`` and ``req.body``) and returns:
+
+- ``sent``: everything is written or handed to the transport, keep the connection;
+- ``close``: the same, then close (``req.close`` was set);
+- ``aborted``: the client went away before the body was out.
+
+Small bodies go out inside the call that asked for them.  When the transport has
+nothing queued, bytes are handed straight to the socket with one ``sendmsg``
+(head and fragments as a scatter/gather list, no joining), which spares the
+reactor a write-readiness round trip; whatever the socket does not take goes
+through the transport as usual.  Bodies that do not fit the socket at once are
+sent by a pull producer, at most 64 KiB at a time into the transport, so Twisted's
+producer/consumer flow control paces us to the client and a large body is never
+buffered whole.  Files too large to cache are read by helper threads
+(``runtime.helpers``) a chunk ahead of the socket.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+from afpa.cache import FRAGMENT, CacheObject
+from afpa.modules import StateFunction
+
+BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
+FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
+
+
+@attrs.define(slots=True, eq=False)
+class FileBody:
+    """A body streamed from an open file descriptor, never cached."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1
+
+
+def push(conn: Any, bufs: list[bytes]) -> list[bytes]:
+    """Hand ``bufs`` to the socket now if nothing is queued ahead of them.
+
+    Returns what the socket did not take (the first item possibly cut), or
+    ``bufs`` itself when a direct write is not possible (TLS, buffered data).
+    """
+    sock = conn.sock
+    t = conn.transport
+    if sock is None or t._tempDataLen or t.dataBuffer or not t.connected or t.disconnecting:
+        return bufs
+    try:
+        n = sock.sendmsg(bufs) if len(bufs) > 1 else sock.send(bufs[0])
+    except (BlockingIOError, InterruptedError):
+        return bufs
+    except OSError:
+        return bufs  # let the transport meet the error and report the loss
+    i = 0
+    for b in bufs:
+        if n < len(b):
+            break
+        n -= len(b)
+        i += 1
+    if i == len(bufs):
+        return []
+    rest = bufs[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def write(conn: Any, bufs: list[bytes]) -> None:
+    """Write ``bufs`` in order: straight to the socket if possible, the rest queued."""
+    rest = push(conn, bufs)
+    if rest:
+        conn.transport.writeSequence(rest)
+
+
+def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
+    """Write ``req.head`` and ``req.body``; persistence and flow control included."""
+    body = req.body
+    done = "close" if req.close else "sent"
+    req.sent_head = True
+    if body is None:
+        write(conn, [req.head])
+        return done
+    if body.__class__ is CacheObject:
+        frags = body.fragments
+        if len(frags) <= 1:
+            write(conn, [req.head, *frags])
+            return done
+        rest = push(conn, [req.head, *frags[:BATCH]])
+        if not rest and len(frags) <= BATCH:
+            return done
+        sender = _MemorySender(g.runtime, conn, rest + list(frags[BATCH:]), done, body)
+    elif body.__class__ is FileBody:
+        sender = _FileSender(g.runtime, conn, [req.head], done, body)
+    else:
+        raise TypeError(f"the Send Engine cannot send a {type(body).__name__}")
+    return sender.start()
+
+
+@implementer(IPullProducer)
+class _Sender:
+    """Pull producer: the transport calls ``resumeProducing`` whenever its buffer
+    has drained (the 'send window open' event), and we write the next bytes."""
+
+    def __init__(self, runtime: Any, conn: Any, bufs: list[bytes], outcome: str, body: Any):
+        self.runtime = runtime
+        self.conn = conn
+        self.bufs = bufs
+        self.outcome = outcome
+        self.body = body
+        self.finished = Deferred()
+        self.over = False
+
+    def start(self) -> Deferred:
+        """Register with the transport; the Deferred fires with the outcome."""
+        self._touch()
+        self.conn.transport.registerProducer(self, False)
+        return self.finished
+
+    def _touch(self) -> None:
+        # Progress pushes the send deadline out: only a stalled client times out.
+        conn = self.conn
+        conn.deadline = self.runtime.reactor.seconds() + self.runtime.settings.send_timeout
+        conn.deadline_kind = "send"
+
+    def _drain(self) -> bool:
+        """Send queued buffers until the socket is full.  Returns True when bytes
+        were left in the transport, which then calls us back once it has drained."""
+        conn = self.conn
+        while self.bufs:
+            rest = push(conn, self.bufs[:BATCH])
+            if rest:
+                conn.transport.write(rest[0])
+                self.bufs = rest[1:] + self.bufs[BATCH:]
+                return True
+            self.bufs = self.bufs[BATCH:]
+        return False
+
+    def _end(self, outcome: str) -> None:
+        if self.over:
+            return
+        self.over = True
+        self._release()
+        if outcome != "aborted":
+            self.conn.transport.unregisterProducer()
+        self.finished.callback(outcome)
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self._end("aborted")
+
+
+class _MemorySender(_Sender):
+    """Sends the fragments of a cache object, pinned for the duration."""
+
+    def start(self) -> Deferred:
+        self.runtime.cache.pin(self.body)
+        return super().start()
+
+    def resumeProducing(self) -> None:
+        if self.over:
+            return
+        self._touch()
+        if not self.bufs or not self._drain():
+            self._end(self.outcome)
+
+    def _release(self) -> None:
+        self.runtime.cache.release(self.body)
+
+
+class _FileSender(_Sender):
+    """Streams a file: a helper thread reads the next chunk while the socket sends."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.offset = 0
+        self.reading = False
+        self.waiting = False
+        self.ready: bytes | None = None
+
+    def start(self) -> Deferred:
+        self._read()
+        return super().start()
+
+    def _read(self) -> None:
+        if self.offset >= self.body.size or self.reading or self.over:
+            return
+        self.reading = True
+        n = min(FILE_CHUNK, self.body.size - self.offset)
+        self.runtime.helpers.run(os.pread, self.body.fd, n, self.offset).addCallbacks(
+            self._got, self._failed)
+
+    def _got(self, data: bytes) -> None:
+        self.reading = False
+        if self.over:
+            return
+        if not data:
+            # The file shrank under us: cut the connection rather than send a
+            # response that looks complete and is not.
+            self._failed(None)
+            return
+        self.offset += len(data)
+        self.ready = data
+        if self.waiting:
+            self.waiting = False
+            self.resumeProducing()
+
+    def _failed(self, _reason: Any) -> None:
+        if not self.over:
+            self.conn.transport.abortConnection()
+            self._end("aborted")
+
+    def resumeProducing(self) -> None:
+        if self.over:
+            return
+        self._touch()
+        if not self.bufs and self.ready is not None:
+            data, self.ready = self.ready, None
+            self.bufs = [data[i:i + FRAGMENT] for i in range(0, len(data), FRAGMENT)]
+            self._read()
+        if self.bufs and self._drain():
+            return  # the transport calls back when it has drained
+        if self.offset >= self.body.size and not self.reading and self.ready is None:
+            self._end(self.outcome)
+        else:
+            self.waiting = True  # a helper read is under way; _got resumes us
+
+    def _release(self) -> None:
+        self.body.close()
+
+
+INTRINSICS = {
+    "send_engine": StateFunction(
+        "send_engine", send_engine, frozenset({"sent", "close", "aborted"}),
+        "write the response on the request scope (Send Engine)"),
+}

@@ -1,0 +1,135 @@
+"""The server: one module instance, its machine, its listeners and its sweep.
+
+:class:`Server` ties the runtime together: it loads and compiles the table (a
+table that fails validation never runs), builds the cache, helper threads and the
+module's global scope, accepts connections with :class:`~afpa.engine.MachineProtocol`
+and runs a once-a-second sweep that enforces the idle, header and send timeouts
+(one timer for all connections instead of a timer per request).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from afpa import tables
+from afpa.cache import CacheStore
+from afpa.config import Settings
+from afpa.engine import MachineProtocol
+from afpa.helpers import Helpers
+from afpa.metrics import RequestStats
+from afpa.modules import Registry, default_registry
+from afpa.scopes import Runtime
+
+log = Logger(namespace="afpa.server")
+
+
+class MachineFactory(ServerFactory):
+    noisy = False
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def buildProtocol(self, addr: Any) -> MachineProtocol:
+        p = MachineProtocol(self.server)
+        p.factory = self
+        return p
+
+
+class Server:
+    """A configured afpa server (not yet listening until :meth:`start`)."""
+
+    def __init__(self, settings: Settings, *, reactor: Any = None, registry: Registry | None = None,
+                 helpers: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.registry = registry or default_registry()
+        self.tls = False
+        path = settings.table
+        if path is None:
+            module = self.registry.modules.get(settings.module)
+            if module is None:
+                raise tables.TableError([tables.Problem(
+                    "<settings>", None, "module", f"no protocol module named {settings.module!r} is installed")])
+            path = str(tables.shipped_table_path(module.table))
+        self.machine = tables.load(path, self.registry)
+        self.runtime = Runtime(
+            reactor=reactor, settings=settings,
+            cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
+            helpers=helpers or Helpers(reactor, settings.helper_threads))
+        self.g = self.machine.module.make_global(settings, self.runtime)
+        self.connections: set[MachineProtocol] = set()
+        self.connections_total = 0
+        self.request_stats: dict[str, RequestStats] = {}
+        self.ports: list[Any] = []
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = reactor
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def factory(self) -> ServerFactory:
+        """A factory accepting connections into this server's machine."""
+        return MachineFactory(self)
+
+    def start(self) -> None:
+        """Listen on ``settings.listen`` (and the admin address) and start the sweep."""
+        host, port = self.settings.listen
+        self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
+        if self.settings.admin is not None:
+            from afpa.admin import admin_site
+            ahost, aport = self.settings.admin
+            self.ports.append(self.reactor.listenTCP(aport, admin_site(self), interface=ahost))
+        self.runtime.helpers.start()
+        self.start_sweep()
+
+    def start_sweep(self) -> None:
+        """Run :meth:`sweep` periodically (often enough for the shortest timeout)."""
+        s = self.settings
+        interval = min(1.0, max(0.05, min(s.idle_timeout, s.header_timeout, s.send_timeout) / 4))
+        self._sweeper.start(interval, now=False)
+
+    def stop(self) -> None:
+        """Stop listening and sweeping; open connections are closed."""
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for p in self.ports:
+            p.stopListening()
+        for proto in list(self.connections):
+            proto.transport.loseConnection()
+
+    def machines(self) -> list[tables.Machine]:
+        """Every machine whose counters are live (the current one)."""
+        return [self.machine]
+
+    # -- bookkeeping called by the engine -------------------------------------
+
+    def connection_opened(self, proto: MachineProtocol) -> None:
+        """A connection was accepted."""
+        self.connections.add(proto)
+        self.connections_total += 1
+
+    def connection_closed(self, proto: MachineProtocol) -> None:
+        """A connection closed (idempotent)."""
+        self.connections.discard(proto)
+
+    def request_finished(self, machine: tables.Machine, req: Any) -> None:
+        """Count a finished request by status class and duration."""
+        if req.status:
+            stats = self.request_stats.get(machine.name)
+            if stats is None:
+                stats = self.request_stats[machine.name] = RequestStats()
+            stats.observe(req.status, self.reactor.seconds() - req.started)
+
+    def sweep(self) -> None:
+        """Close connections whose deadline has passed (idle, slow head, stalled send)."""
+        now = self.reactor.seconds()
+        for proto in list(self.connections):
+            conn = proto.conn
+            if conn is not None and conn.deadline <= now:
+                proto.timed_out(conn.deadline_kind)

@@ -1,0 +1,1 @@
+"""Protocol modules: each one registers its state functions with the afpa runtime."""

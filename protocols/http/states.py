@@ -1,0 +1,213 @@
+"""The HTTP module's state functions (AFPA paper, Figure 1).
+
+Each function has the runtime's one signature ``fn(g, conn, req) -> outcome`` and
+declares its outcomes with ``@state``; ``statetables/http.toml`` wires them.
+A function that has an answer leaves it on ``req`` (``head``, ``body``,
+``status``, ``close``) for the runtime's Send Engine.
+
+The fast path: a fresh hit for a small object goes ``derive_request`` ->
+``derive_cached_response`` -> ``afpa.send_engine`` inside the ``dataReceived``
+call that brought the request, with no Deferred, timer or thread involved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from afpa.cache import CacheObject, fragments_of
+from afpa.modules import state
+from afpa.sendengine import FileBody
+from protocols.http import conditional, files
+from protocols.http.errors import HttpError
+from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
+from protocols.http.responses import finish_head, object_heads, set_error
+
+
+class _Discard:
+    """The body of an answered request, read and dropped so the connection can
+    carry the next request; at most ``left`` bytes of it."""
+
+    __slots__ = ("reader", "left")
+
+    def __init__(self, reader: Any, left: int):
+        self.reader = reader
+        self.left = left
+
+
+@state("complete", "need_more", "malformed")
+def derive_request(g: Any, conn: Any, req: Any) -> str:
+    """Parse one request from the connection's input (strict HTTP/1.x)."""
+    try:
+        if conn.pending is not None and not _discard_body(g, conn):
+            return "need_more"
+        buf = conn.inbuf
+        pos = conn.inpos
+        if pos >= len(buf):
+            return "need_more"
+        end = parse_head(buf, pos, conn.scan, g.settings, req)
+    except HttpError as exc:
+        conn.inpos = len(conn.inbuf)
+        conn.pending = None
+        set_error(g, req, exc.status, exc.detail, close=True)
+        return "malformed"
+    if end < 0:
+        conn.scan = req.scan_hint
+        return "need_more"
+    conn.inpos = conn.scan = end
+    if req.chunked or req.content_length > 0:
+        if req.expect_continue or req.content_length > g.settings.max_discard_body:
+            # We answer without reading this body; closing afterwards is the
+            # only way to keep the next request's framing right.
+            req.close = True
+        else:
+            reader = ChunkedBody() if req.chunked else LengthBody(req.content_length)
+            conn.pending = _Discard(reader, g.settings.max_discard_body)
+    if not req.keep_alive or conn.requests + 1 >= g.settings.keepalive_requests:
+        req.close = True
+    return "complete"
+
+
+def _discard_body(g: Any, conn: Any) -> bool:
+    """Drop the previous request's body from the input; True once it is all read."""
+    d = conn.pending
+    start = conn.inpos
+    pos, _, finished = d.reader.read(conn.inbuf, start)
+    conn.inpos = conn.scan = pos
+    d.left -= pos - start
+    if d.left < 0:
+        raise HttpError(413, "request body too large to discard")
+    if finished:
+        conn.pending = None
+        return True
+    conn.deadline_kind = "body"
+    conn.deadline = g.reactor.seconds() + g.settings.idle_timeout
+    return False
+
+
+@state("hit", "miss", "stale")
+def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
+    """Look the request up in the memory cache; a fresh hit is answered at once."""
+    method = req.method
+    if method != b"GET" and method != b"HEAD":
+        req.cache_status = b"afpa; fwd=method"
+        return "miss"
+    key = req.key = (req.host, req.target)
+    now = g.reactor.seconds()
+    obj = g.cache.get(key, now)
+    if obj is None:
+        req.cache_status = b"afpa; fwd=miss"
+        return "miss"
+    if obj.fresh_until < now:
+        req.stale = obj
+        req.cache_status = b"afpa; fwd=stale"
+        return "stale"
+    req.cache_status = b"afpa; hit"
+    _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
+            int(now - obj.stored_at))
+    return "hit"
+
+
+@state("docroot")
+def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
+    """Ask routing where a miss goes; the route's kind is the outcome."""
+    route = req.route = g.router.choose(req.host, req.path)
+    return route.kind
+
+
+@state("ready")
+def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
+    """Answer from a file under the route's root: read on a helper thread, turned
+    into a cache object (stored when it fits) or streamed when it is too large."""
+    method = req.method
+    if method != b"GET" and method != b"HEAD":
+        if method in KNOWN_METHODS:
+            set_error(g, req, 405, extra=b"Allow: GET, HEAD\r\n")
+        else:
+            set_error(g, req, 501, "method not implemented")
+        return "ready"
+    stale = req.stale
+    d = g.helpers.run(files.open_target, req.route.root, req.path, req.query,
+                      g.settings.max_object_bytes, method == b"GET",
+                      stale.identity if stale is not None else None)
+    d.addCallback(_file_ready, g, conn, req)
+    return d
+
+
+def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
+    if conn.closed:
+        if result.fd >= 0:
+            os.close(result.fd)
+        return "ready"
+    now = g.reactor.seconds()
+    kind = result.kind
+    stale = req.stale
+    if kind == "error":
+        if stale is not None:
+            g.cache.remove(req.key)
+        req.cache_status = b"afpa; fwd=miss"
+        set_error(g, req, result.status, result.detail)
+        return "ready"
+    if kind == "redirect":
+        set_error(g, req, 301, extra=b"Location: " + result.location + b"\r\n")
+        return "ready"
+    if kind == "unchanged":
+        stale.fresh_until = now + g.settings.revalidate_after
+        req.cache_status = b"afpa; fwd=stale; detail=revalidated"
+        _answer(g, req, stale.head, stale.short_head, stale.etag, stale.last_modified, stale, now,
+                int(now - stale.stored_at))
+        return "ready"
+    etag = b'"%x-%x"' % (result.identity[3], result.identity[2])
+    head, short_head = object_heads(200, result.content_type, result.size, result.mtime, etag)
+    fwd = b"afpa; fwd=stale" if stale is not None else b"afpa; fwd=miss"
+    if kind == "object" and req.method == b"GET":
+        obj = CacheObject(req.key, head, fragments_of(result.data), len(result.data), now,
+                          now + g.settings.revalidate_after, short_head, etag, int(result.mtime),
+                          result.identity)
+        if req.key is None:  # a table without the cache lookup: serve, never store
+            req.cache_status = b"afpa; fwd=bypass"
+        else:
+            req.cache_status = fwd + (b"; stored" if g.cache.put(obj) else b"; detail=not-stored")
+        _answer(g, req, head, short_head, etag, obj.last_modified, obj, now, None)
+        return "ready"
+    if kind == "object":  # HEAD: nothing read, nothing stored
+        req.cache_status = fwd + b"; detail=head"
+        _answer(g, req, head, short_head, etag, int(result.mtime), None, now, None)
+        return "ready"
+    body = FileBody(result.fd, result.size)
+    req.cache_status = fwd + b"; detail=too-large"
+    _answer(g, req, head, short_head, etag, int(result.mtime), body, now, None)
+    if req.body is not body:
+        body.close()
+    return "ready"
+
+
+def _answer(g: Any, req: Any, head: bytes, short_head: bytes, etag: bytes | None,
+            last_modified: int | None, body: Any, now: float, age: int | None) -> None:
+    """Put the answer for a found object on ``req``: 200, 304 or 412, HEAD aware."""
+    if (req.if_none_match is not None or req.if_modified_since is not None
+            or req.if_match is not None or req.if_unmodified_since is not None):
+        cond = conditional.evaluate(req, etag, last_modified)
+        if cond == 304:
+            req.status = 304
+            req.head = finish_head(g, req, short_head, now, age)
+            req.body = None
+            return
+        if cond == 412:
+            set_error(g, req, 412)
+            return
+    req.status = 200
+    req.head = finish_head(g, req, head, now, age)
+    req.body = body if req.method == b"GET" else None
+
+
+def fail(g: Any, conn: Any, req: Any, status: int) -> None:
+    """The protocol's answer when a state raised (500) or a head timed out (408)."""
+    if not req.cache_status:
+        req.cache_status = b"afpa; detail=error"
+    set_error(g, req, status, close=True)
+
+
+FUNCTIONS = (derive_request, derive_cached_response, derive_miss_response, derive_uncached_response)

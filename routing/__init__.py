@@ -1,0 +1,1 @@
+"""Where a request that missed the cache goes: routes and, later, backend pools."""

@@ -1,0 +1,1 @@
+"""The shipped transition tables (data only; see the *.toml files here)."""

@@ -40,11 +40,11 @@ class _Tables(Resource):
 
     def __init__(self, server: Any):
         super().__init__()
-        self.server = server
+        self.afpa = server  # not "server": twisted.web sets that attribute itself
 
     def render_GET(self, request: Any) -> bytes:
         name = request.postpath[0].decode("utf-8", "replace") if request.postpath else ""
-        for m in self.server.machines():
+        for m in self.afpa.machines():
             if name == f"{m.name}.toml":
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return m.text.encode()
@@ -63,4 +63,5 @@ def admin_site(server: Any) -> Site:
     root.putChild(b"tables", _Tables(server))
     site = Site(root)
     site.noisy = False
+    site.log = lambda request: None  # scrapes every few seconds would drown the server log
     return site

@@ -232,13 +232,14 @@ class _FileSender(_Sender):
         if self.over:
             return
         self._touch()
-        if not self.bufs and self.ready is not None:
-            data, self.ready = self.ready, None
-            self.bufs = [data[i:i + FRAGMENT] for i in range(0, len(data), FRAGMENT)]
-            self._read()
-        if self.bufs and self._drain():
-            return  # the transport calls back when it has drained
-        if self.offset >= self.body.size and not self.reading and self.ready is None:
+        while self.bufs or self.ready is not None:
+            if not self.bufs:
+                data, self.ready = self.ready, None
+                self.bufs = [data[i:i + FRAGMENT] for i in range(0, len(data), FRAGMENT)]
+                self._read()
+            if self._drain():
+                return  # the transport calls back when it has drained
+        if self.offset >= self.body.size and not self.reading:
             self._end(self.outcome)
         else:
             self.waiting = True  # a helper read is under way; _got resumes us

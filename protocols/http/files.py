@@ -106,8 +106,11 @@ def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
             if not raw_path.endswith(b"/"):
                 loc = raw_path + b"/" + (b"?" + query if query else b"")
                 return FileResult("redirect", 301, location=loc)
-            return open_target(root, raw_path + INDEX.encode(), query, max_object, read_body,
-                               stale_identity)
+            index = open_target(root, raw_path + INDEX.encode(), query, max_object, read_body,
+                                stale_identity)
+            if index.kind == "error" and index.status == 404:
+                return FileResult("error", 403, "directory has no index.html")
+            return index
         if not stat.S_ISREG(st.st_mode):
             return FileResult("error", 403, "not a regular file")
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

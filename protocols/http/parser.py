@@ -68,14 +68,16 @@ MAX_CHUNK_LINE = 4096
 
 def _reject_partial(buf: bytes, start: int, scan: int, limits: Any) -> None:
     """Reject early what an incomplete head can never turn into a valid one."""
+    # Only bytes that arrived since the last look are checked (plus the one
+    # before them, which may be the CR of a CRLF split across reads).
     lo = max(start, scan - 1)
-    region = buf[lo:]
     # Bare LF: every LF must follow a CR.  Bare CR: every CR must precede an LF
     # (a CR as the very last byte may still get its LF).
-    if region.count(b"\n") != region.count(b"\r\n"):
+    pairs = buf.count(b"\r\n", lo)
+    if buf.count(b"\n", max(start, scan)) != pairs:
         raise HttpError(400, "bare LF in request head")
-    crs = region.count(b"\r") - region.count(b"\r\n")
-    if crs > 1 or (crs == 1 and not region.endswith(b"\r")):
+    crs = buf.count(b"\r", lo) - pairs
+    if crs > 1 or (crs == 1 and not buf.endswith(b"\r")):
         raise HttpError(400, "bare CR in request head")
     line_end = buf.find(b"\r\n", start)
     if line_end < 0:

@@ -1,0 +1,65 @@
+"""The cache store: byte budget, size-aware eviction, safe eviction while sending."""
+
+from __future__ import annotations
+
+from afpa.cache import FRAGMENT, OBJECT_OVERHEAD, CacheObject, CacheStore, fragments_of
+
+
+def obj(key, size, now=0.0):
+    return CacheObject(key, b"HTTP/1.1 200 OK\r\n", fragments_of(b"x" * size), size, now, now + 10)
+
+
+def test_fragments_are_at_most_64k():
+    frags = fragments_of(b"a" * (3 * FRAGMENT + 5))
+    assert [len(f) for f in frags] == [FRAGMENT, FRAGMENT, FRAGMENT, 5]
+    assert fragments_of(b"") == ()
+
+
+def test_hit_stale_miss_counting():
+    c = CacheStore(1 << 20, 1 << 20)
+    c.put(obj("a", 10))
+    assert c.get("a", 5) is not None and c.get("a", 11) is not None and c.get("b", 5) is None
+    assert (c.hits, c.stale, c.misses, c.stored) == (1, 1, 1, 1)
+
+
+def test_budget_is_kept_and_big_cold_objects_go_first():
+    each = 1000 + OBJECT_OVERHEAD + len(b"HTTP/1.1 200 OK\r\n")
+    c = CacheStore(budget=10 * each, max_object=1 << 20)
+    for i in range(10):
+        c.put(obj(f"small{i}", 1000))
+    c.put(obj("big", 5000))          # needs room: some small objects go
+    assert c.bytes <= c.budget and c.evicted >= 4 and "big" in c
+    survivors = [f"small{i}" for i in range(10) if f"small{i}" in c]
+    for _ in range(3):
+        for key in survivors:
+            c.get(key, 0)
+    c.put(obj("big2", 5000))
+    # The popular small objects stay; the big cold one pays for the newcomer.
+    assert c.bytes <= c.budget
+    assert "big" not in c and "big2" in c
+    assert all(key in c for key in survivors)
+
+
+def test_too_large_is_rejected():
+    c = CacheStore(budget=10_000, max_object=1000)
+    assert not c.put(obj("a", 2000))
+    assert c.rejected == 1 and len(c) == 0
+
+
+def test_replacing_a_key_frees_the_old_bytes():
+    c = CacheStore(1 << 20, 1 << 20)
+    c.put(obj("a", 100))
+    c.put(obj("a", 200))
+    assert len(c) == 1 and c.bytes == obj("a", 200).cost
+
+
+def test_eviction_while_pinned_is_safe_and_accounted():
+    c = CacheStore(1 << 20, 1 << 20)
+    o = obj("a", 100)
+    c.put(o)
+    c.pin(o)
+    c.remove("a")
+    assert o.evicted and o.fragments[0] == b"x" * 100   # still sendable
+    assert c.bytes == 0 and c.pinned_bytes == o.cost
+    c.release(o)
+    assert c.pinned_bytes == 0

@@ -1,0 +1,191 @@
+"""The strict request parser, fed whole, one byte at a time, and with trailing data."""
+
+from __future__ import annotations
+
+import pytest
+
+from afpa.config import Settings
+from protocols.http.errors import HttpError
+from protocols.http.parser import ChunkedBody, LengthBody, parse_head
+from protocols.http.scopes import HttpRequest
+
+LIMITS = Settings()
+
+
+def parse_whole(data: bytes, limits=LIMITS):
+    req = HttpRequest()
+    end = parse_head(data, 0, 0, limits, req)
+    return req, end
+
+
+def parse_bytewise(data: bytes, limits=LIMITS):
+    """Feed one byte at a time the way the engine does (buffer grows, scan resumes)."""
+    req = HttpRequest()
+    scan = 0
+    for i in range(1, len(data) + 1):
+        end = parse_head(data[:i], 0, scan, limits, req)
+        if end >= 0:
+            return req, end
+        scan = req.scan_hint
+    return req, -1
+
+
+SIMPLE = b"GET /a/b.txt?x=1 HTTP/1.1\r\nHost: Example.COM:8080\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize("parse", [parse_whole, parse_bytewise])
+def test_simple_get(parse):
+    req, end = parse(SIMPLE)
+    assert end == len(SIMPLE)
+    assert (req.method, req.path, req.query, req.version) == (b"GET", b"/a/b.txt", b"x=1", 11)
+    assert req.host == b"example.com:8080"
+    assert req.keep_alive and req.content_length == -1 and not req.chunked
+    assert (b"Accept", b"*/*") in req.headers
+
+
+def test_trailing_data_is_left_alone():
+    data = SIMPLE + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    req, end = parse_whole(data)
+    assert data[end:].startswith(b"GET /next")
+    req2 = HttpRequest()
+    assert parse_head(data, end, end, LIMITS, req2) == len(data)
+    assert req2.path == b"/next"
+
+
+def test_incomplete_head_waits():
+    req, end = parse_whole(SIMPLE[:-2])
+    assert end == -1
+
+
+def test_leading_empty_line_ignored():
+    req, end = parse_whole(b"\r\n" + SIMPLE)
+    assert end == len(SIMPLE) + 2
+
+
+@pytest.mark.parametrize("data,version,keep", [
+    (b"GET / HTTP/1.0\r\n\r\n", 10, False),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 10, True),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 11, False),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, Close\r\n\r\n", 11, False),
+    (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 11, True),
+])
+def test_versions_and_persistence(data, version, keep):
+    req, _ = parse_whole(data)
+    assert req.version == version and req.keep_alive is keep
+
+
+def test_absolute_form_overrides_host():
+    req, _ = parse_whole(b"GET http://Other.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (req.host, req.path, req.query, req.target) == (b"other.example", b"/p", b"q", b"/p?q")
+
+
+def test_bodies_framing():
+    req, _ = parse_whole(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    assert req.content_length == 5
+    req, _ = parse_whole(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert req.chunked
+
+
+BAD = [
+    # (request, status)
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                   # no Host on 1.1
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),             # repeated Host
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),                      # invalid Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n", 400),          # obs-fold
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX : y\r\n\r\n", 400),               # space before colon
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX\x01: y\r\n\r\n", 400),            # bad header name
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),           # NUL in value
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),             # bare CR
+    (b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),                          # bare LF
+    (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),                       # double space
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400),
+    (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET /\r\n\r\n", 400),
+    (b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET http://u@h/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n", 417),
+]
+
+
+@pytest.mark.parametrize("data,status", BAD)
+@pytest.mark.parametrize("parse", [parse_whole, parse_bytewise])
+def test_rejects(parse, data, status):
+    with pytest.raises(HttpError) as info:
+        parse(data)
+    assert info.value.status == status
+
+
+def test_bare_lf_rejected_before_head_ends():
+    """A client cannot make us wait for the end of a head that is already invalid."""
+    with pytest.raises(HttpError):
+        parse_whole(b"GET / HTTP/1.1\nHost: a\n")
+
+
+def test_limits():
+    small = Settings(max_request_line=64, max_header_block=128, max_headers=3)
+    with pytest.raises(HttpError) as info:
+        parse_whole(b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n", small)
+    assert info.value.status == 414
+    with pytest.raises(HttpError) as info:
+        parse_whole(b"GET /" + b"a" * 100, small)  # still incomplete
+    assert info.value.status == 414
+    with pytest.raises(HttpError) as info:
+        parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 200 + b"\r\n\r\n", small)
+    assert info.value.status == 431
+    with pytest.raises(HttpError) as info:
+        parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 200, small)
+    assert info.value.status == 431
+    with pytest.raises(HttpError) as info:
+        parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n", small)
+    assert info.value.status == 431
+
+
+def read_all(reader, data: bytes, step: int):
+    out, pos, buf, finished = [], 0, b"", False
+    for i in range(0, len(data), step):
+        buf = buf[pos:] + data[i:i + step]
+        pos, pieces, finished = reader.read(buf, 0)
+        out += pieces
+        if finished:
+            return b"".join(out), buf[pos:], True
+    return b"".join(out), buf[pos:], finished
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_chunked_body(step):
+    body = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT"
+    data, rest, done = read_all(ChunkedBody(), body, step)
+    assert done and data == b"hello world"
+    assert b"NEXT".startswith(rest)  # what follows the body is left in the buffer
+
+
+@pytest.mark.parametrize("body", [
+    b"g\r\nhello\r\n0\r\n\r\n",               # not hex
+    b"5\r\nhelloXX0\r\n\r\n",                  # no CRLF after data
+    b"5\nhello\r\n0\r\n\r\n",                  # bare LF after size
+    b"1234567890123456\r\n",                  # size overflow
+    b"5 ;\r\nhello\r\n0\r\n\r\n",              # empty extension
+    b"0\r\nBad Trailer: x\r\n\r\n",            # invalid trailer name
+])
+@pytest.mark.parametrize("step", [1, 1000])
+def test_chunked_rejects(body, step):
+    with pytest.raises(HttpError):
+        read_all(ChunkedBody(), body, step)
+
+
+def test_length_body():
+    data, rest, done = read_all(LengthBody(4), b"abcdEFG", 2)
+    assert done and data == b"abcd"

@@ -1,0 +1,123 @@
+"""Table loading, validation messages, drawing, and the every-(state, outcome) property."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from afpa import graph, tables
+from afpa.modules import default_registry
+
+REG = default_registry()
+SHIPPED = tables.shipped_table_names()
+HTTP = tables.shipped_table_path("http").read_text()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_table_validates(name):
+    machine = tables.load(tables.shipped_table_path(name), REG)
+    assert machine.states
+
+
+def test_http_table_shape():
+    m = tables.load(tables.shipped_table_path("http"), REG)
+    assert m.start.name == "derive_request"
+    assert m.states["derive_cached_response"].on["hit"].target is m.states["send_engine"]
+    assert m.states["derive_request"].on["need_more"].target.name == "@wait"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_state_outcome_leads_somewhere(name):
+    """For every compiled table, each (state, declared outcome) leads to a state or an end."""
+    m = tables.load(tables.shipped_table_path(name), REG)
+    pairs = []
+    for st_ in m.states.values():
+        fn = REG.lookup(st_.function, m.module.name)
+        pairs += [(st_, outcome) for outcome in fn.outcomes]
+
+    @given(st.sampled_from(pairs))
+    def check(pair):
+        state, outcome = pair
+        target = state.on[outcome].target
+        assert target.name in tables.SPECIALS or m.states[target.name] is target
+
+    check()
+
+
+def problems_of(text: str) -> list[str]:
+    _, problems = tables.check_text(text, "t.toml", REG)
+    return [str(p) for p in problems]
+
+
+def edit(old: str, new: str) -> str:
+    assert old in HTTP
+    return HTTP.replace(old, new)
+
+
+def test_unknown_function():
+    out = problems_of(edit('run = "derive_miss_response"', 'run = "derive_mis_response"'))
+    assert "t.toml: [states.derive_miss_response] run: unknown function 'derive_mis_response'" in out
+
+
+def test_unknown_target():
+    out = problems_of(edit('ready = "send_engine"', 'ready = "send_engin"'))
+    assert "t.toml: [states.derive_uncached_response] on.ready: unknown target state 'send_engin'" in out
+
+
+def test_outcome_without_transition():
+    out = problems_of(edit(', stale = "derive_miss_response"', ""))
+    assert ("t.toml: [states.derive_cached_response] on.stale: outcome 'stale' of "
+            "'derive_cached_response' has no transition") in out
+
+
+def test_transition_for_outcome_never_returned():
+    out = problems_of(edit('ready = "send_engine"', 'ready = "send_engine", maybe = "@close"'))
+    assert any("on.maybe: function 'derive_uncached_response' never returns 'maybe'" in p for p in out)
+
+
+def test_unreachable_state():
+    out = problems_of(HTTP + '\n[states.orphan]\nrun = "derive_miss_response"\non = { docroot = "send_engine" }\n')
+    assert "t.toml: [states.orphan]: unreachable from start state 'derive_request'" in out
+
+
+def test_no_path_to_an_end():
+    text = edit('on = { sent = "@done", close = "@close", aborted = "@close" }',
+                'on = { sent = "derive_request", close = "derive_request", aborted = "derive_request" }')
+    out = problems_of(text)
+    assert "t.toml: [states.derive_request] on: no path from this state to @done or @close" in out
+
+
+def test_every_problem_listed_at_once():
+    text = edit('run = "derive_miss_response"', 'run = "nope"').replace('ready = "send_engine"', 'ready = "gone"')
+    out = problems_of(text)
+    assert len(out) >= 2
+
+
+def test_bad_toml_and_shape():
+    assert problems_of("this is = = not toml")[0].startswith("t.toml: not valid TOML")
+    out = problems_of('[machine]\nname = "x"\n')
+    assert "t.toml machine.module: missing or not a string" in out
+    assert "t.toml states: no [states.*] tables" in out
+    out = problems_of(HTTP.replace('module = "http"', 'module = "ftp"'))
+    assert any("unknown protocol module 'ftp'" in p for p in out)
+    out = problems_of(edit('doc = "Ask routing', 'dco = "x"\ndoc = "Ask routing'))
+    assert "t.toml: [states.derive_miss_response] dco: unknown key (expected run, on, doc)" in out
+
+
+def test_failed_table_never_compiles():
+    with pytest.raises(tables.TableError) as info:
+        tables.load_text(edit('ready = "send_engine"', 'ready = "gone"'), "t.toml", REG)
+    assert "unknown target state 'gone'" in str(info.value)
+
+
+def test_graph_drawn_from_the_table():
+    spec, _ = tables.parse(HTTP, "http.toml")
+    dot = graph.to_dot(spec)
+    assert dot.startswith('digraph "http"')
+    assert '"derive_cached_response" -> "send_engine" [label="hit"];' in dot
+    assert 'style=dashed' in dot  # @wait self-loop
+    mermaid = graph.to_mermaid(spec)
+    assert "derive_cached_response --> derive_miss_response : miss" in mermaid
+    edited, _ = tables.parse(edit('hit = "send_engine"', 'hit = "derive_miss_response"'), "e.toml")
+    assert '"derive_cached_response" -> "derive_miss_response" [label="hit"];' in graph.to_dot(edited)

@@ -46,6 +46,8 @@ class MachineProtocol(Protocol):
         self.server = server
         self.conn: Connection | None = None
         self.reading_paused = False
+        self.seconds = server.reactor.seconds
+        self.stats: Any = None
 
     # -- events ---------------------------------------------------------------
 
@@ -54,6 +56,7 @@ class MachineProtocol(Protocol):
         machine = server.machine
         t = self.transport
         conn = self.conn = Connection(t, machine, machine.start)
+        self.stats = server.stats_for(machine)
         peer = t.getPeer()
         conn.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         # Direct socket writes only for plain TCP; TLS goes through its transport.
@@ -95,16 +98,16 @@ class MachineProtocol(Protocol):
     def run(self, state: Any, outcome: str | None) -> None:
         """Step from ``state`` (running its function unless ``outcome`` is given)."""
         conn = self.conn
-        server = self.server
-        g = server.g
+        g = self.server.g
         machine = conn.machine
         entries, transitions = machine.entries, machine.transitions
+        make_request = machine.module.make_request
         req = conn.req
         while True:
             if outcome is None:
                 if req is None:
-                    req = conn.req = machine.module.make_request(conn)
-                    req.started = server.reactor.seconds()
+                    req = conn.req = make_request(conn)
+                    req.started = self.seconds()
                 entries[state.index] += 1
                 try:
                     outcome = state.fn(g, conn, req)
@@ -129,27 +132,29 @@ class MachineProtocol(Protocol):
                 conn.state = state
                 if conn.deadline_kind == "idle":
                     conn.deadline_kind = "header"
-                    conn.deadline = server.reactor.seconds() + server.settings.header_timeout
+                    conn.deadline = self.seconds() + self.server.settings.header_timeout
                 return
             # @done or @close: the request is over.
-            server.request_finished(machine, req)
+            now = self.seconds()
+            if req.status:
+                self.stats.observe(req.status, now - req.started)
             req = conn.req = None
             conn.requests += 1
             if nxt.name == CLOSE or conn.closed:
                 conn.state = machine.start
                 conn.closed = True
                 self.transport.loseConnection()
-                server.connection_closed(self)
+                self.server.connection_closed(self)
                 return
             state = conn.state = machine.start
+            conn.deadline_kind = "idle"
             if self.reading_paused:
                 self.reading_paused = False
                 self.transport.resumeProducing()
             if conn.inpos >= len(conn.inbuf):
-                conn.deadline_kind = "idle"
-                conn.deadline = server.reactor.seconds() + server.settings.idle_timeout
+                conn.deadline = now + self.server.settings.idle_timeout
                 return
-            conn.deadline_kind = "idle"  # pipelined input: next request starts now
+            # Pipelined input is already here: the next request starts now.
 
     def _suspend(self, state: Any, d: Deferred) -> str | None:
         """A state returned a Deferred.  If it has already fired, return its
@@ -227,7 +232,8 @@ class MachineProtocol(Protocol):
             if req.head:
                 sendengine.write(conn, [req.head])
                 req.sent_head = True
-        self.server.request_finished(machine, req)
+        if req.status:
+            self.stats.observe(req.status, self.seconds() - req.started)
         conn.req = None
         conn.closed = True
         self.transport.loseConnection()

@@ -118,13 +118,12 @@ class Server:
         """A connection closed (idempotent)."""
         self.connections.discard(proto)
 
-    def request_finished(self, machine: tables.Machine, req: Any) -> None:
-        """Count a finished request by status class and duration."""
-        if req.status:
-            stats = self.request_stats.get(machine.name)
-            if stats is None:
-                stats = self.request_stats[machine.name] = RequestStats()
-            stats.observe(req.status, self.reactor.seconds() - req.started)
+    def stats_for(self, machine: tables.Machine) -> RequestStats:
+        """The request counters of a machine (by name, so they survive a reload)."""
+        stats = self.request_stats.get(machine.name)
+        if stats is None:
+            stats = self.request_stats[machine.name] = RequestStats()
+        return stats
 
     def sweep(self) -> None:
         """Close connections whose deadline has passed (idle, slow head, stalled send)."""

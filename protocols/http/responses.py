@@ -57,24 +57,16 @@ def object_heads(status: int, content_type: bytes, length: int, last_modified: f
     return head, status_line(304) + SERVER + validators
 
 
-def connection_line(req: Any) -> bytes:
-    """The Connection header this response needs, if any."""
-    if req.close:
-        return b"Connection: close\r\n"
-    if req.version == 10:
-        return b"Connection: keep-alive\r\n"
-    return b""
-
-
 def finish_head(g: Any, req: Any, head: bytes, now: float, age: int | None) -> bytes:
     """Append the mutable fields and the blank line to an immutable head."""
-    parts = [head, g.dates.get(now)]
-    if age is not None:
-        parts.append(b"Age: %d\r\n" % age)
-    parts.append(b"Cache-Status: " + req.cache_status + b"\r\n")
-    parts.append(connection_line(req))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    if req.close:
+        conn = b"Connection: close\r\n"
+    elif req.version == 10:
+        conn = b"Connection: keep-alive\r\n"
+    else:
+        conn = b""
+    return b"".join((head, g.dates.get(now), b"" if age is None else b"Age: %d\r\n" % age,
+                     b"Cache-Status: ", req.cache_status, b"\r\n", conn, b"\r\n"))
 
 
 def set_error(g: Any, req: Any, status: int, detail: str = "", *, extra: bytes = b"",

@@ -21,7 +21,7 @@ class HttpRequest(Request):
     path: bytes = b""
     query: bytes = b""
     version: int = 11
-    headers: list = attrs.field(factory=list)   # (name, value) as received
+    headers: list | None = None  # [(name, value)] as received
     host: bytes = b""
     keep_alive: bool = True
     content_length: int = -1

@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from afpa import graph, tables
-from afpa.config import Settings, parse_hostport, parse_size
+from afpa.config import Settings, load_config, parse_hostport, parse_size
 from afpa.modules import Registry, default_registry
 
 
@@ -49,23 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)")
-    s.add_argument("--root", default=".", help="document root (default: current directory)")
-    s.add_argument("--listen", type=_hostport, default=defaults.listen, metavar="HOST:PORT",
+    s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)",
+                       argument_default=argparse.SUPPRESS)
+    s.add_argument("--config", help="TOML config file (see examples/afpa.toml); options given here override it")
+    s.add_argument("--root", help="document root (default: current directory)")
+    s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                    help="address to accept clients on (default: 127.0.0.1:8080)")
+    s.add_argument("--backend", metavar="URL",
+                   help="forward misses to this HTTP server, e.g. http://127.0.0.1:8081")
+    s.add_argument("--defer", metavar="URL",
+                   help="hand connections that miss to this local server (spliced)")
+    s.add_argument("--trust-forwarded", action="store_true",
+                   help="keep and append to incoming X-Forwarded-* (only behind a trusted proxy)")
+    s.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate (chain) ...")
+    s.add_argument("--tls-key", metavar="PEM", help="... and this private key")
     s.add_argument("--table", help="run this transition table instead of the shipped one")
     s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="serve /metrics, /healthz and /tables/ on this address")
-    s.add_argument("--cache-size", type=_size, default=defaults.cache_bytes, metavar="SIZE",
-                   help="memory cache budget (default: 256M)")
-    s.add_argument("--max-object-size", type=_size, default=defaults.max_object_bytes, metavar="SIZE",
-                   help="larger files are streamed from disk without caching (default: 8M)")
-    s.add_argument("--revalidate-after", type=_seconds, default=defaults.revalidate_after, metavar="SECONDS",
-                   help="check a cached file on disk again after this long (default: 2)")
-    s.add_argument("--idle-timeout", type=_seconds, default=defaults.idle_timeout, metavar="SECONDS")
-    s.add_argument("--header-timeout", type=_seconds, default=defaults.header_timeout, metavar="SECONDS")
-    s.add_argument("--send-timeout", type=_seconds, default=defaults.send_timeout, metavar="SECONDS")
-    s.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",
+                   help=f"memory cache budget (default: {defaults.cache_bytes >> 20}M)")
+    s.add_argument("--max-object-size", dest="max_object_bytes", type=_size, metavar="SIZE",
+                   help=f"larger bodies are not cached (default: {defaults.max_object_bytes >> 20}M)")
+    s.add_argument("--revalidate-after", type=_seconds, metavar="SECONDS",
+                   help=f"check a cached file on disk again after this long (default: {defaults.revalidate_after:g})")
+    s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS")
+    s.add_argument("--header-timeout", type=_seconds, metavar="SECONDS")
+    s.add_argument("--send-timeout", type=_seconds, metavar="SECONDS")
+    s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
     tsub = t.add_subparsers(dest="tables_command", required=True)
@@ -153,11 +162,8 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
                                     [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
-    settings = Settings(listen=args.listen, root=args.root, table=args.table, admin=args.admin,
-                        cache_bytes=args.cache_size, max_object_bytes=args.max_object_size,
-                        revalidate_after=args.revalidate_after, idle_timeout=args.idle_timeout,
-                        header_timeout=args.header_timeout, send_timeout=args.send_timeout)
     try:
+        settings = settings_from_args(args)
         server = Server(settings, reactor=reactor, registry=registry)
     except tables.TableError as exc:
         for problem in exc.problems:
@@ -172,14 +178,31 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     except CannotListenError as exc:
         print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
         return 1
-    host, port = server.ports[0].getHost().host, server.ports[0].getHost().port
-    print(f"afpa: serving {os.path.realpath(settings.root)} on http://{host}:{port}/ "
-          f"(table {server.machine.source})", file=sys.stderr, flush=True)
-    if settings.admin is not None:
-        a = server.ports[1].getHost()
-        print(f"afpa: metrics on http://{a.host}:{a.port}/metrics", file=sys.stderr, flush=True)
+    for line in server.describe():
+        print(f"afpa: {line}", file=sys.stderr, flush=True)
     reactor.run()
     return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from a config file (if any) overridden by command-line options."""
+    kwargs = load_config(args.config) if getattr(args, "config", None) else {}
+    given = vars(args)
+    for name in ("root", "listen", "backend", "defer", "table", "admin", "cache_bytes", "max_object_bytes",
+                 "revalidate_after", "idle_timeout", "header_timeout", "send_timeout"):
+        if name in given:
+            kwargs[name] = given[name]
+    if given.get("trust_forwarded"):
+        kwargs["trust_forwarded"] = True
+    if ("tls_cert" in given) != ("tls_key" in given):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if "tls_cert" in given:
+        from afpa.tls import Certificate
+        kwargs["tls_certs"] = (Certificate(given["tls_cert"], given["tls_key"]),)
+    if kwargs.get("backend") and kwargs.get("defer"):
+        raise ValueError("choose --backend or --defer for the default route, not both "
+                         "(rules in a config file can mix them)")
+    return Settings(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ here is one an operator could deploy.
 from __future__ import annotations
 
 import re
+import tomllib
+from typing import Any
 
 import attrs
 
@@ -45,8 +47,11 @@ class Settings:
     """Everything a server needs to know; defaults are the embedded configuration."""
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)
+    tls_certs: tuple = ()               # afpa.tls.Certificate: TLS on tls_listen, else on listen
+    tls_listen: tuple[str, int] | None = None
     root: str = "."
     table: str | None = None            # None: the module's shipped table
+    companion_tables: dict = attrs.field(factory=dict)  # e.g. {"http-backend": path}
     module: str = "http"
     admin: tuple[str, int] | None = None
 
@@ -69,3 +74,87 @@ class Settings:
 
     # Disk helper threads (Flash's AMPED helpers)
     helper_threads: int = 8
+
+    # Where misses go: rules (routing.config) tried in order, then the default.
+    backend: str | None = None          # --backend URL: default route forwards there
+    defer: str | None = None            # --defer URL: default route hands connections there
+    routes: tuple = ()                  # routing.router.Route rules from a config file
+    trust_forwarded: bool = False       # keep (and append to) incoming X-Forwarded-*
+
+    # Backends
+    backend_connect_timeout: float = 5.0
+    backend_first_byte_timeout: float = 60.0
+    backend_idle_timeout: float = 60.0  # between reads of a response body
+    backend_max_idle: int = 32          # pooled keep-alive connections per backend
+    backend_pool_idle_timeout: float = 30.0
+
+
+# Config file keys -> (Settings field, converter).  Sections flatten into fields.
+_SECONDS = float
+_FILE_KEYS: dict[str, tuple[str, Any]] = {
+    "listen": ("listen", parse_hostport), "admin": ("admin", parse_hostport),
+    "root": ("root", str), "table": ("table", str), "backend_table": ("backend_table", str),
+    "backend": ("backend", str), "defer": ("defer", str), "trust_forwarded": ("trust_forwarded", bool),
+    "cache.size": ("cache_bytes", parse_size), "cache.max_object_size": ("max_object_bytes", parse_size),
+    "cache.revalidate_after": ("revalidate_after", _SECONDS),
+    "limits.request_line": ("max_request_line", parse_size),
+    "limits.header_block": ("max_header_block", parse_size),
+    "limits.headers": ("max_headers", int), "limits.discard_body": ("max_discard_body", parse_size),
+    "limits.keepalive_requests": ("keepalive_requests", int),
+    "timeouts.idle": ("idle_timeout", _SECONDS), "timeouts.header": ("header_timeout", _SECONDS),
+    "timeouts.send": ("send_timeout", _SECONDS),
+    "timeouts.backend_connect": ("backend_connect_timeout", _SECONDS),
+    "timeouts.backend_first_byte": ("backend_first_byte_timeout", _SECONDS),
+    "timeouts.backend_idle": ("backend_idle_timeout", _SECONDS),
+    "backends.max_idle": ("backend_max_idle", int),
+    "backends.pool_idle_timeout": ("backend_pool_idle_timeout", _SECONDS),
+    "tls.listen": ("tls_listen", parse_hostport),
+}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read a TOML config file into Settings keyword arguments.
+
+    Raises ValueError naming the file and key for anything unknown or invalid,
+    so a typo never silently falls back to a default.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    routes = data.pop("route", [])
+    certs = data.get("tls", {}).pop("certificate", []) if isinstance(data.get("tls"), dict) else []
+    if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+        raise ValueError(f"{path}: 'route' must be an array of tables ([[route]])")
+    kwargs: dict[str, Any] = {"routes": tuple(routes)}
+    for key, value in _flatten(data).items():
+        if key not in _FILE_KEYS:
+            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [[route]], "
+                             "[[tls.certificate]])")
+        field, convert = _FILE_KEYS[key]
+        try:
+            kwargs[field] = convert(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {key}: {exc}") from exc
+    if "backend_table" in kwargs:
+        kwargs["companion_tables"] = {"http-backend": kwargs.pop("backend_table")}
+    if certs:
+        from afpa.tls import Certificate
+        try:
+            kwargs["tls_certs"] = tuple(Certificate(c["cert"], c["key"]) for c in certs)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: every [[tls.certificate]] needs cert and key") from exc
+    return kwargs

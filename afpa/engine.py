@@ -9,17 +9,21 @@ that returns a Deferred suspends the machine until it fires; input arriving
 meanwhile is buffered (and reading paused past a limit), so pipelined requests
 are answered strictly in order.
 
+:class:`Driver` is the stepping loop, shared by the two kinds of machine a
+server runs: :class:`MachineProtocol` drives the client-connection machine,
+and :class:`afpa.outbound.Exchange` drives a backend machine
+(``http-backend.toml``) for one forwarded request.
+
 House rules:
 
 - A step is a function call plus a dict lookup plus two list increments
   (entries and transition counters); nothing else runs between states.
-- ``@wait``: stop, the same state runs again on the next data arrival.
-  ``@done``: the request is over, start again at the machine's start state
-  (at once if input is already buffered).  ``@close``: close after flushing.
+- ``@wait``: stop, the same state runs again on the next event.  ``@done``: the
+  request is over, the connection goes on.  ``@close``: the request is over,
+  close.  What "goes on" means is the driver's business.
 - A state function that raises, or returns a word its table does not map, is
-  logged once with the state's name, counted, answered with the protocol's error
-  response when nothing was sent yet, and its connection is closed.  No other
-  connection notices.
+  logged once with the state's name, counted, and handed to the driver's
+  ``fail``; no other connection notices.
 """
 
 from __future__ import annotations
@@ -39,75 +43,24 @@ log = Logger(namespace="afpa.engine")
 INF = float("inf")
 
 
-class MachineProtocol(Protocol):
-    """One connection driven by the machine that was current when it was accepted."""
+class Driver:
+    """The stepping loop.  Subclasses provide ``conn``, ``g`` and the hooks
+    :meth:`new_request`, :meth:`waiting`, :meth:`finished` and :meth:`failed`."""
 
-    def __init__(self, server: Any):
-        self.server = server
-        self.conn: Connection | None = None
-        self.reading_paused = False
-        self.seconds = server.reactor.seconds
-        self.stats: Any = None
-
-    # -- events ---------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        server = self.server
-        machine = server.machine
-        t = self.transport
-        conn = self.conn = Connection(t, machine, machine.start)
-        self.stats = server.stats_for(machine)
-        peer = t.getPeer()
-        conn.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        # Direct socket writes only for plain TCP; TLS goes through its transport.
-        sock = getattr(t, "socket", None)
-        if sock is not None and hasattr(t, "_tempDataLen") and not server.tls:
-            conn.sock = sock
-        if hasattr(t, "setTcpNoDelay"):
-            t.setTcpNoDelay(True)
-        conn.deadline = server.reactor.seconds() + server.settings.idle_timeout
-        server.connection_opened(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.inpos >= len(conn.inbuf):
-            conn.inbuf = data
-            conn.scan = 0
-        else:
-            conn.inbuf = conn.inbuf[conn.inpos:] + data
-            conn.scan = max(0, conn.scan - conn.inpos)
-        conn.inpos = 0
-        if conn.busy:
-            if conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
-                self.reading_paused = True
-                self.transport.pauseProducing()
-            return
-        self.run(conn.state, None)
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        conn = self.conn
-        if conn is None or conn.closed:
-            return
-        conn.closed = True
-        if conn.req is not None:
-            _release(conn.req)
-        self.server.connection_closed(self)
-
-    # -- stepping -------------------------------------------------------------
+    conn: Connection
+    g: Any
 
     def run(self, state: Any, outcome: str | None) -> None:
         """Step from ``state`` (running its function unless ``outcome`` is given)."""
         conn = self.conn
-        g = self.server.g
+        g = self.g
         machine = conn.machine
         entries, transitions = machine.entries, machine.transitions
-        make_request = machine.module.make_request
         req = conn.req
         while True:
             if outcome is None:
                 if req is None:
-                    req = conn.req = make_request(conn)
-                    req.started = self.seconds()
+                    req = conn.req = self.new_request()
                 entries[state.index] += 1
                 try:
                     outcome = state.fn(g, conn, req)
@@ -130,31 +83,12 @@ class MachineProtocol(Protocol):
                 continue
             if nxt.name == WAIT:
                 conn.state = state
-                if conn.deadline_kind == "idle":
-                    conn.deadline_kind = "header"
-                    conn.deadline = self.seconds() + self.server.settings.header_timeout
+                self.waiting()
                 return
-            # @done or @close: the request is over.
-            now = self.seconds()
-            if req.status:
-                self.stats.observe(req.status, now - req.started)
-            req = conn.req = None
-            conn.requests += 1
-            if nxt.name == CLOSE or conn.closed:
-                conn.state = machine.start
-                conn.closed = True
-                self.transport.loseConnection()
-                self.server.connection_closed(self)
+            state = self.finished(req, nxt.name == CLOSE)
+            if state is None:
                 return
-            state = conn.state = machine.start
-            conn.deadline_kind = "idle"
-            if self.reading_paused:
-                self.reading_paused = False
-                self.transport.resumeProducing()
-            if conn.inpos >= len(conn.inbuf):
-                conn.deadline = now + self.server.settings.idle_timeout
-                return
-            # Pipelined input is already here: the next request starts now.
+            req = conn.req
 
     def _suspend(self, state: Any, d: Deferred) -> str | None:
         """A state returned a Deferred.  If it has already fired, return its
@@ -179,9 +113,7 @@ class MachineProtocol(Protocol):
         resumed = True
         conn.busy = True
         conn.state = state
-        if conn.deadline_kind != "send":
-            conn.deadline_kind = "busy"
-            conn.deadline = INF
+        self.suspended()
         return None
 
     def _resumed(self, state: Any, result: Any) -> None:
@@ -189,19 +121,17 @@ class MachineProtocol(Protocol):
         conn.busy = False
         if conn.closed:
             if conn.req is not None:
-                _release(conn.req)
+                release(conn.req)
             return
         if isinstance(result, Failure):
             self.fail(state, result)
             return
-        if conn.deadline_kind == "busy":
-            conn.deadline_kind = "idle"
+        self.resumed()
         self.run(state, result)
 
-    # -- failure --------------------------------------------------------------
-
     def fail(self, state: Any, failure: Failure | None, outcome: Any = None) -> None:
-        """A state raised (or returned an unmapped outcome): answer, count, close."""
+        """A state raised (or returned an unmapped outcome): log once, count, and
+        let the driver end the request."""
         conn = self.conn
         machine = conn.machine
         machine.errors[state.index] += 1
@@ -212,7 +142,165 @@ class MachineProtocol(Protocol):
             log.error("machine {machine} state {state} returned {outcome!r}, which the table "
                       "does not map (peer {peer})", machine=machine.name, state=state.name,
                       outcome=outcome, peer=conn.peer)
+        self.failed()
+
+    # -- hooks ----------------------------------------------------------------
+
+    def new_request(self) -> Any:
+        """A fresh request scope."""
+        raise NotImplementedError
+
+    def waiting(self) -> None:
+        """The machine stopped on ``@wait``."""
+
+    def suspended(self) -> None:
+        """The machine is parked on a Deferred."""
+
+    def resumed(self) -> None:
+        """The Deferred fired; the machine is about to continue."""
+
+    def finished(self, req: Any, close: bool) -> Any:
+        """The request ended (``@done`` or ``@close``); return the state to go on
+        with, or None to stop stepping."""
+        raise NotImplementedError
+
+    def failed(self) -> None:
+        """End the current request after a state failure."""
+        raise NotImplementedError
+
+
+class MachineProtocol(Protocol, Driver):
+    """One client connection, driven by the machine that was current when it was
+    accepted.
+
+    While the machine is parked, a state may take over the connection's input
+    and loss events by setting ``conn.sink`` (called with no argument after new
+    bytes were appended to ``conn.inbuf``) and ``conn.on_lost`` (called with the
+    reason): that is how a forwarded request body streams to a backend and how a
+    deferred connection is spliced.
+    """
+
+    def __init__(self, server: Any):
+        self.server = server
+        self.g = server.g
+        self.conn: Connection | None = None
+        self.reading_paused = False
+        self.seconds = server.reactor.seconds
+        self.stats: Any = None
+
+    # -- events ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        server = self.server
+        machine = server.machine
+        t = self.transport
+        conn = self.conn = Connection(t, machine, machine.start)
+        conn.driver = self
+        conn.tls = getattr(self.factory, "tls", False)
+        self.stats = server.stats_for(machine)
+        peer = t.getPeer()
+        conn.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        # Direct socket writes only for plain TCP; TLS goes through its transport.
+        sock = getattr(t, "socket", None)
+        if sock is not None and hasattr(t, "_tempDataLen") and not conn.tls:
+            conn.sock = sock
+        if hasattr(t, "setTcpNoDelay"):
+            t.setTcpNoDelay(True)
+        conn.deadline = self.seconds() + server.settings.idle_timeout
+        server.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.inpos >= len(conn.inbuf):
+            conn.inbuf = data
+            conn.scan = 0
+        else:
+            conn.inbuf = conn.inbuf[conn.inpos:] + data
+            conn.scan = max(0, conn.scan - conn.inpos)
+        conn.inpos = 0
+        if conn.busy:
+            if conn.sink is not None:
+                conn.sink()
+            elif conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
+                self.pause_reading()
+            return
+        self.run(conn.state, None)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        conn.closed = True
+        if conn.on_lost is not None:
+            conn.on_lost(reason)
+        if conn.req is not None:
+            release(conn.req)
+        self.server.connection_closed(self)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client (its input is not being consumed)."""
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Read from the client again."""
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    # -- driver hooks ---------------------------------------------------------
+
+    def new_request(self) -> Any:
+        req = self.conn.machine.module.make_request(self.conn)
+        req.started = self.seconds()
+        return req
+
+    def waiting(self) -> None:
+        conn = self.conn
+        if conn.deadline_kind == "idle":
+            conn.deadline_kind = "header"
+            conn.deadline = self.seconds() + self.server.settings.header_timeout
+
+    def suspended(self) -> None:
+        conn = self.conn
+        if conn.deadline_kind != "send":
+            conn.deadline_kind = "busy"
+            conn.deadline = INF
+
+    def resumed(self) -> None:
+        conn = self.conn
+        conn.sink = conn.on_lost = None
+        if conn.deadline_kind == "busy":
+            conn.deadline_kind = "idle"
+
+    def finished(self, req: Any, close: bool) -> Any:
+        conn = self.conn
+        now = self.seconds()
+        if req.status:
+            self.stats.observe(req.status, now - req.started)
+        conn.req = None
+        conn.requests += 1
+        machine = conn.machine
+        if close or conn.closed:
+            conn.state = machine.start
+            self._close()
+            return None
+        conn.state = machine.start
+        conn.deadline_kind = "idle"
+        self.resume_reading()
+        if conn.inpos >= len(conn.inbuf):
+            conn.deadline = now + self.server.settings.idle_timeout
+            return None
+        return machine.start  # pipelined input is already here
+
+    def failed(self) -> None:
         self.abort_request(500)
+
+    def _close(self) -> None:
+        self.conn.closed = True
+        self.transport.loseConnection()
+        self.server.connection_closed(self)
 
     def abort_request(self, status: int) -> None:
         """End the current request with the protocol's error answer (if nothing of a
@@ -221,23 +309,19 @@ class MachineProtocol(Protocol):
         if conn.closed:
             return
         req = conn.req
-        machine = conn.machine
         if req is None:
-            req = conn.req = machine.module.make_request(conn)
-            req.started = self.server.reactor.seconds()
+            req = conn.req = self.new_request()
         if not req.sent_head:
-            _release(req)
+            release(req)
             req.head, req.body, req.status = b"", None, 0
-            machine.module.fail(self.server.g, conn, req, status)
+            conn.machine.module.fail(self.g, conn, req, status)
             if req.head:
                 sendengine.write(conn, [req.head])
                 req.sent_head = True
         if req.status:
             self.stats.observe(req.status, self.seconds() - req.started)
         conn.req = None
-        conn.closed = True
-        self.transport.loseConnection()
-        self.server.connection_closed(self)
+        self._close()
 
     def timed_out(self, kind: str) -> None:
         """Called by the server's sweep when ``conn.deadline`` has passed."""
@@ -251,12 +335,10 @@ class MachineProtocol(Protocol):
             self.transport.abortConnection()
             self.server.connection_closed(self)
         else:
-            conn.closed = True
-            self.transport.loseConnection()
-            self.server.connection_closed(self)
+            self._close()
 
 
-def _release(req: Any) -> None:
+def release(req: Any) -> None:
     """Free what an unfinished request holds (an open file body)."""
     body = req.body
     if body is not None and body.__class__ is sendengine.FileBody:

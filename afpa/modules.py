@@ -77,6 +77,9 @@ class ProtocolModule:
 
     - ``functions``: its state functions by name.
     - ``table``: file name of its default table under ``statetables/``.
+    - ``companions``: other machines the module runs (e.g. ``http-backend`` for
+      backend connections); the server loads and validates them too and hands
+      them over in ``runtime.machines``.
     - ``make_global(settings, runtime)``: builds the module's global scope once per
       server (``runtime`` is :class:`afpa.scopes.Runtime`).
     - ``make_request(conn)``: a fresh request scope (subclass of
@@ -92,6 +95,7 @@ class ProtocolModule:
     make_global: Callable[[Any, Any], Any]
     make_request: Callable[[Any], Any]
     fail: Callable[[Any, Any, Any, int], None]
+    companions: tuple[str, ...] = ()
 
 
 @attrs.define

@@ -28,6 +28,7 @@ class Runtime:
     settings: Settings
     cache: CacheStore
     helpers: Helpers
+    machines: dict = attrs.field(factory=dict)  # companion machines by name
 
 
 @attrs.define(slots=True, eq=False)
@@ -57,7 +58,10 @@ class Connection:
     requests: int = 0
     busy: bool = False
     closed: bool = False
-    send: Any = None
+    tls: bool = False
+    sink: Any = None
+    on_lost: Any = None
+    driver: Any = None
 
     def unread(self) -> int:
         """Bytes received and not yet consumed."""

@@ -29,6 +29,7 @@ log = Logger(namespace="afpa.server")
 
 class MachineFactory(ServerFactory):
     noisy = False
+    tls = False
 
     def __init__(self, server: Server):
         self.server = server
@@ -50,7 +51,6 @@ class Server:
         self.reactor = reactor
         self.settings = settings
         self.registry = registry or default_registry()
-        self.tls = False
         path = settings.table
         if path is None:
             module = self.registry.modules.get(settings.module)
@@ -59,32 +59,68 @@ class Server:
                     "<settings>", None, "module", f"no protocol module named {settings.module!r} is installed")])
             path = str(tables.shipped_table_path(module.table))
         self.machine = tables.load(path, self.registry)
+        companions = {}
+        for name in self.machine.module.companions:
+            companion = settings.companion_tables.get(name) or str(tables.shipped_table_path(name))
+            companions[name] = tables.load(companion, self.registry)
         self.runtime = Runtime(
             reactor=reactor, settings=settings,
             cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
-            helpers=helpers or Helpers(reactor, settings.helper_threads))
+            helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions)
         self.g = self.machine.module.make_global(settings, self.runtime)
         self.connections: set[MachineProtocol] = set()
         self.connections_total = 0
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
+        self.admin_port: Any = None
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
     # -- lifecycle ------------------------------------------------------------
 
-    def factory(self) -> ServerFactory:
+    def factory(self, tls: bool = False) -> ServerFactory:
         """A factory accepting connections into this server's machine."""
-        return MachineFactory(self)
+        f = MachineFactory(self)
+        f.tls = tls
+        return f
+
+    def describe(self) -> list[str]:
+        """One line per listener and route, for the startup log."""
+        lines = []
+        for port in self.ports:
+            addr = port.getHost()
+            if port is self.admin_port:
+                lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/")
+            else:
+                scheme = "https" if port.factory.tls else "http"
+                lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
+        lines += self.g.describe() if hasattr(self.g, "describe") else []
+        lines.append(f"table {self.machine.source}")
+        return lines
 
     def start(self) -> None:
-        """Listen on ``settings.listen`` (and the admin address) and start the sweep."""
-        host, port = self.settings.listen
-        self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
+        """Listen on ``settings.listen`` (TLS there when certificates are given and
+        no separate TLS address is), the TLS and admin addresses, and start the sweep."""
+        s = self.settings
+        tls_context = None
+        if s.tls_certs:
+            from afpa.tls import server_context_factory
+            tls_context = server_context_factory(list(s.tls_certs))
+        host, port = s.listen
+        if tls_context is not None and s.tls_listen is None:
+            self.ports.append(self.reactor.listenSSL(port, self.factory(tls=True), tls_context,
+                                                     backlog=1024, interface=host))
+        else:
+            self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
+        if tls_context is not None and s.tls_listen is not None:
+            thost, tport = s.tls_listen
+            self.ports.append(self.reactor.listenSSL(tport, self.factory(tls=True), tls_context,
+                                                     backlog=1024, interface=thost))
         if self.settings.admin is not None:
             from afpa.admin import admin_site
             ahost, aport = self.settings.admin
-            self.ports.append(self.reactor.listenTCP(aport, admin_site(self), interface=ahost))
+            self.admin_port = self.reactor.listenTCP(aport, admin_site(self), interface=ahost)
+            self.ports.append(self.admin_port)
         self.runtime.helpers.start()
         self.start_sweep()
 
@@ -104,8 +140,8 @@ class Server:
             proto.transport.loseConnection()
 
     def machines(self) -> list[tables.Machine]:
-        """Every machine whose counters are live (the current one)."""
-        return [self.machine]
+        """Every machine whose counters are live: the client machine and its companions."""
+        return [self.machine, *self.runtime.machines.values()]
 
     # -- bookkeeping called by the engine -------------------------------------
 

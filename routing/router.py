@@ -1,16 +1,25 @@
 """Route selection for requests that missed the cache.
 
 A :class:`Route` says where a miss goes: ``docroot`` (files under ``root``),
-and in later work ``remote`` (a backend pool) and ``deferred`` (a local
-server taking over the connection).  Its ``kind`` is the outcome word that
+``remote`` (forwarded to one of ``backends``) or ``deferred`` (the connection
+is handed to a local server in ``backends``).  Its ``kind`` is the outcome word
 ``derive_miss_response`` returns, so the transition table, not code, decides
-which state handles it.  The router knows nothing of how requests are parsed:
-it sees a host and a path.
+which state handles it.  Rules are tried in order; the first whose host and
+path prefix match wins, and the default route catches the rest.  The router
+knows nothing of how requests are parsed: it sees a host and a path.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import attrs
+
+from routing.pool import Backend
+
+KINDS = ("docroot", "remote", "deferred")
+_RULE_KEYS = {"to", "host", "prefix", "root", "backend", "backends"}
 
 
 @attrs.frozen
@@ -19,13 +28,16 @@ class Route:
 
     kind: str
     root: str = ""
+    backends: tuple[Backend, ...] = ()
     host: bytes | None = None
     prefix: bytes = b"/"
 
     def matches(self, host: bytes, path: bytes) -> bool:
-        """True when this route applies to ``host`` (lower-case, port allowed) and ``path``."""
-        if self.host is not None and host.rsplit(b":", 1)[0] != self.host and host != self.host:
-            return False
+        """True when this route applies to ``host`` (lower-case, port ignored) and ``path``."""
+        if self.host is not None:
+            name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+            if name != self.host:
+                return False
         return path.startswith(self.prefix)
 
 
@@ -47,3 +59,56 @@ class Router:
             if route.matches(host, path):
                 return route
         return self.default
+
+    def all_routes(self) -> tuple[Route, ...]:
+        """Rules and default."""
+        return (*self.routes, self.default)
+
+
+def _docroot(root: str, where: str) -> str:
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise ValueError(f"{where}: document root {root!r} is not a directory")
+    return real
+
+
+def route_from_rule(rule: dict[str, Any], where: str, default_root: str) -> Route:
+    """Build a Route from one ``[[route]]`` table of a config file."""
+    unknown = set(rule) - _RULE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                         f"(expected: {', '.join(sorted(_RULE_KEYS))})")
+    kind = {"defer": "deferred"}.get(rule.get("to", ""), rule.get("to", ""))
+    if kind not in KINDS:
+        raise ValueError(f"{where}: 'to' must be docroot, remote or defer (got {rule.get('to')!r})")
+    host = rule.get("host")
+    prefix = rule.get("prefix", "/")
+    if host is not None and (not isinstance(host, str) or not host):
+        raise ValueError(f"{where}: 'host' must be a host name")
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"{where}: 'prefix' must start with '/'")
+    urls = rule.get("backends", [rule["backend"]] if "backend" in rule else [])
+    if isinstance(urls, str):
+        urls = [urls]
+    backends = tuple(Backend.parse(u) for u in urls)
+    if kind in ("remote", "deferred") and not backends:
+        raise ValueError(f"{where}: a {rule['to']} route needs 'backend' or 'backends'")
+    if kind == "docroot" and backends:
+        raise ValueError(f"{where}: a docroot route takes 'root', not backends")
+    root = _docroot(rule.get("root", default_root), where) if kind == "docroot" else ""
+    return Route(kind, root=root, backends=backends,
+                 host=host.lower().encode("idna") if host else None, prefix=prefix.encode())
+
+
+def build_router(settings: Any) -> Router:
+    """The router for a server's settings: rules from the config file, then the
+    default (``--defer``, else ``--backend``, else the document root)."""
+    if settings.defer:
+        default = Route("deferred", backends=(Backend.parse(settings.defer),))
+    elif settings.backend:
+        default = Route("remote", backends=(Backend.parse(settings.backend),))
+    else:
+        default = Route("docroot", root=_docroot(settings.root, "document root"))
+    rules = tuple(route_from_rule(rule, f"route {i + 1}", settings.root)
+                  for i, rule in enumerate(settings.routes))
+    return Router(rules, default)

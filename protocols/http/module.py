@@ -2,13 +2,14 @@
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
 from afpa.modules import ProtocolModule, collect
-from protocols.http import states
+from protocols.http import deferred, remote, states
 from protocols.http.scopes import HttpGlobal, HttpRequest
 
 MODULE = ProtocolModule(
     name="http",
-    functions=collect(states.FUNCTIONS),
+    functions=collect([*states.FUNCTIONS, *remote.FUNCTIONS, *deferred.FUNCTIONS]),
     table="http.toml",
+    companions=("http-backend",),
     make_global=HttpGlobal.build,
     make_request=lambda conn: HttpRequest(),
     fail=states.fail,

@@ -173,6 +173,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.if_match = value if req.if_match is None else req.if_match + b", " + value
         elif lname == b"if-unmodified-since":
             req.if_unmodified_since = value
+        elif lname == b"upgrade":
+            req.upgrade = value
 
     if hosts > 1:
         raise HttpError(400, "more than one Host")
@@ -245,7 +247,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
 
 _GOOD_HOSTS: set[bytes] = set()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
-                      b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
+                      b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
+                      b"upgrade"})
 
 
 def _diagnose_request_line(line: bytes) -> str:
@@ -365,3 +368,72 @@ class ChunkedBody:
             else:
                 return pos, out, True
         return pos, out, self.phase == self.DONE
+
+
+STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-9][0-9]{2}) ([\t \x21-\x7e\x80-\xff]*)")
+
+
+def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
+    """Parse a backend's response head from ``buf[pos:]`` into ``resp``.
+
+    Returns the index past the head or -1 when more is needed.  Raises
+    :class:`HttpError` (always 502: the backend, not the client, is at fault)
+    for anything that must not be relayed or cached: a garbage status line,
+    invalid or conflicting Content-Length, Content-Length with
+    Transfer-Encoding, a coding other than chunked, invalid fields, or a head
+    over ``limit``.
+    """
+    end = buf.find(b"\r\n\r\n", pos)
+    if end < 0:
+        if len(buf) - pos > limit:
+            raise HttpError(502, "backend response head too large")
+        if len(buf) - pos >= 12 and not buf.startswith(b"HTTP/1.", pos):
+            raise HttpError(502, "backend sent no HTTP/1.x status line")
+        return -1
+    if end - pos > limit:
+        raise HttpError(502, "backend response head too large")
+    line_end = buf.find(b"\r\n", pos)
+    m = STATUS_LINE.fullmatch(buf, pos, line_end)
+    if m is None:
+        raise HttpError(502, "invalid status line from backend")
+    block_start, block_end = line_end + 2, end + 2
+    fields = []
+    if block_end > block_start:
+        if FIELD_BLOCK.fullmatch(buf, block_start, block_end) is None:
+            raise HttpError(502, "invalid header section from backend")
+        fields = FIELDS.findall(buf, block_start, block_end)
+    resp.version = 10 if m.group(1) == b"0" else 11
+    resp.status = int(m.group(2))
+    resp.reason = m.group(3)
+    resp.headers = fields
+    content_length = -1
+    te = None
+    keep_alive = resp.version == 11
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"content-length":
+            if DIGITS.fullmatch(value) is None:
+                raise HttpError(502, "invalid Content-Length from backend")
+            if content_length >= 0 and int(value) != content_length:
+                raise HttpError(502, "conflicting Content-Length from backend")
+            content_length = int(value)
+        elif lname == b"transfer-encoding":
+            te = value if te is None else te + b"," + value
+        elif lname == b"connection":
+            tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens and resp.version == 10:
+                keep_alive = True
+    chunked = False
+    if te is not None:
+        if content_length >= 0:
+            raise HttpError(502, "backend sent Content-Length with Transfer-Encoding")
+        codings = [c.strip(b" \t").lower() for c in te.split(b",")]
+        if codings != [b"chunked"]:
+            raise HttpError(502, "backend used a transfer coding other than chunked")
+        chunked = True
+    resp.content_length = content_length
+    resp.chunked = chunked
+    resp.keep_alive = keep_alive
+    return end + 4

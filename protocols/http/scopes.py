@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import attrs
 
 from afpa.scopes import Request
 from protocols.http.responses import DateCache
-from routing.router import Route, Router
+from routing.pool import Pools
+from routing.router import Route, Router, build_router
 
 
 @attrs.define(slots=True, eq=False)
@@ -32,6 +32,8 @@ class HttpRequest(Request):
     if_match: bytes | None = None
     if_unmodified_since: bytes | None = None
     scan_hint: int = 0
+    raw_start: int = 0           # where this request's bytes start in conn.inbuf
+    upgrade: bytes | None = None
     key: Any = None
     stale: Any = None            # the stale cached object being revalidated
     route: Route | None = None
@@ -48,14 +50,25 @@ class HttpGlobal:
     helpers: Any
     reactor: Any
     router: Router
+    pools: Pools
+    backend_machine: Any
     dates: DateCache
+
+    def describe(self) -> list[str]:
+        """Where misses go, for the startup log."""
+        out = []
+        for route in self.router.all_routes():
+            where = route.root if route.kind == "docroot" else ", ".join(map(str, route.backends))
+            scope = (route.host.decode() if route.host else "*") + route.prefix.decode()
+            out.append(f"misses for {scope} -> {route.kind} {where}")
+        return out
 
     @classmethod
     def build(cls, settings: Any, runtime: Any) -> HttpGlobal:
-        """``make_global`` of the HTTP module."""
-        root = os.path.realpath(settings.root)
-        if not os.path.isdir(root):
-            raise ValueError(f"document root {settings.root!r} is not a directory")
+        """``make_global`` of the HTTP module (raises ValueError on bad routes)."""
+        pools = Pools(runtime.reactor, max_idle=settings.backend_max_idle,
+                      connect_timeout=settings.backend_connect_timeout,
+                      idle_timeout=settings.backend_pool_idle_timeout)
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
-                   reactor=runtime.reactor, router=Router.single(Route("docroot", root=root)),
-                   dates=DateCache())
+                   reactor=runtime.reactor, router=build_router(settings), pools=pools,
+                   backend_machine=runtime.machines.get("http-backend"), dates=DateCache())

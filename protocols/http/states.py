@@ -24,6 +24,7 @@ from protocols.http import conditional, files
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
+from routing.router import Route
 
 
 class _Discard:
@@ -44,7 +45,7 @@ def derive_request(g: Any, conn: Any, req: Any) -> str:
         if conn.pending is not None and not _discard_body(g, conn):
             return "need_more"
         buf = conn.inbuf
-        pos = conn.inpos
+        pos = req.raw_start = conn.inpos
         if pos >= len(buf):
             return "need_more"
         end = parse_head(buf, pos, conn.scan, g.settings, req)
@@ -58,16 +59,21 @@ def derive_request(g: Any, conn: Any, req: Any) -> str:
         return "need_more"
     conn.inpos = conn.scan = end
     if req.chunked or req.content_length > 0:
-        if req.expect_continue or req.content_length > g.settings.max_discard_body:
-            # We answer without reading this body; closing afterwards is the
-            # only way to keep the next request's framing right.
-            req.close = True
-        else:
-            reader = ChunkedBody() if req.chunked else LengthBody(req.content_length)
-            conn.pending = _Discard(reader, g.settings.max_discard_body)
+        # The body is left for whoever answers: forwarded to a backend, or
+        # read and dropped before the next request (see settle_body).
+        reader = ChunkedBody() if req.chunked else LengthBody(req.content_length)
+        conn.pending = _Discard(reader, g.settings.max_discard_body)
     if not req.keep_alive or conn.requests + 1 >= g.settings.keepalive_requests:
         req.close = True
     return "complete"
+
+
+def settle_body(g: Any, conn: Any, req: Any) -> None:
+    """For an answer that does not read the request body: close afterwards when
+    reading and dropping it is not an option (too large, or the client waits for
+    100-continue before sending it); otherwise it is dropped before the next request."""
+    if conn.pending is not None and (req.expect_continue or req.content_length > g.settings.max_discard_body):
+        req.close = True
 
 
 def _discard_body(g: Any, conn: Any) -> bool:
@@ -105,15 +111,21 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
         req.cache_status = b"afpa; fwd=stale"
         return "stale"
     req.cache_status = b"afpa; hit"
+    if conn.pending is not None:
+        settle_body(g, conn, req)
     _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
             int(now - obj.stored_at))
     return "hit"
 
 
-@state("docroot")
+@state("docroot", "remote", "deferred")
 def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
-    """Ask routing where a miss goes; the route's kind is the outcome."""
+    """Ask routing where a miss goes; the route's kind is the outcome.  An
+    ``Upgrade`` request bound for a backend is deferred to it instead."""
     route = req.route = g.router.choose(req.host, req.path)
+    if req.upgrade is not None and route.kind == "remote":
+        req.route = Route("deferred", backends=route.backends)
+        return "deferred"
     return route.kind
 
 
@@ -121,6 +133,7 @@ def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
 def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
     """Answer from a file under the route's root: read on a helper thread, turned
     into a cache object (stored when it fits) or streamed when it is too large."""
+    settle_body(g, conn, req)
     method = req.method
     if method != b"GET" and method != b"HEAD":
         if method in KNOWN_METHODS:

@@ -207,7 +207,7 @@ def test_file_above_max_object_is_streamed_uncached(docroot):
 
 # -- a state function that raises -------------------------------------------
 
-@state("docroot")
+@state("docroot", "remote", "deferred")
 def explode(g, conn, req):
     """Always raises."""
     raise RuntimeError("boom")

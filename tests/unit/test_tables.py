@@ -82,10 +82,23 @@ def test_unreachable_state():
 
 
 def test_no_path_to_an_end():
-    text = edit('on = { sent = "@done", close = "@close", aborted = "@close" }',
-                'on = { sent = "derive_request", close = "derive_request", aborted = "derive_request" }')
+    text = """
+[machine]
+name = "loop"
+module = "http"
+start = "derive_request"
+
+[states.derive_request]
+run = "derive_request"
+on = { complete = "derive_miss_response", need_more = "@wait", malformed = "derive_request" }
+
+[states.derive_miss_response]
+run = "derive_miss_response"
+on = { docroot = "derive_request", remote = "derive_request", deferred = "derive_request" }
+"""
     out = problems_of(text)
     assert "t.toml: [states.derive_request] on: no path from this state to @done or @close" in out
+    assert "t.toml: [states.derive_miss_response] on: no path from this state to @done or @close" in out
 
 
 def test_every_problem_listed_at_once():

@@ -1,0 +1,171 @@
+"""What a reverse proxy changes in the messages it forwards (RFC 9110 7.6).
+
+- Hop-by-hop fields never cross afpa: Connection and every field it names,
+  Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding (afpa frames each
+  side itself), Upgrade (except when a connection is deferred) and Proxy-*.
+- ``Via: 1.1 afpa`` is appended both ways.
+- ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set toward the backend.
+  Incoming ones are dropped unless the operator trusts the clients in front of
+  afpa (``trust_forwarded``), in which case afpa appends to them.
+
+And which backend responses may be stored (:func:`freshness`), conservatively:
+what is stored must never be wrong, so anything not plainly cacheable passes
+through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from protocols.http.errors import REASONS
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"proxy-authenticate",
+                        b"proxy-authorization"})
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
+REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
+# Set by afpa toward the client.
+RESPONSE_REPLACED = frozenset({b"content-length", b"via"})
+# Status codes cacheable by default (RFC 9110 15.1), when freshness is explicit.
+CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+VIA = b"1.1 afpa"
+_DIRECTIVE = re.compile(rb"\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*(?:=\s*(\"[^\"]*\"|[^,\s]*))?\s*(?:,|$)")
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Field names listed in Connection (lower-case)."""
+    out: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
+    return out
+
+
+def _end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes],
+                keep_upgrade: bool = False) -> tuple[list[bytes], list[bytes]]:
+    """(header lines to forward, existing Via values)."""
+    named = connection_tokens(headers)
+    lines, via = [], []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"via":
+            via.append(value)
+        if lname in also_drop or lname in named or lname.startswith(b"proxy-"):
+            continue
+        if lname in HOP_BY_HOP and not (keep_upgrade and lname in (b"upgrade", b"connection")):
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    return lines, via
+
+
+def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
+                 body: str, keep_upgrade: bool = False) -> bytes:
+    """The request head afpa sends to a backend.  ``body``: ``"none"``,
+    ``"length"`` (the client's Content-Length) or ``"chunked"``."""
+    drop = REQUEST_REPLACED if trust_forwarded else REQUEST_REPLACED | FORWARDED
+    lines, via = _end_to_end(req.headers or [], drop, keep_upgrade)
+    out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
+    out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
+    xff = client_ip.encode()
+    if trust_forwarded:
+        prior = [v for n, v in req.headers or [] if n.lower() == b"x-forwarded-for"]
+        if prior:
+            xff = b", ".join([*prior, xff])
+        # Keep a trusted proxy's Proto/Host (they were forwarded above).
+        seen = {n.lower() for n, _ in req.headers or []}
+    else:
+        seen = set()
+    out.append(b"X-Forwarded-For: " + xff + b"\r\n")
+    if b"x-forwarded-proto" not in seen:
+        out.append(b"X-Forwarded-Proto: " + (b"https" if tls else b"http") + b"\r\n")
+    if b"x-forwarded-host" not in seen and req.host:
+        out.append(b"X-Forwarded-Host: " + req.host + b"\r\n")
+    if body == "length":
+        out.append(b"Content-Length: %d\r\n" % req.content_length)
+    elif body == "chunked":
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_lines(resp: Any) -> list[bytes]:
+    """The backend response's end-to-end header lines, plus Via."""
+    lines, via = _end_to_end(resp.headers, RESPONSE_REPLACED)
+    lines.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
+    return lines
+
+
+def status_line(resp: Any) -> bytes:
+    """``HTTP/1.1 <status> <reason>`` as the backend gave it (reason normalised when empty)."""
+    reason = resp.reason or REASONS.get(resp.status, "Unknown").encode()
+    return b"HTTP/1.1 %d %s\r\n" % (resp.status, reason)
+
+
+def cache_control(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Cache-Control directives (lower-case names) of a header list."""
+    out: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name.lower() == b"cache-control":
+            for m in _DIRECTIVE.finditer(value):
+                if m.group(1):
+                    out[m.group(1).lower()] = (m.group(2) or b"").strip(b'"')
+    return out
+
+
+def _date(value: bytes | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def freshness(req: Any, resp: Any, now: float) -> tuple[float, float] | None:
+    """(freshness lifetime, current age) when the response may be stored, else None.
+
+    Stored only for GET, a status cacheable by default, explicit freshness
+    (``s-maxage``, ``max-age`` or ``Expires``), and none of: ``no-store``,
+    ``private``, ``no-cache`` (would need revalidation on every use), request
+    ``no-store`` or ``Authorization``, ``Set-Cookie``, ``Vary`` (one variant per
+    key here), a body of unknown framing.
+    """
+    if req.method != b"GET" or resp.status not in CACHEABLE_STATUS:
+        return None
+    for name, _ in req.headers or []:
+        if name.lower() == b"authorization":
+            return None
+    if b"no-store" in cache_control(req.headers or []):
+        return None
+    fields: dict[bytes, bytes] = {}
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in (b"set-cookie", b"vary"):
+            return None
+        fields[lname] = value
+    cc = cache_control(resp.headers)
+    if b"no-store" in cc or b"private" in cc or b"no-cache" in cc:
+        return None
+    lifetime = None
+    for directive in (b"s-maxage", b"max-age"):
+        if directive in cc:
+            value = cc[directive]
+            if not value.isdigit():
+                return None
+            lifetime = float(int(value))
+            break
+    if lifetime is None and b"expires" in fields:
+        expires = _date(fields[b"expires"])
+        if expires is None:
+            return None  # an invalid Expires means "already expired"
+        lifetime = expires - (_date(fields.get(b"date")) or now)
+    if lifetime is None or lifetime <= 0:
+        return None
+    age = fields.get(b"age", b"0")
+    current_age = float(int(age)) if age.isdigit() else 0.0
+    if current_age >= lifetime:
+        return None
+    return lifetime, current_age

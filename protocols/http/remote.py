@@ -1,0 +1,448 @@
+"""Derive Remote Response: forward a request to a backend and relay its answer.
+
+``derive_remote_response`` (a state of the client machine) starts an
+:class:`~afpa.outbound.Exchange` running ``statetables/http-backend.toml``,
+whose states are the ``backend_*`` functions below:
+
+    backend_connect -> backend_send_request -> backend_read_head
+        -> backend_stream_body -> backend_finish -> @done (pool) / @close
+
+Streaming both ways with back-pressure: the request body is read from the
+client connection as it arrives and written to the backend (client reading is
+paused while the backend's buffer is full); the response body is relayed as
+it arrives (backend reading is paused while the client's buffer is full, the
+backend transport being registered as the client transport's producer).
+
+Faults: connect refused -> 502, connect or first-byte timeout -> 504, a
+malformed response head -> 502 (never relayed, never cached), a backend that
+dies mid-body -> the client connection is cut, never finished cleanly, and
+nothing is stored.  A bad chunk from the client drops the backend connection,
+so no clean terminating chunk ever reaches the backend.  A request is retried
+once on a fresh connection only when it is idempotent, has no body and no byte
+of a response had arrived.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.error import TimeoutError as ConnectTimeout
+
+from afpa import sendengine
+from afpa.cache import CacheObject, fragments_of
+from afpa.modules import state
+from afpa.outbound import Exchange
+from afpa.scopes import Request
+from protocols.http import forward
+from protocols.http.errors import HttpError
+from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
+from protocols.http.responses import set_error
+from protocols.http.states import settle_body
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+UNTIL_CLOSE = "until-close"
+_SHORT_HEAD_FIELDS = frozenset({b"etag", b"last-modified", b"cache-control", b"expires",
+                                b"content-location", b"vary", b"via"})
+
+
+@attrs.define(slots=True, eq=False)
+class BackendExchange(Request):
+    """The backend machine's request scope: one forwarded request and its answer."""
+
+    g: Any = None
+    cconn: Any = None            # the client connection
+    creq: Any = None             # the client request
+    pool: Any = None
+    proto: Any = None            # the backend connection (routing.pool.BackendProtocol)
+    reused: bool = False
+    retried: bool = False
+    result: str = "failed"       # the word handed back to the client machine
+    runner: Any = None           # the Exchange driving this scope
+    timer: Any = None
+    timed_out: bool = False
+    client_gone: bool = False
+    # request body upload
+    upload: Any = None           # the client's body reader while forwarding
+    upload_chunked: bool = False
+    upload_done: bool = True
+    upload_error: Any = None
+    # response, as parsed
+    version: int = 11
+    reason: bytes = b""
+    headers: list | None = None
+    content_length: int = -1
+    chunked: bool = False
+    keep_alive: bool = True
+    reader: Any = None
+    client_chunked: bool = False
+    client_close: bool = False
+    relaying: bool = False
+    store: list | None = None
+    store_size: int = 0
+    lifetime: float = 0.0
+    age: float = 0.0
+
+    # -- failure paths --------------------------------------------------------
+
+    def fail(self, status: int, detail: str) -> None:
+        """Nothing usable came from the backend: answer the client ``status``
+        if no byte of a response went to it yet, else cut the client.  A request
+        body that turned out malformed is the client's fault: its 4xx wins."""
+        if self.relaying or self.creq.sent_head:
+            self.abort_client()
+            return
+        if self.upload_error is not None:
+            status, detail = self.upload_error.status, self.upload_error.detail
+            self.creq.close = True
+        self.creq.close = self.creq.close or not self.upload_done
+        settle_body(self.g, self.cconn, self.creq)
+        self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=miss") + b"; detail=backend-error"
+        set_error(self.g, self.creq, status, detail)
+        self.result = "failed"
+
+    def abort_client(self) -> None:
+        """Cut the client connection: a response that started cannot end cleanly."""
+        self.result = "aborted"
+        self.store = None
+        if not self.cconn.closed:
+            self.cconn.transport.abortConnection()
+
+    def on_failure(self) -> None:
+        """A backend state raised: 502 or a cut client, and a dropped backend."""
+        self.fail(502, "internal error while forwarding")
+
+    def timeout(self) -> None:
+        """Connect, first-byte or idle deadline passed."""
+        self.timer = None
+        self.timed_out = True
+        if self.proto is not None:
+            self.proto.transport.abortConnection()
+
+    def arm(self, seconds: float) -> None:
+        """(Re)start the deadline."""
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(seconds)
+        else:
+            self.timer = self.g.reactor.callLater(seconds, self.timeout)
+
+    def finish(self, close: bool) -> None:
+        """The backend machine ended: tidy both connections."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        cconn = self.cconn
+        if self.relaying and not cconn.closed and cconn.transport.producer is not None:
+            cconn.transport.unregisterProducer()
+        cconn.sink = cconn.on_lost = None
+        proto = self.proto
+        if proto is None:
+            return
+        if proto.transport.producer is not None:
+            proto.transport.unregisterProducer()
+        if not proto.closed:
+            proto.transport.resumeProducing()
+        if close or not self.upload_done or self.result == "aborted":
+            proto.owner = None
+            proto.transport.loseConnection()
+        else:
+            self.pool.release(proto)
+        self.proto = None
+
+    # -- request body upload --------------------------------------------------
+
+    def pump_upload(self) -> None:
+        """Client input while forwarding: move request-body bytes to the backend."""
+        cconn = self.cconn
+        if self.upload_done or self.proto is None:
+            return
+        try:
+            pos, pieces, finished = self.upload.read(cconn.inbuf, cconn.inpos)
+        except HttpError as exc:
+            # Never let a clean end of body reach the backend: drop it, and tell
+            # the client its body was bad (unless a response is already on its way).
+            self.upload_done = True
+            self.upload_error = exc
+            self.proto.transport.abortConnection()
+            return
+        cconn.inpos = cconn.scan = pos
+        write = self.proto.transport.write
+        for piece in pieces:
+            if self.upload_chunked:
+                write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            else:
+                write(piece)
+        if finished:
+            if self.upload_chunked:
+                write(b"0\r\n\r\n")
+            self.upload_done = True
+            cconn.pending = None
+            cconn.sink = None
+            self.proto.transport.unregisterProducer()
+            cconn.driver.resume_reading()
+
+
+@attrs.define(slots=True, eq=False)
+class _UploadThrottle:
+    """Pauses client reading while the backend's send buffer is full."""
+
+    driver: Any
+
+    def pauseProducing(self) -> None:
+        self.driver.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self.driver.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# -- the client machine's state ------------------------------------------------
+
+@state("relayed", "close", "failed", "aborted")
+def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
+    """Forward the request to the route's backend; the backend machine relays
+    the answer (``relayed``/``close``), or leaves a 502/504 on the request
+    (``failed``), or had to cut a response short (``aborted``)."""
+    if req.method == b"CONNECT":
+        # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
+        set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
+        settle_body(g, conn, req)
+        return "failed"
+    if conn.pending is not None and req.chunked:
+        # Refuse a body already known to be malformed before anything reaches the backend.
+        try:
+            ChunkedBody(g.settings.max_header_block).read(conn.inbuf, conn.inpos)
+        except HttpError as exc:
+            set_error(g, req, exc.status, exc.detail, close=True)
+            return "failed"
+    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
+    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
+
+    def client_lost(_reason: Any) -> None:
+        ex.client_gone = True
+        if ex.proto is not None:
+            ex.proto.transport.abortConnection()
+        exchange.poke()
+
+    conn.on_lost = client_lost
+    return exchange.start()
+
+
+# -- the backend machine ---------------------------------------------------------
+
+@state("connected", "failed")
+def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
+    """Take a pooled keep-alive connection to the backend or open one."""
+    d = ex.pool.acquire(fresh=ex.retried)
+    d.addCallbacks(_connected, _connect_failed, callbackArgs=(conn, ex), errbackArgs=(ex,))
+    return d
+
+
+def _connected(result: tuple[Any, bool], conn: Any, ex: BackendExchange) -> str:
+    proto, ex.reused = result
+    ex.proto = proto
+    conn.transport = proto.transport
+    conn.inbuf, conn.inpos, conn.closed = b"", 0, False
+    if ex.client_gone:
+        proto.transport.loseConnection()
+        ex.proto = None
+        ex.result = "aborted"
+        return "failed"
+    proto.owner = ex.runner
+    return "connected"
+
+
+def _connect_failed(failure: Any, ex: BackendExchange) -> str:
+    if failure.check(ConnectTimeout):
+        ex.fail(504, "backend did not accept the connection in time")
+    else:
+        ex.fail(502, "cannot connect to the backend")
+    return "failed"
+
+
+@state("sent")
+def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Write the request head, then stream the request body as it arrives."""
+    creq, cconn = ex.creq, ex.cconn
+    has_body = cconn.pending is not None and (creq.chunked or creq.content_length > 0)
+    framing = "chunked" if creq.chunked else ("length" if creq.content_length >= 0 else "none")
+    client_ip = cconn.peer.rsplit(":", 1)[0]
+    conn.transport.write(forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
+                                              body=framing))
+    ex.arm(g.settings.backend_first_byte_timeout)
+    if has_body:
+        ex.upload = cconn.pending.reader
+        ex.upload_chunked = creq.chunked
+        ex.upload_done = False
+        if creq.expect_continue:
+            sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
+        conn.transport.registerProducer(_UploadThrottle(cconn.driver), True)
+        cconn.sink = ex.pump_upload
+        ex.pump_upload()
+    return "sent"
+
+
+@state("head", "interim", "need_more", "retry", "failed")
+def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Parse the response head strictly; relay it (and decide about storing)."""
+    if ex.client_gone:
+        ex.result = "aborted"
+        return "failed"
+    try:
+        end = parse_response_head(conn.inbuf, conn.inpos, g.settings.max_header_block, ex)
+    except HttpError as exc:
+        ex.fail(502, exc.detail)
+        return "failed"
+    if end < 0:
+        if ex.timed_out:
+            ex.fail(504, "backend did not answer in time")
+            return "failed"
+        if conn.closed:
+            if not conn.inbuf and not ex.retried and ex.upload_done and ex.creq.method in IDEMPOTENT:
+                ex.retried = True
+                ex.proto.owner = None
+                ex.proto = None
+                return "retry"
+            ex.fail(502, "backend closed the connection without a complete response")
+            return "failed"
+        return "need_more"
+    conn.inpos = end
+    if ex.status < 200:
+        if ex.status == 101:
+            ex.fail(502, "backend switched protocols on a request that did not ask to")
+            return "failed"
+        return "interim"  # 1xx: read the next head
+    ex.arm(g.settings.backend_idle_timeout)
+    _relay_head(g, conn, ex)
+    return "head"
+
+
+def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
+    creq, cconn = ex.creq, ex.cconn
+    status = ex.status
+    bodiless = creq.method == b"HEAD" or status in (204, 304)
+    if bodiless:
+        ex.reader = None
+    elif ex.chunked:
+        ex.reader = ChunkedBody(g.settings.max_header_block)
+    elif ex.content_length >= 0:
+        ex.reader = LengthBody(ex.content_length)
+    else:
+        ex.reader = UNTIL_CLOSE
+        ex.keep_alive = False
+    now = g.reactor.seconds()
+    lines = forward.response_lines(ex)
+    if ex.content_length >= 0 and not (status == 304):
+        lines.append(b"Content-Length: %d\r\n" % ex.content_length)
+    elif not bodiless:
+        if creq.version == 11:
+            ex.client_chunked = True
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            ex.client_close = True  # an HTTP/1.0 client learns the end from the close
+    if not any(n.lower() == b"date" for n, _ in ex.headers):
+        lines.append(g.dates.get(now))
+    fresh = None
+    if creq.key is not None and not bodiless and (ex.content_length <= g.settings.max_object_bytes):
+        fresh = forward.freshness(creq, ex, now)
+    if fresh is not None:
+        ex.lifetime, ex.age = fresh
+        ex.store = []
+    cache_status = creq.cache_status or b"afpa; fwd=miss"
+    cache_status += b"; fwd-status=%d" % status + (b"; stored" if fresh is not None else b"")
+    creq.cache_status = cache_status
+    ex.client_close = ex.client_close or creq.close
+    head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n"]
+    if ex.client_close:
+        head.append(b"Connection: close\r\n")
+    elif creq.version == 10:
+        head.append(b"Connection: keep-alive\r\n")
+    head.append(b"\r\n")
+    creq.status = status
+    creq.sent_head = True
+    ex.relaying = True
+    sendengine.write(cconn, [b"".join(head)])
+    if ex.reader is not None:
+        cconn.transport.registerProducer(conn.transport, True)
+
+
+@state("complete", "need_more", "truncated")
+def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Relay the response body as it arrives (storing it when cacheable)."""
+    if ex.client_gone:
+        ex.result = "aborted"
+        return "truncated"
+    reader = ex.reader
+    if reader is None:
+        pieces, finished = [], True
+    elif reader is UNTIL_CLOSE:
+        pieces = [conn.inbuf[conn.inpos:]] if conn.unread() else []
+        conn.inpos = len(conn.inbuf)
+        finished = conn.closed and not ex.timed_out
+    else:
+        try:
+            conn.inpos, pieces, finished = reader.read(conn.inbuf, conn.inpos)
+        except HttpError:
+            ex.abort_client()
+            return "truncated"
+    if pieces:
+        out = []
+        for piece in pieces:
+            if ex.client_chunked:
+                out += [b"%x\r\n" % len(piece), piece, b"\r\n"]
+            else:
+                out.append(piece)
+        sendengine.write(ex.cconn, out)
+        if ex.store is not None:
+            ex.store += pieces
+            ex.store_size += sum(len(p) for p in pieces)
+            if ex.store_size > g.settings.max_object_bytes:
+                ex.store = None
+        ex.arm(g.settings.backend_idle_timeout)
+    if finished:
+        if ex.client_chunked:
+            sendengine.write(ex.cconn, [b"0\r\n\r\n"])
+        if ex.store is not None:
+            _store(g, ex)
+        ex.result = "close" if ex.client_close else "relayed"
+        return "complete"
+    if conn.closed or ex.timed_out:
+        ex.abort_client()
+        return "truncated"
+    return "need_more"
+
+
+def _store(g: Any, ex: BackendExchange) -> None:
+    now = g.reactor.seconds()
+    body = b"".join(ex.store)
+    lines, short = [], []
+    for line in forward.response_lines(ex):
+        lname = line.split(b":", 1)[0].lower()
+        if lname in (b"date", b"age", b"content-length"):
+            continue
+        lines.append(line)
+        if lname in _SHORT_HEAD_FIELDS:
+            short.append(line)
+    head = b"".join([forward.status_line(ex), *lines, b"Content-Length: %d\r\n" % len(body)])
+    short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
+    fields = {n.lower(): v for n, v in ex.headers}
+    lm = forward._date(fields.get(b"last-modified"))
+    obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
+                      now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
+                      int(lm) if lm is not None else None)
+    g.cache.put(obj)
+
+
+@state("reuse", "close")
+def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Back to the pool when the backend connection can carry another request."""
+    if (ex.keep_alive and ex.upload_done and not conn.closed and not conn.unread()
+            and ex.result != "aborted" and not ex.timed_out):
+        return "reuse"
+    return "close"
+
+
+FUNCTIONS = (derive_remote_response, backend_connect, backend_send_request, backend_read_head,
+             backend_stream_body, backend_finish)

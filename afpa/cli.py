@@ -178,7 +178,12 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     except CannotListenError as exc:
         print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
         return 1
-    for line in server.describe():
+    try:
+        lines = server.describe()
+    except Exception:
+        server.stop()  # never leave helper threads holding the process open
+        raise
+    for line in lines:
         print(f"afpa: {line}", file=sys.stderr, flush=True)
     reactor.run()
     return 0

@@ -29,7 +29,13 @@ class Helpers:
         if not self._started:
             self._started = True
             self._pool.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def stop(self) -> None:
+        """Stop the threads (idempotent)."""
+        if self._started:
+            self._started = False
+            self._pool.stop()
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``fn(*args)`` on a helper thread; the Deferred fires on the reactor."""
@@ -41,6 +47,9 @@ class InlineHelpers:
 
     def start(self) -> None:
         """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
         """Call ``fn(*args)`` now; the Deferred has already fired."""

@@ -73,6 +73,7 @@ class Server:
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
         self.admin_port: Any = None
+        self.tls_ports: list[Any] = []
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
@@ -92,7 +93,7 @@ class Server:
             if port is self.admin_port:
                 lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/")
             else:
-                scheme = "https" if port.factory.tls else "http"
+                scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
         lines += self.g.describe() if hasattr(self.g, "describe") else []
         lines.append(f"table {self.machine.source}")
@@ -110,12 +111,14 @@ class Server:
         if tls_context is not None and s.tls_listen is None:
             self.ports.append(self.reactor.listenSSL(port, self.factory(tls=True), tls_context,
                                                      backlog=1024, interface=host))
+            self.tls_ports.append(self.ports[-1])
         else:
             self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
         if tls_context is not None and s.tls_listen is not None:
             thost, tport = s.tls_listen
             self.ports.append(self.reactor.listenSSL(tport, self.factory(tls=True), tls_context,
                                                      backlog=1024, interface=thost))
+            self.tls_ports.append(self.ports[-1])
         if self.settings.admin is not None:
             from afpa.admin import admin_site
             ahost, aport = self.settings.admin
@@ -138,6 +141,7 @@ class Server:
             p.stopListening()
         for proto in list(self.connections):
             proto.transport.loseConnection()
+        self.runtime.helpers.stop()
 
     def machines(self) -> list[tables.Machine]:
         """Every machine whose counters are live: the client machine and its companions."""

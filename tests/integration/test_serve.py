@@ -24,7 +24,10 @@ def exchange(port: int, data: bytes, expect: int = 1, timeout: float = 10.0, hea
         s.sendall(data)
         raw = b""
         while not _complete(raw, expect, head_only):
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break  # an aborted response: the caller checks what arrived
             if not chunk:
                 break
             raw += chunk

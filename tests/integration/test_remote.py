@@ -1,0 +1,348 @@
+"""Derive Remote and Deferred Response over real sockets: afpa in front of test backends."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from tests.httpclient import parse_responses
+from tests.integration.backends import RawBackend, response
+from tests.integration.test_serve import exchange, get, rss_sampler
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def backend():
+    made = []
+
+    def make(respond):
+        b = RawBackend(respond)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def one(port, data, **kw):
+    [r] = parse_responses(exchange(port, data, **kw))
+    return r
+
+
+def test_cacheable_response_stored_while_streaming(afpa_process, backend):
+    b = backend(lambda head, body: response(b"fresh body", "Cache-Control: max-age=60", "ETag: \"v1\""))
+    p = afpa_process("--backend", b.url)
+    status, h, body = one(p.port, get("/page"))
+    assert (status, body) == (200, b"fresh body")
+    assert h["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert h["via"] == "1.1 afpa"
+    status, h, body = one(p.port, get("/page"))
+    assert (status, body, h["cache-status"]) == (200, b"fresh body", "afpa; hit")
+    assert "age" in h and h["etag"] == '"v1"'
+    status, h, _ = one(p.port, get("/page", 'If-None-Match: "v1"'))
+    assert status == 304
+    assert len(b.requests) == 1
+
+
+@pytest.mark.parametrize("resp_headers,req_headers", [
+    (("Cache-Control: no-store",), ()),
+    (("Cache-Control: private, max-age=60",), ()),
+    (("Cache-Control: max-age=60", "Set-Cookie: a=b"), ()),
+    (("Cache-Control: max-age=60", "Vary: Accept"), ()),
+    (("Cache-Control: max-age=60",), ("Authorization: Basic eDp5",)),
+    ((), ()),  # no explicit freshness
+    (("Expires: Thu, 01 Jan 1970 00:00:00 GMT",), ()),
+])
+def test_uncacheable_passes_through(afpa_process, backend, resp_headers, req_headers):
+    b = backend(lambda head, body: response(b"dynamic", *resp_headers))
+    p = afpa_process("--backend", b.url)
+    for _ in range(2):
+        status, h, body = one(p.port, get("/dyn", *req_headers))
+        assert (status, body) == (200, b"dynamic")
+        assert "stored" not in h["cache-status"]
+    assert len(b.requests) == 2
+
+
+def test_headers_rewritten_both_ways(afpa_process, backend):
+    b = backend(lambda head, body: response(b"x", "Connection: close, X-Hop", "X-Hop: secret", "Keep-Alive: timeout=5",
+                                            "X-End: kept"))
+    p = afpa_process("--backend", b.url)
+    status, h, _ = one(p.port, get("/h", "Connection: X-Client-Hop", "X-Client-Hop: 1", "Keep-Alive: 300",
+                                   "X-Forwarded-For: 6.6.6.6", "Proxy-Authorization: Basic x", "TE: trailers",
+                                   "Via: 1.0 upstream"))
+    assert status == 200 and "x-hop" not in h and "keep-alive" not in h and h["x-end"] == "kept"
+    sent = b.requests[0].decode().lower()
+    for gone in ("x-client-hop", "keep-alive", "proxy-authorization", "te: trailers", "6.6.6.6"):
+        assert gone not in sent
+    assert "x-forwarded-for: 127.0.0.1" in sent
+    assert "x-forwarded-proto: http" in sent and "x-forwarded-host: 127.0.0.1" in sent
+    assert "via: 1.0 upstream, 1.1 afpa" in sent
+
+
+def test_trusted_forwarded_headers_are_appended(afpa_process, backend):
+    b = backend(lambda head, body: response(b"x"))
+    p = afpa_process("--backend", b.url, "--trust-forwarded")
+    one(p.port, get("/", "X-Forwarded-For: 10.1.2.3", "X-Forwarded-Proto: https"))
+    sent = b.requests[0].decode().lower()
+    assert "x-forwarded-for: 10.1.2.3, 127.0.0.1" in sent and "x-forwarded-proto: https" in sent
+
+
+def test_connect_refused_502(afpa_process):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    p = afpa_process("--backend", f"http://127.0.0.1:{dead}")
+    status, h, body = one(p.port, get("/"))
+    assert status == 502 and b"cannot connect" in body
+
+
+def test_first_byte_timeout_504(afpa_process, backend, tmp_path):
+    b = backend(lambda head, body: (lambda c: time.sleep(5)))
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text(f'backend = "{b.url}"\n[timeouts]\nbackend_first_byte = 0.5\n')
+    p = afpa_process("--config", str(cfg))
+    status, _, body = one(p.port, get("/slow"))
+    assert status == 504
+
+
+def test_backend_dies_mid_body_client_is_cut_nothing_cached(afpa_process, backend):
+    def respond(head, body):
+        def half(c):
+            c.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 1000\r\n\r\n" + b"a" * 400)
+        return half
+    b = backend(respond)
+    p = afpa_process("--backend", b.url)
+    for _ in range(2):
+        raw = exchange(p.port, get("/partial"))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Content-Length: 1000" in head and len(body) < 1000  # cut, never complete
+    assert len(b.requests) == 2  # nothing was stored
+
+
+@pytest.mark.parametrize("bad", [
+    b"HTTP/1.1 2OO OK\r\nContent-Length: 1\r\n\r\nx",
+    b"garbage\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+])
+def test_malformed_backend_response_502_never_cached(afpa_process, backend, bad):
+    b = backend(lambda head, body: bad.replace(b"\r\n\r\n", b"\r\nCache-Control: max-age=60\r\n\r\n", 1)
+                if bad.startswith(b"HTTP") else bad)
+    p = afpa_process("--backend", b.url)
+    for _ in range(2):
+        status, _, body = one(p.port, get("/bad"))
+        assert status == 502
+    assert len(b.requests) == 2
+
+
+def test_keepalive_pool_reused_across_clients(afpa_process, backend):
+    b = backend(lambda head, body: response(b"ok"))
+    p = afpa_process("--backend", b.url)
+    for _ in range(3):
+        assert one(p.port, get("/"))[2] == b"ok"
+    assert b.connections == 1 and len(b.requests) == 3
+
+
+def test_idempotent_request_retried_on_fresh_connection(afpa_process, backend):
+    answers = iter([None, response(b"second try")])
+    b = backend(lambda head, body: next(answers))
+    p = afpa_process("--backend", b.url)
+    status, _, body = one(p.port, get("/"))
+    assert (status, body) == (200, b"second try") and b.connections == 2
+
+
+def test_post_not_retried(afpa_process, backend):
+    b = backend(lambda head, body: None)
+    p = afpa_process("--backend", b.url)
+    raw = exchange(p.port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    assert raw.startswith(b"HTTP/1.1 502") and len(b.requests) == 1
+
+
+def test_request_bodies_forwarded(afpa_process, backend):
+    b = backend(lambda head, body: response(b"got %d" % len(body)))
+    p = afpa_process("--backend", b.url)
+    status, _, body = one(p.port, b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert body == b"got 5" and b.bodies[-1] == b"hello"
+    status, _, body = one(p.port, b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert body == b"got 5" and b.bodies[-1] == b"abcde"
+    assert b"transfer-encoding: chunked" in b.requests[-1].lower()
+
+
+def test_bad_chunk_answered_400_and_backend_never_sees_a_clean_end(afpa_process, backend):
+    b = backend(lambda head, body: response(b"should not happen"))
+    p = afpa_process("--backend", b.url)
+    raw = exchange(p.port, b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+    assert raw.startswith(b"HTTP/1.1 400")
+    assert b.bodies == []
+
+
+def test_chunked_backend_body_relayed_to_http10_client_by_close(afpa_process, backend):
+    b = backend(lambda head, body: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    p = afpa_process("--backend", b.url)
+    status, h, body = one(p.port, get("/c"))
+    assert h["transfer-encoding"] == "chunked"
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"GET /c HTTP/1.0\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):  # the end of this body is the close
+            raw += chunk
+    assert raw.endswith(b"\r\n\r\nabc") and b"Connection: close" in raw
+
+
+def stream_backend(size: int):
+    """A backend that answers every request with ``size`` zero bytes (chunked) and
+    counts the request body it reads without keeping it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    got = {"body": 0}
+
+    def serve():
+        c, _ = srv.accept()
+        with c:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += c.recv(65536)
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]) if b"content-length" in head.lower() else 0
+            got["body"] = len(rest)
+            while got["body"] < n:
+                got["body"] += len(c.recv(1 << 20))
+            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n" % (1 << 20) + b"\0" * (1 << 20) + b"\r\n"
+            for _ in range(size >> 20):
+                c.sendall(chunk)
+            c.sendall(b"0\r\n\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv, got, t
+
+
+def test_gib_download_and_upload_with_bounded_memory(afpa_process):
+    size = 1 << 30
+    srv, got, t = stream_backend(size)
+    p = afpa_process("--backend", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    base = p.rss_kib()
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=rss_sampler, args=(f"/proc/{p.proc.pid}/status", stop, peak))
+    sampler.start()
+    received = 0
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=60) as s:
+            s.sendall(b"PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+            block = b"\0" * (1 << 20)
+            for _ in range(size >> 20):
+                s.sendall(block)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += s.recv(65536)
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            tail = rest
+            buf = bytearray(1 << 20)
+            while not tail.endswith(b"0\r\n\r\n"):
+                n = s.recv_into(buf)
+                assert n, "connection closed early"
+                received += n
+                tail = (tail + bytes(buf[:n]))[-16:]
+            received += len(rest)
+    finally:
+        stop.set()
+        sampler.join()
+        t.join(timeout=30)
+        srv.close()
+    assert got["body"] == size
+    assert received > size  # the body plus chunk framing
+    assert peak[0] - base < 96 * 1024, f"RSS grew by {peak[0] - base} KiB"
+
+
+def test_defer_splices_raw_bytes(afpa_process, backend):
+    b = backend(lambda head, body: response(b"from local server"))
+    p = afpa_process("--defer", b.url)
+    raw = exchange(p.port, get("/a", "X-Odd: kept as sent") + get("/b"), expect=2)
+    resps = parse_responses(raw)
+    assert [r[2] for r in resps] == [b"from local server"] * 2
+    assert "via" not in resps[0][1]  # afpa only relayed bytes
+    assert b"X-Odd: kept as sent" in b.requests[0] and b"via" not in b.requests[0].lower()
+    assert b.connections == 1
+
+
+def test_upgrade_request_is_deferred(afpa_process, backend):
+    def upgrade(head, body):
+        def echo(c):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            data = c.recv(100)
+            c.sendall(b"echo:" + data)
+        return echo
+    b = backend(upgrade)
+    p = afpa_process("--backend", b.url)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(get("/ws", "Upgrade: websocket", "Connection: Upgrade"))
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += s.recv(4096)
+        assert raw.startswith(b"HTTP/1.1 101")
+        s.sendall(b"ping")
+        reply = raw.partition(b"\r\n\r\n")[2]
+        while b"echo:ping" not in reply:
+            chunk = s.recv(4096)
+            assert chunk
+            reply += chunk
+    assert b"upgrade: websocket" in b.requests[0].lower()
+
+
+def make_cert(tmp_path, name: str):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=10))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_termination(afpa_process, backend, tmp_path):
+    cert, key = make_cert(tmp_path, "afpa.test")
+    b = backend(lambda head, body: response(b"over tls", "Cache-Control: max-age=60"))
+    p = afpa_process("--backend", b.url, "--tls-cert", str(cert), "--tls-key", str(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cert)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    for expected in ("afpa; fwd=miss; fwd-status=200; stored", "afpa; hit"):
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="afpa.test") as s:
+                assert s.selected_alpn_protocol() == "http/1.1"
+                assert s.version() in ("TLSv1.2", "TLSv1.3")
+                s.sendall(get("/secure"))
+                data = b""
+                while not data.endswith(b"over tls"):
+                    chunk = s.recv(4096)
+                    assert chunk
+                    data += chunk
+        [(status, h, body)] = parse_responses(data)
+        assert h["cache-status"] == expected
+    assert b"x-forwarded-proto: https" in b.requests[0].lower()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def parse_responses(raw: bytes, head_only: tuple[bool, ...] = ()) -> list[tuple[int, dict, bytes]]:
-    """Parse consecutive Content-Length-framed responses (``head_only[i]`` for HEAD)."""
+    """Parse consecutive responses framed by Content-Length or chunked
+    (``head_only[i]`` for answers to HEAD).  Raises ValueError/IndexError while
+    the bytes are still incomplete."""
     out = []
     pos = 0
     i = 0
@@ -17,8 +19,24 @@ def parse_responses(raw: bytes, head_only: tuple[bool, ...] = ()) -> list[tuple[
             k, _, v = line.partition(b":")
             headers[k.strip().lower().decode()] = v.strip().decode()
         pos = end + 4
-        length = 0 if (i < len(head_only) and head_only[i]) or status == 304 else int(headers.get("content-length", 0))
-        out.append((status, headers, raw[pos:pos + length]))
-        pos += length
+        bodiless = (i < len(head_only) and head_only[i]) or status == 304
+        if not bodiless and headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                eol = raw.index(b"\r\n", pos)
+                size = int(raw[pos:eol].split(b";")[0], 16)
+                pos = eol + 2
+                if size == 0:
+                    pos = raw.index(b"\r\n\r\n", pos - 2) + 4
+                    break
+                if pos + size + 2 > len(raw):
+                    raise ValueError("incomplete chunk")
+                body += raw[pos:pos + size]
+                pos += size + 2
+            out.append((status, headers, body))
+        else:
+            length = 0 if bodiless else int(headers.get("content-length", 0))
+            out.append((status, headers, raw[pos:pos + length]))
+            pos += length
         i += 1
     return out

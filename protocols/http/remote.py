@@ -166,15 +166,17 @@ class BackendExchange(Request):
             self.proto.transport.abortConnection()
             return
         cconn.inpos = cconn.scan = pos
-        write = self.proto.transport.write
+        out = []
         for piece in pieces:
             if self.upload_chunked:
-                write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                out += [b"%x\r\n" % len(piece), piece, b"\r\n"]
             else:
-                write(piece)
+                out.append(piece)
+        if finished and self.upload_chunked:
+            out.append(b"0\r\n\r\n")
+        if out:
+            sendengine.write(self.runner.conn, out)
         if finished:
-            if self.upload_chunked:
-                write(b"0\r\n\r\n")
             self.upload_done = True
             cconn.pending = None
             cconn.sink = None
@@ -244,6 +246,7 @@ def _connected(result: tuple[Any, bool], conn: Any, ex: BackendExchange) -> str:
     proto, ex.reused = result
     ex.proto = proto
     conn.transport = proto.transport
+    conn.sock = getattr(proto.transport, "socket", None)  # direct writes, as to clients
     conn.inbuf, conn.inpos, conn.closed = b"", 0, False
     if ex.client_gone:
         proto.transport.loseConnection()
@@ -269,8 +272,8 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     has_body = cconn.pending is not None and (creq.chunked or creq.content_length > 0)
     framing = "chunked" if creq.chunked else ("length" if creq.content_length >= 0 else "none")
     client_ip = cconn.peer.rsplit(":", 1)[0]
-    conn.transport.write(forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
-                                              body=framing))
+    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
+                                                 body=framing)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -280,6 +283,9 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
             sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
         conn.transport.registerProducer(_UploadThrottle(cconn.driver), True)
         cconn.sink = ex.pump_upload
+        # Reading may have been paused while the backend connection was being
+        # made; from now on the backend's buffer decides (through the throttle).
+        cconn.driver.resume_reading()
         ex.pump_upload()
     return "sent"
 

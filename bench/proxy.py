@@ -46,7 +46,6 @@ import http.client
 import json
 import os
 import pwd
-import random
 import shlex
 import shutil
 import signal
@@ -60,7 +59,7 @@ from pathlib import Path
 # bench/ on sys.path, this also covers ``python -m`` and imports from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402
-    HOST, NGINX, START_TIMEOUT, choose_cpus, fmt_err, fmt_rate, free_port, parse_size,
+    HOST, NGINX, START_TIMEOUT, choose_cpus, fmt_err, fmt_rate, free_port, make_files, parse_size, print_problems,
     pin, run_wrk, start, stop, tail, wait_listening,
 )
 
@@ -386,13 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         # nginx workers and the Varnish child drop to unprivileged users when
         # run as root: they must be able to traverse the temp dir.
         tmp.chmod(0o755)
-        root = tmp / "root"
-        root.mkdir(mode=0o755)
-        rng = random.Random(1234)  # fixed seed: identical files on every run
-        files = {}
-        for label, size in sizes.items():
-            (root / f"{label}.bin").write_bytes(rng.randbytes(size))
-            files[f"{label}.bin"] = size
+        root, files = make_files(tmp, sizes)
 
         origin_port = free_port()
         conf, err = origin_conf(tmp, root, origin_port)
@@ -428,12 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(files, all_results)
     for name, reason in skipped.items():
         print(f"\n{name} skipped: {reason}")
-    for name, results in all_results.items():
-        for (label, mode), r in results.items():
-            if "wrk_failed" in r:
-                print(f"\n{name} {label} {mode}: wrk output:\n{r['wrk_failed']}")
-    for name, failure in failures.items():
-        print(f"\n{name} FAILED: {failure}")
+    print_problems(all_results, failures)
 
     if args.json:
         doc = {

@@ -314,6 +314,29 @@ def print_table(labels: list[str], all_results: dict[str, dict]) -> None:
 
 # ---------------------------------------------------------------- main
 
+def print_problems(all_results: dict[str, dict], failures: dict[str, str]) -> None:
+    """wrk runs that failed and servers that failed, after the table."""
+    for name, results in all_results.items():
+        for (label, mode), r in results.items():
+            if "wrk_failed" in r:
+                print(f"\n{name} {label} {mode}: wrk output:\n{r['wrk_failed']}")
+    for name, failure in failures.items():
+        print(f"\n{name} FAILED: {failure}")
+
+
+def make_files(tmp: Path, sizes: dict[str, int]) -> tuple[Path, dict[str, int]]:
+    """Write the benchmark's files into ``tmp/root`` (fixed seed: identical
+    files on every run); returns the root and {file name: size}."""
+    root = tmp / "root"
+    root.mkdir(mode=0o755)
+    rng = random.Random(1234)
+    files = {}
+    for label, size in sizes.items():
+        (root / f"{label}.bin").write_bytes(rng.randbytes(size))
+        files[f"{label}.bin"] = size
+    return root, files
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
@@ -350,13 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         # nginx workers drop to an unprivileged user when run as root: they
         # must be able to traverse the temp dir and read the files.
         tmp.chmod(0o755)
-        root = tmp / "root"
-        root.mkdir(mode=0o755)
-        rng = random.Random(1234)  # fixed seed: identical files on every run
-        files = {}
-        for label, size in sizes.items():
-            (root / f"{label}.bin").write_bytes(rng.randbytes(size))
-            files[f"{label}.bin"] = size
+        root, files = make_files(tmp, sizes)
         for name in servers:
             results, failure = bench_server(name, args, tmp, root, files, cpus)
             all_results[name] = results
@@ -374,12 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrk -t1 -c{args.connections} -d{args.duration}s; server on CPU {cpus[0]}, wrk on CPU {cpus[1]}; "
           f"req/s and MiB/s as reported by wrk")
     print_table(labels, all_results)
-    for name, results in all_results.items():
-        for (fname, mode), r in results.items():
-            if "wrk_failed" in r:
-                print(f"\n{name} {fname} {mode}: wrk output:\n{r['wrk_failed']}")
-    for name, failure in failures.items():
-        print(f"\n{name} FAILED: {failure}")
+    print_problems(all_results, failures)
 
     if args.json:
         doc = {

@@ -35,6 +35,19 @@ VIA = b"1.1 afpa"
 _DIRECTIVE = re.compile(rb"\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*(?:=\s*(\"[^\"]*\"|[^,\s]*))?\s*(?:,|$)")
 
 
+def frame(pieces: list[bytes], chunked: bool, last: bool = False) -> list[bytes]:
+    """Body pieces as they go on the wire: as they are, or as chunks (with the
+    last-chunk when ``last``)."""
+    if not chunked:
+        return pieces
+    out: list[bytes] = []
+    for piece in pieces:
+        out += [b"%x\r\n" % len(piece), piece, b"\r\n"]
+    if last:
+        out.append(b"0\r\n\r\n")
+    return out
+
+
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     """Field names listed in Connection (lower-case)."""
     out: set[bytes] = set()

@@ -166,14 +166,7 @@ class BackendExchange(Request):
             self.proto.transport.abortConnection()
             return
         cconn.inpos = cconn.scan = pos
-        out = []
-        for piece in pieces:
-            if self.upload_chunked:
-                out += [b"%x\r\n" % len(piece), piece, b"\r\n"]
-            else:
-                out.append(piece)
-        if finished and self.upload_chunked:
-            out.append(b"0\r\n\r\n")
+        out = forward.frame(pieces, self.upload_chunked, finished)
         if out:
             sendengine.write(self.runner.conn, out)
         if finished:
@@ -394,13 +387,7 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
             ex.abort_client()
             return "truncated"
     if pieces:
-        out = []
-        for piece in pieces:
-            if ex.client_chunked:
-                out += [b"%x\r\n" % len(piece), piece, b"\r\n"]
-            else:
-                out.append(piece)
-        sendengine.write(ex.cconn, out)
+        sendengine.write(ex.cconn, forward.frame(pieces, ex.client_chunked))
         if ex.store is not None:
             ex.store += pieces
             ex.store_size += sum(len(p) for p in pieces)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from afpa import graph, tables
 from afpa.config import Settings, load_config, parse_hostport, parse_size
-from afpa.modules import Registry, default_registry
+from afpa.intrinsics import default_registry
+from afpa.modules import Registry
 
 
 def _hostport(text: str) -> tuple[str, int]:

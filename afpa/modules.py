@@ -130,12 +130,3 @@ class Registry:
             if not isinstance(module, ProtocolModule):
                 raise TypeError(f"entry point {ep.name!r} gave {module!r}, not a ProtocolModule")
             self.register(module)
-
-
-def default_registry() -> Registry:
-    """The registry with the runtime intrinsics and every installed module."""
-    from afpa import sendengine  # intrinsic functions live in the runtime itself
-
-    reg = Registry(intrinsics=dict(sendengine.INTRINSICS))
-    reg.discover()
-    return reg

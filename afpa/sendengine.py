@@ -29,7 +29,6 @@ from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
 from afpa.cache import FRAGMENT, CacheObject
-from afpa.modules import StateFunction
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
@@ -246,10 +245,3 @@ class _FileSender(_Sender):
 
     def _release(self) -> None:
         self.body.close()
-
-
-INTRINSICS = {
-    "send_engine": StateFunction(
-        "send_engine", send_engine, frozenset({"sent", "close", "aborted"}),
-        "write the response on the request scope (Send Engine)"),
-}

@@ -20,8 +20,9 @@ from afpa.cache import CacheStore
 from afpa.config import Settings
 from afpa.engine import MachineProtocol
 from afpa.helpers import Helpers
+from afpa.intrinsics import default_registry
 from afpa.metrics import RequestStats
-from afpa.modules import Registry, default_registry
+from afpa.modules import Registry
 from afpa.scopes import Runtime
 
 log = Logger(namespace="afpa.server")

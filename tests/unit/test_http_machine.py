@@ -11,7 +11,8 @@ from afpa import tables
 from afpa.config import Settings
 from afpa.helpers import InlineHelpers
 from afpa.metrics import Collector
-from afpa.modules import ProtocolModule, collect, default_registry, state
+from afpa.intrinsics import default_registry
+from afpa.modules import ProtocolModule, collect, state
 from afpa.server import Server
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses

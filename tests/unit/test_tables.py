@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from afpa import graph, tables
-from afpa.modules import default_registry
+from afpa.intrinsics import default_registry
 
 REG = default_registry()
 SHIPPED = tables.shipped_table_names()

@@ -1,0 +1,22 @@
+"""The runtime's own state functions, and the registry every server starts from.
+
+Tables name these with the ``afpa.`` prefix (``run = "afpa.send_engine"``).
+"""
+
+from __future__ import annotations
+
+from afpa.modules import Registry, StateFunction
+from afpa.sendengine import send_engine
+
+INTRINSICS = {
+    "send_engine": StateFunction(
+        "send_engine", send_engine, frozenset({"sent", "close", "aborted"}),
+        "write the response on the request scope (Send Engine)"),
+}
+
+
+def default_registry() -> Registry:
+    """The registry with the runtime intrinsics and every installed protocol module."""
+    reg = Registry(intrinsics=dict(INTRINSICS))
+    reg.discover()
+    return reg

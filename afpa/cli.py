@@ -146,7 +146,9 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def _serve(args: argparse.Namespace, registry: Registry) -> int:
-    from twisted.internet import reactor
+    from afpa.reactor import install
+
+    reactor = install()
     from twisted.internet.error import CannotListenError
     from twisted.logger import (
         FilteringLogObserver,

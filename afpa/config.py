@@ -85,6 +85,7 @@ class Settings:
     backend_connect_timeout: float = 5.0
     backend_first_byte_timeout: float = 60.0
     backend_idle_timeout: float = 60.0  # between reads of a response body
+    tunnel_idle_timeout: float = 3600.0  # a deferred (spliced) connection with no traffic
     backend_max_idle: int = 32          # pooled keep-alive connections per backend
     backend_pool_idle_timeout: float = 30.0
 
@@ -106,6 +107,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "timeouts.backend_connect": ("backend_connect_timeout", _SECONDS),
     "timeouts.backend_first_byte": ("backend_first_byte_timeout", _SECONDS),
     "timeouts.backend_idle": ("backend_idle_timeout", _SECONDS),
+    "timeouts.tunnel_idle": ("tunnel_idle_timeout", _SECONDS),
     "backends.max_idle": ("backend_max_idle", int),
     "backends.pool_idle_timeout": ("backend_pool_idle_timeout", _SECONDS),
     "tls.listen": ("tls_listen", parse_hostport),

@@ -23,7 +23,8 @@ def derive_deferred_response(g: Any, conn: Any, req: Any) -> Any:
     backend = g.pools.pick(req.route).backend
     # Everything from this request's first byte on is the server's to read.
     conn.inbuf, conn.inpos, conn.scan, conn.pending = conn.inbuf[req.raw_start:], 0, 0, None
-    d = splice(g.reactor, conn, backend.host, backend.port, g.settings.backend_connect_timeout)
+    d = splice(g.reactor, conn, backend.host, backend.port, g.settings.backend_connect_timeout,
+               g.settings.tunnel_idle_timeout)
 
     def refused(failure: Any) -> str:
         req.cache_status = b"afpa; fwd=bypass; detail=backend-error"

@@ -346,3 +346,25 @@ def test_tls_termination(afpa_process, backend, tmp_path):
         [(status, h, body)] = parse_responses(data)
         assert h["cache-status"] == expected
     assert b"x-forwarded-proto: https" in b.requests[0].lower()
+
+
+def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path):
+    def silent(head, body):
+        def hold(c):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+            c.settimeout(10)
+            try:
+                c.recv(10)  # returns b"" once afpa closes the tunnel
+            except OSError:
+                pass
+        return hold
+    b = backend(silent)
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text(f'defer = "{b.url}"\n[timeouts]\ntunnel_idle = 0.5\n')
+    p = afpa_process("--config", str(cfg))
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(get("/t", "Upgrade: x", "Connection: Upgrade"))
+        raw = b""
+        while chunk := s.recv(4096):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 101")  # and then the idle tunnel was closed

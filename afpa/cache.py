@@ -107,10 +107,15 @@ class CacheStore:
     def put(self, obj: CacheObject) -> bool:
         """Store ``obj`` (replacing any object under its key), evicting as needed.
         Returns False when the object can never fit."""
+        self.remove(obj.key)  # a newer version replaces it, stored or not
         if obj.size > self.max_object or obj.cost > self.budget:
             self.rejected += 1
             return False
-        self.remove(obj.key)
+        if obj.evicted:
+            # Stored again after an eviction: it counts as cached, not pinned.
+            if obj.refs:
+                self.pinned_bytes -= obj.cost
+            obj.evicted = False
         while self.bytes + obj.cost > self.budget and self._evict_one():
             pass
         self._index[obj.key] = obj

@@ -29,7 +29,9 @@ Each request is a ``get(key, now)``; a miss builds a ``CacheObject`` (no
 payload: ``fragments=()`` with ``size`` set, the store only accounts
 ``cost``) and ``put``s it.  ``now`` grows by one per request and
 ``fresh_until`` is infinite, so freshness never interferes.  The first
-``--warmup`` fraction of requests fills the cache and is not counted.
+``--warmup`` fraction of requests fills the cache and is not counted.  With
+``--shift`` an extra column gives the object hit ratio over the second half
+alone, i.e. how fast each policy recovers once the popular set has moved.
 
 Printed per row: object hit ratio, byte hit ratio, and simulated requests per
 second of wall time (a rough cost of each policy's hit/miss path, including
@@ -39,7 +41,6 @@ the shared loop and CacheObject construction).
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import random
 import sys
@@ -132,28 +133,43 @@ POLICIES = {"gdsf": CacheStore, "lru": LRUStore}
 
 # ---------------------------------------------------------------- replay
 
-def replay(store, requests: list[int], sizes: list[int], warmup: int) -> dict:
-    """Run the trace; count hits only after ``warmup`` requests."""
+def _segment(store, requests: list[int], sizes: list[int], start: int, stop: int,
+             counted: bool) -> tuple[int, int, int]:
+    """Replay requests[start:stop]; returns (hits, hit bytes, requested bytes)."""
     get, put = store.get, store.put
     hits = hit_bytes = req_bytes = 0
-    t0 = time.perf_counter()
-    for now, key in enumerate(requests):
+    for now in range(start, stop):
+        key = requests[now]
         obj = get(key, now)
         if obj is None:
             put(CacheObject(key, HEAD, (), sizes[key], now, INF))
-            if now >= warmup:
+            if counted:
                 req_bytes += sizes[key]
-        elif now >= warmup:
+        elif counted:
             hits += 1
             size = sizes[key]
             hit_bytes += size
             req_bytes += size
+    return hits, hit_bytes, req_bytes
+
+
+def replay(store, requests: list[int], sizes: list[int], warmup: int) -> dict:
+    """Run the trace; count hits only after ``warmup`` requests.  ``late_hit_ratio``
+    is the object hit ratio over the second half alone (after a ``--shift``)."""
+    n = len(requests)
+    mid = max(warmup, n // 2)
+    t0 = time.perf_counter()
+    _segment(store, requests, sizes, 0, warmup, False)
+    h1, hb1, rb1 = _segment(store, requests, sizes, warmup, mid, True)
+    h2, hb2, rb2 = _segment(store, requests, sizes, mid, n, True)
     elapsed = time.perf_counter() - t0
-    counted = len(requests) - warmup
+    counted = n - warmup
+    hit_bytes, req_bytes = hb1 + hb2, rb1 + rb2
     return {
-        "hit_ratio": hits / counted if counted else 0.0,
+        "hit_ratio": (h1 + h2) / counted if counted else 0.0,
         "byte_hit_ratio": hit_bytes / req_bytes if req_bytes else 0.0,
-        "rps": len(requests) / elapsed if elapsed else 0.0,
+        "late_hit_ratio": h2 / (n - mid) if n > mid else 0.0,
+        "rps": n / elapsed if elapsed else 0.0,
         "objects": len(store),
         "bytes": store.bytes,
         "evicted": store.evicted,
@@ -215,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max {ordered[-1]} B, total {total / 2**20:.1f} MiB")
     print()
     header = (f"{'alpha':>5}  {'budget':>6}  {'MiB':>7}  {'policy':<6}  {'hit%':>6}  "
-              f"{'bytehit%':>8}  {'req/s':>9}  {'resident':>8}")
+              f"{'bytehit%':>8}  " + (f"{'2nd-half hit%':>13}  " if a.shift else "")
+              + f"{'req/s':>9}  {'resident':>8}")
     print(header)
     print("-" * len(header))
     t_all = time.perf_counter()
@@ -232,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_store(store, name)
                 print(f"{alpha:>5.2f}  {pct:>5g}%  {budget / 2**20:>7.1f}  {name:<6}  "
                       f"{100 * r['hit_ratio']:>6.2f}  {100 * r['byte_hit_ratio']:>8.2f}  "
-                      f"{r['rps']:>9.0f}  {r['objects']:>8}", flush=True)
+                      + (f"{100 * r['late_hit_ratio']:>13.2f}  " if a.shift else "")
+                      + f"{r['rps']:>9.0f}  {r['objects']:>8}", flush=True)
         print()
     print(f"total wall time {time.perf_counter() - t_all:.1f} s")
     return 0

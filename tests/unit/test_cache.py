@@ -63,3 +63,24 @@ def test_eviction_while_pinned_is_safe_and_accounted():
     assert c.bytes == 0 and c.pinned_bytes == o.cost
     c.release(o)
     assert c.pinned_bytes == 0
+
+
+def test_an_object_stored_again_is_evictable_and_accounted():
+    c = CacheStore(budget=3 * obj("x", 1000).cost, max_object=1 << 20)
+    a = obj("a", 1000)
+    c.put(a)
+    c.pin(a)
+    c.put(a)                          # refreshed in place while being sent
+    assert not a.evicted and c.pinned_bytes == 0
+    c.release(a)
+    for i in range(10):
+        c.put(obj(f"k{i}", 1000))
+        assert c.bytes <= c.budget
+    assert "a" not in c and c.pinned_bytes == 0
+
+
+def test_a_rejected_new_version_drops_the_old_one():
+    c = CacheStore(budget=1 << 20, max_object=1000)
+    c.put(obj("a", 500))
+    assert not c.put(obj("a", 5000))
+    assert "a" not in c and c.bytes == 0

@@ -48,22 +48,21 @@ def frame(pieces: list[bytes], chunked: bool, last: bool = False) -> list[bytes]
     return out
 
 
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    """Field names listed in Connection (lower-case)."""
+def connection_tokens(msg: Any) -> set[bytes]:
+    """Field names listed in a message's Connection field (lower-case)."""
     out: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
+    for lname, (_, value) in zip(msg.lnames, msg.headers):
+        if lname == b"connection":
             out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
     return out
 
 
-def _end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes],
+def _end_to_end(msg: Any, also_drop: frozenset[bytes],
                 keep_upgrade: bool = False) -> tuple[list[bytes], list[bytes]]:
-    """(header lines to forward, existing Via values)."""
-    named = connection_tokens(headers)
+    """(header lines of ``msg`` to forward, its existing Via values)."""
+    named = connection_tokens(msg)
     lines, via = [], []
-    for name, value in headers:
-        lname = name.lower()
+    for lname, (name, value) in zip(msg.lnames, msg.headers):
         if lname == b"via":
             via.append(value)
         if lname in also_drop or lname in named or lname.startswith(b"proxy-"):
@@ -79,16 +78,16 @@ def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
     """The request head afpa sends to a backend.  ``body``: ``"none"``,
     ``"length"`` (the client's Content-Length) or ``"chunked"``."""
     drop = REQUEST_REPLACED if trust_forwarded else REQUEST_REPLACED | FORWARDED
-    lines, via = _end_to_end(req.headers or [], drop, keep_upgrade)
+    lines, via = _end_to_end(req, drop, keep_upgrade)
     out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
     out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
     xff = client_ip.encode()
     if trust_forwarded:
-        prior = [v for n, v in req.headers or [] if n.lower() == b"x-forwarded-for"]
+        prior = [v for n, (_, v) in zip(req.lnames, req.headers) if n == b"x-forwarded-for"]
         if prior:
             xff = b", ".join([*prior, xff])
         # Keep a trusted proxy's Proto/Host (they were forwarded above).
-        seen = {n.lower() for n, _ in req.headers or []}
+        seen = set(req.lnames)
     else:
         seen = set()
     out.append(b"X-Forwarded-For: " + xff + b"\r\n")
@@ -106,7 +105,7 @@ def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
 
 def response_lines(resp: Any) -> list[bytes]:
     """The backend response's end-to-end header lines, plus Via."""
-    lines, via = _end_to_end(resp.headers, RESPONSE_REPLACED)
+    lines, via = _end_to_end(resp, RESPONSE_REPLACED)
     lines.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
     return lines
 
@@ -117,11 +116,11 @@ def status_line(resp: Any) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (resp.status, reason)
 
 
-def cache_control(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    """Cache-Control directives (lower-case names) of a header list."""
+def cache_control(msg: Any) -> dict[bytes, bytes]:
+    """Cache-Control directives (lower-case names) of a message."""
     out: dict[bytes, bytes] = {}
-    for name, value in headers:
-        if name.lower() == b"cache-control":
+    for lname, (_, value) in zip(msg.lnames, msg.headers):
+        if lname == b"cache-control":
             for m in _DIRECTIVE.finditer(value):
                 if m.group(1):
                     out[m.group(1).lower()] = (m.group(2) or b"").strip(b'"')
@@ -148,18 +147,14 @@ def freshness(req: Any, resp: Any, now: float) -> tuple[float, float] | None:
     """
     if req.method != b"GET" or resp.status not in CACHEABLE_STATUS:
         return None
-    for name, _ in req.headers or []:
-        if name.lower() == b"authorization":
-            return None
-    if b"no-store" in cache_control(req.headers or []):
+    if b"authorization" in req.lnames or b"no-store" in cache_control(req):
         return None
     fields: dict[bytes, bytes] = {}
-    for name, value in resp.headers:
-        lname = name.lower()
+    for lname, (_, value) in zip(resp.lnames, resp.headers):
         if lname in (b"set-cookie", b"vary"):
             return None
         fields[lname] = value
-    cc = cache_control(resp.headers)
+    cc = cache_control(resp)
     if b"no-store" in cc or b"private" in cc or b"no-cache" in cc:
         return None
     lifetime = None

@@ -138,8 +138,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     te = None
     keep_alive = version == 11
     expect = False
-    for name, value in fields:
-        lname = name.lower()
+    lnames = [name.lower() for name, _ in fields]
+    for lname, (name, value) in zip(lnames, fields):
         if lname not in _SPECIAL:
             continue
         if lname == b"host":
@@ -237,6 +237,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     req.query = query
     req.version = version
     req.headers = fields
+    req.lnames = lnames
     req.host = host.lower() if host else b""
     req.keep_alive = keep_alive
     req.content_length = content_length
@@ -406,11 +407,11 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
     resp.status = int(m.group(2))
     resp.reason = m.group(3)
     resp.headers = fields
+    resp.lnames = lnames = [name.lower() for name, _ in fields]
     content_length = -1
     te = None
     keep_alive = resp.version == 11
-    for name, value in fields:
-        lname = name.lower()
+    for lname, (name, value) in zip(lnames, fields):
         if lname == b"content-length":
             if DIGITS.fullmatch(value) is None:
                 raise HttpError(502, "invalid Content-Length from backend")

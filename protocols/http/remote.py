@@ -71,6 +71,8 @@ class BackendExchange(Request):
     version: int = 11
     reason: bytes = b""
     headers: list | None = None
+    lnames: list | None = None
+    out: list | None = None      # the response head, written with the first body bytes
     content_length: int = -1
     chunked: bool = False
     keep_alive: bool = True
@@ -341,7 +343,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         else:
             ex.client_close = True  # an HTTP/1.0 client learns the end from the close
-    if not any(n.lower() == b"date" for n, _ in ex.headers):
+    if b"date" not in ex.lnames:
         lines.append(g.dates.get(now))
     fresh = None
     if creq.key is not None and not bodiless and (ex.content_length <= g.settings.max_object_bytes):
@@ -362,7 +364,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     creq.status = status
     creq.sent_head = True
     ex.relaying = True
-    sendengine.write(cconn, [b"".join(head)])
+    # Held back a moment: backend_stream_body sends it with the first body bytes
+    # (one write instead of two for the common small response).
+    ex.out = [b"".join(head)]
     if ex.reader is not None:
         cconn.transport.registerProducer(conn.transport, True)
 
@@ -386,8 +390,13 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         except HttpError:
             ex.abort_client()
             return "truncated"
+    out = ex.out or []
+    ex.out = None
+    if pieces or finished:
+        out += forward.frame(pieces, ex.client_chunked, finished)
+    if out:
+        sendengine.write(ex.cconn, out)
     if pieces:
-        sendengine.write(ex.cconn, forward.frame(pieces, ex.client_chunked))
         if ex.store is not None:
             ex.store += pieces
             ex.store_size += sum(len(p) for p in pieces)
@@ -395,8 +404,6 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
                 ex.store = None
         ex.arm(g.settings.backend_idle_timeout)
     if finished:
-        if ex.client_chunked:
-            sendengine.write(ex.cconn, [b"0\r\n\r\n"])
         if ex.store is not None:
             _store(g, ex)
         ex.result = "close" if ex.client_close else "relayed"
@@ -420,7 +427,7 @@ def _store(g: Any, ex: BackendExchange) -> None:
             short.append(line)
     head = b"".join([forward.status_line(ex), *lines, b"Content-Length: %d\r\n" % len(body)])
     short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
-    fields = {n.lower(): v for n, v in ex.headers}
+    fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}
     lm = forward._date(fields.get(b"last-modified"))
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
                       now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),

@@ -22,6 +22,7 @@ class HttpRequest(Request):
     query: bytes = b""
     version: int = 11
     headers: list | None = None  # [(name, value)] as received
+    lnames: list | None = None   # the names in lower case, same order
     host: bytes = b""
     keep_alive: bool = True
     content_length: int = -1

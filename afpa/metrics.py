@@ -108,3 +108,7 @@ class Collector:
         yield hist
         yield GaugeMetricFamily("afpa_connections_open", "Client connections open", value=len(s.connections))
         yield CounterMetricFamily("afpa_connections", "Client connections accepted", value=s.connections_total)
+        # Whatever the protocol module counts itself (e.g. backend pools).
+        extra = getattr(s.g, "metrics", None)
+        if extra is not None:
+            yield from extra()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from afpa.scopes import Request
 from protocols.http.responses import DateCache
@@ -54,6 +56,21 @@ class HttpGlobal:
     pools: Pools
     backend_machine: Any
     dates: DateCache
+
+    def metrics(self) -> Iterator[Metric]:
+        """Backend pool metrics for /metrics (one label value per configured backend)."""
+        opened = CounterMetricFamily("afpa_backend_connections_opened", "Connections opened to a backend",
+                                     labels=["backend"])
+        reused = CounterMetricFamily("afpa_backend_connections_reused", "Requests sent on a pooled connection",
+                                     labels=["backend"])
+        idle = GaugeMetricFamily("afpa_backend_connections_idle", "Idle pooled connections", labels=["backend"])
+        for backend, pool in sorted(self.pools.pools.items(), key=lambda kv: str(kv[0])):
+            opened.add_metric([str(backend)], pool.opened)
+            reused.add_metric([str(backend)], pool.reused)
+            idle.add_metric([str(backend)], len(pool.idle))
+        yield opened
+        yield reused
+        yield idle
 
     def describe(self) -> list[str]:
         """Where misses go, for the startup log."""

@@ -1,0 +1,105 @@
+"""What afpa changes in forwarded messages, and which responses it may store."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from afpa.config import Settings
+from protocols.http import forward
+from protocols.http.parser import parse_head, parse_response_head
+from protocols.http.scopes import HttpRequest
+from protocols.http.errors import HttpError
+
+
+def request(raw: bytes) -> HttpRequest:
+    req = HttpRequest()
+    assert parse_head(raw, 0, 0, Settings(), req) == len(raw)
+    return req
+
+
+@attrs.define
+class Resp:
+    version: int = 11
+    status: int = 0
+    reason: bytes = b""
+    headers: list | None = None
+    lnames: list | None = None
+    content_length: int = -1
+    chunked: bool = False
+    keep_alive: bool = True
+
+
+def response(raw: bytes) -> Resp:
+    resp = Resp()
+    assert parse_response_head(raw, 0, 65536, resp) == len(raw)
+    return resp
+
+
+def test_request_head_rewrites():
+    req = request(b"POST http://Example.com/p?q HTTP/1.1\r\nHost: ignored\r\nConnection: keep-alive, X-Hop\r\n"
+                  b"X-Hop: 1\r\nTE: trailers\r\nProxy-Authorization: x\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                  b"Content-Length: 3\r\nExpect: 100-continue\r\nAccept: */*\r\n\r\n")
+    head = forward.request_head(req, "10.0.0.7", tls=True, trust_forwarded=False, body="length").decode()
+    assert head.startswith("POST /p?q HTTP/1.1\r\nHost: example.com\r\n")
+    for gone in ("X-Hop", "TE:", "Proxy-Authorization", "6.6.6.6", "Expect", "keep-alive"):
+        assert gone not in head
+    assert "Accept: */*\r\n" in head and "Via: 1.1 afpa\r\n" in head
+    assert "X-Forwarded-For: 10.0.0.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: example.com\r\n" in head
+    assert head.endswith("Content-Length: 3\r\n\r\n")
+
+
+def test_response_lines_drop_hop_by_hop_and_add_via():
+    resp = response(b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\n"
+                    b"Transfer-Encoding: chunked\r\nVia: 1.0 origin\r\nETag: \"e\"\r\n\r\n")
+    lines = b"".join(forward.response_lines(resp))
+    assert lines == b'ETag: "e"\r\nVia: 1.0 origin, 1.1 afpa\r\n'
+
+
+@pytest.mark.parametrize("resp_head,req_extra,stored", [
+    (b"Cache-Control: max-age=60", b"", (60.0, 0.0)),
+    (b"Cache-Control: s-maxage=30, max-age=60", b"", (30.0, 0.0)),
+    (b"Cache-Control: max-age=60\r\nAge: 20", b"", (60.0, 20.0)),
+    (b"Cache-Control: max-age=60\r\nAge: 90", b"", None),
+    (b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\nExpires: Mon, 23 Nov 2026 00:01:40 GMT", b"", (100.0, 0.0)),
+    (b"Expires: garbage", b"", None),
+    (b"Cache-Control: no-store, max-age=60", b"", None),
+    (b"Cache-Control: private, max-age=60", b"", None),
+    (b"Cache-Control: no-cache, max-age=60", b"", None),
+    (b"Cache-Control: max-age=60\r\nSet-Cookie: a=b", b"", None),
+    (b"Cache-Control: max-age=60\r\nVary: Accept-Encoding", b"", None),
+    (b"Cache-Control: max-age=60", b"Authorization: Basic x\r\n", None),
+    (b"Cache-Control: max-age=60", b"Cache-Control: no-store\r\n", None),
+    (b"Cache-Control: max-age=abc", b"", None),
+    (b"Last-Modified: Mon, 23 Nov 2026 00:00:00 GMT", b"", None),  # no heuristic freshness
+])
+def test_freshness(resp_head, req_extra, stored):
+    req = request(b"GET / HTTP/1.1\r\nHost: a\r\n" + req_extra + b"\r\n")
+    resp = response(b"HTTP/1.1 200 OK\r\n" + resp_head + b"\r\nContent-Length: 0\r\n\r\n")
+    assert forward.freshness(req, resp, now=0.0) == stored
+
+
+def test_only_get_and_cacheable_statuses_are_stored():
+    resp = response(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\r\n")
+    assert forward.freshness(request(b"POST / HTTP/1.1\r\nHost: a\r\n\r\n"), resp, 0.0) is None
+    resp500 = response(b"HTTP/1.1 500 Oops\r\nCache-Control: max-age=60\r\n\r\n")
+    assert forward.freshness(request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), resp500, 0.0) is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+    b"HTTP/2 200 OK\r\n\r\n",
+    b"ICY 200 OK\r\n\r\n",
+])
+def test_malformed_backend_heads(raw):
+    with pytest.raises(HttpError) as info:
+        parse_response_head(raw, 0, 65536, Resp())
+    assert info.value.status == 502
+
+
+def test_chunked_framing():
+    assert forward.frame([b"abc"], chunked=True, last=True) == [b"3\r\n", b"abc", b"\r\n", b"0\r\n\r\n"]
+    assert forward.frame([b"abc"], chunked=False, last=True) == [b"abc"]

@@ -139,7 +139,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     keep_alive = version == 11
     expect = False
     lnames = [name.lower() for name, _ in fields]
-    for lname, (name, value) in zip(lnames, fields):
+    for lname, (_, value) in zip(lnames, fields):
         if lname not in _SPECIAL:
             continue
         if lname == b"host":
@@ -411,7 +411,7 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
     content_length = -1
     te = None
     keep_alive = resp.version == 11
-    for lname, (name, value) in zip(lnames, fields):
+    for lname, (_, value) in zip(lnames, fields):
         if lname == b"content-length":
             if DIGITS.fullmatch(value) is None:
                 raise HttpError(502, "invalid Content-Length from backend")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tests.httpclient import parse_responses
-from tests.integration.apache import CACHEABLE_BODY, STATIC_BODY, WS_BODY, apache  # noqa: F401 (fixture)
+from tests.integration.apache import CACHEABLE_BODY, STATIC_BODY, WS_BODY
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def afpa_before_apache(apache, afpa_process, tmp_path):  # noqa: F811
+def afpa_before_apache(apache, afpa_process, tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text(f'''
 backend = "{apache.base_url}"
@@ -30,7 +30,7 @@ def one(port, data):
     return r
 
 
-def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_apache):  # noqa: F811
+def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_apache):
     p = afpa_before_apache
     first = one(p.port, get("/cacheable.txt"))
     second = one(p.port, get("/cacheable.txt"))
@@ -41,7 +41,7 @@ def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_a
     assert len(apache.access_log_lines(contains="/cacheable.txt")) == 1
 
 
-def test_plain_static_without_freshness_passes_through(apache, afpa_before_apache):  # noqa: F811
+def test_plain_static_without_freshness_passes_through(apache, afpa_before_apache):
     p = afpa_before_apache
     for _ in range(2):
         status, h, body = one(p.port, get("/static.txt"))
@@ -49,14 +49,14 @@ def test_plain_static_without_freshness_passes_through(apache, afpa_before_apach
     apache.wait_access_log(2, contains="/static.txt")
 
 
-def test_cgi_passed_through_uncached(apache, afpa_before_apache):  # noqa: F811
+def test_cgi_passed_through_uncached(apache, afpa_before_apache):
     p = afpa_before_apache
     bodies = [one(p.port, get("/cgi-bin/dynamic.sh?x=1"))[2] for _ in range(2)]
     assert bodies[0] != bodies[1] and all(b"query=x=1" in b for b in bodies)
     apache.wait_access_log(2, contains="/cgi-bin/dynamic.sh")
 
 
-def test_deferred_path_spliced_to_apache(apache, afpa_before_apache):  # noqa: F811
+def test_deferred_path_spliced_to_apache(apache, afpa_before_apache):
     p = afpa_before_apache
     raw = exchange(p.port, get("/ws/") + get("/static.txt"), expect=2)
     first, second = parse_responses(raw)
@@ -65,7 +65,7 @@ def test_deferred_path_spliced_to_apache(apache, afpa_before_apache):  # noqa: F
     apache.wait_access_log(1, contains="/ws/")
 
 
-def test_apache_stopped_502_then_recovery(apache, afpa_before_apache):  # noqa: F811
+def test_apache_stopped_502_then_recovery(apache, afpa_before_apache):
     p = afpa_before_apache
     assert one(p.port, get("/static.txt"))[0] == 200
     apache.stop()

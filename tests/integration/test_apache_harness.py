@@ -8,14 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.apache import (  # noqa: F401  (fixtures are used by name)
-    CACHEABLE_BODY,
-    STATIC_BODY,
-    ApacheServer,
-    _group_pids,
-    apache,
-    apache_module,
-)
+from tests.integration.apache import CACHEABLE_BODY, STATIC_BODY, ApacheServer, _group_pids
 
 pytestmark = pytest.mark.integration
 

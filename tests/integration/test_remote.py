@@ -373,3 +373,31 @@ def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path):
         while chunk := s.recv(4096):
             raw += chunk
     assert raw.startswith(b"HTTP/1.1 101")  # and then the idle tunnel was closed
+
+
+def test_slow_client_pauses_the_backend_read(afpa_process):
+    """A client that stops reading makes afpa stop reading the backend: memory stays
+    bounded and the backend's own writes block, instead of afpa buffering it all."""
+    size = 256 << 20
+    srv, got, t = stream_backend(size)
+    p = afpa_process("--backend", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    base = p.rss_kib()
+    with socket.create_connection(("127.0.0.1", p.port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        s.recv(65536)
+        time.sleep(1.5)  # not reading: the backend must be held back by afpa
+        stalled_rss = p.rss_kib()
+        assert t.is_alive()  # the backend is still blocked writing
+        received = 0
+        s.settimeout(30)
+        while True:
+            chunk = s.recv(1 << 20)
+            assert chunk, "connection closed early"
+            received += len(chunk)
+            if chunk.endswith(b"0\r\n\r\n"):
+                break
+    t.join(timeout=30)
+    srv.close()
+    assert received > size - (1 << 20)
+    assert stalled_rss - base < 32 * 1024, f"RSS grew by {stalled_rss - base} KiB while the client was stalled"

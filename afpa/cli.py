@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", help="run this transition table instead of the shipped one")
     s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="serve /metrics, /healthz and /tables/ on this address")
+    s.add_argument("--access-log", metavar="PATH",
+                   help="one line per request ('-' for standard output); SIGHUP reopens it")
     s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",
                    help=f"memory cache budget (default: {defaults.cache_bytes >> 20}M)")
     s.add_argument("--max-object-size", dest="max_object_bytes", type=_size, metavar="SIZE",
@@ -188,6 +190,10 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
         raise
     for line in lines:
         print(f"afpa: {line}", file=sys.stderr, flush=True)
+    if server.access_log is not None:
+        import signal
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.access_log.reopen))
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     reactor.run()
     return 0
 
@@ -196,7 +202,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from a config file (if any) overridden by command-line options."""
     kwargs = load_config(args.config) if getattr(args, "config", None) else {}
     given = vars(args)
-    for name in ("root", "listen", "backend", "defer", "table", "admin", "cache_bytes", "max_object_bytes",
+    for name in ("root", "listen", "backend", "defer", "table", "admin", "access_log", "cache_bytes", "max_object_bytes",
                  "revalidate_after", "idle_timeout", "header_timeout", "send_timeout"):
         if name in given:
             kwargs[name] = given[name]

@@ -54,6 +54,7 @@ class Settings:
     companion_tables: dict = attrs.field(factory=dict)  # e.g. {"http-backend": path}
     module: str = "http"
     admin: tuple[str, int] | None = None
+    access_log: str | None = None       # path, or "-" for standard output
 
     # Cache
     cache_bytes: int = 256 << 20
@@ -94,7 +95,7 @@ class Settings:
 _SECONDS = float
 _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "listen": ("listen", parse_hostport), "admin": ("admin", parse_hostport),
-    "root": ("root", str), "table": ("table", str), "backend_table": ("backend_table", str),
+    "access_log": ("access_log", str), "root": ("root", str), "table": ("table", str), "backend_table": ("backend_table", str),
     "backend": ("backend", str), "defer": ("defer", str), "trust_forwarded": ("trust_forwarded", bool),
     "cache.size": ("cache_bytes", parse_size), "cache.max_object_size": ("max_object_bytes", parse_size),
     "cache.revalidate_after": ("revalidate_after", _SECONDS),

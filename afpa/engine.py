@@ -279,6 +279,8 @@ class MachineProtocol(Protocol, Driver):
         now = self.seconds()
         if req.status:
             self.stats.observe(req.status, now - req.started)
+            if self.server.access_log is not None:
+                self.server.access_log.request(conn, req, now)
         conn.req = None
         conn.requests += 1
         machine = conn.machine
@@ -319,7 +321,10 @@ class MachineProtocol(Protocol, Driver):
                 sendengine.write(conn, [req.head])
                 req.sent_head = True
         if req.status:
-            self.stats.observe(req.status, self.seconds() - req.started)
+            now = self.seconds()
+            self.stats.observe(req.status, now - req.started)
+            if self.server.access_log is not None:
+                self.server.access_log.request(conn, req, now)
         conn.req = None
         self._close()
 

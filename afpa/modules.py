@@ -80,6 +80,8 @@ class ProtocolModule:
     - ``companions``: other machines the module runs (e.g. ``http-backend`` for
       backend connections); the server loads and validates them too and hands
       them over in ``runtime.machines``.
+    - ``access_line(conn, req, now)``: one access-log line (with its newline)
+      for a finished request, when the module supports ``--access-log``.
     - ``make_global(settings, runtime)``: builds the module's global scope once per
       server (``runtime`` is :class:`afpa.scopes.Runtime`).
     - ``make_request(conn)``: a fresh request scope (subclass of
@@ -96,6 +98,7 @@ class ProtocolModule:
     make_request: Callable[[Any], Any]
     fail: Callable[[Any, Any, Any, int], None]
     companions: tuple[str, ...] = ()
+    access_line: Callable[[Any, Any, float], str] | None = None
 
 
 @attrs.define

@@ -16,6 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from afpa import tables
+from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
 from afpa.config import Settings
 from afpa.engine import MachineProtocol
@@ -69,11 +70,17 @@ class Server:
             cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
             helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions)
         self.g = self.machine.module.make_global(settings, self.runtime)
+        self.access_log: AccessLog | None = None
+        if settings.access_log:
+            if self.machine.module.access_line is None:
+                raise ValueError(f"protocol module {self.machine.module.name!r} writes no access log")
+            self.access_log = AccessLog(settings.access_log, self.machine.module.access_line)
         self.connections: set[MachineProtocol] = set()
         self.connections_total = 0
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
         self.admin_port: Any = None
+        self.stopped = False
         self.tls_ports: list[Any] = []
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
@@ -135,7 +142,10 @@ class Server:
         self._sweeper.start(interval, now=False)
 
     def stop(self) -> None:
-        """Stop listening and sweeping; open connections are closed."""
+        """Stop listening and sweeping; open connections are closed (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self._sweeper.running:
             self._sweeper.stop()
         for p in self.ports:
@@ -143,6 +153,8 @@ class Server:
         for proto in list(self.connections):
             proto.transport.loseConnection()
         self.runtime.helpers.stop()
+        if self.access_log is not None:
+            self.access_log.close()
 
     def machines(self) -> list[tables.Machine]:
         """Every machine whose counters are live: the client machine and its companions."""
@@ -169,6 +181,8 @@ class Server:
     def sweep(self) -> None:
         """Close connections whose deadline has passed (idle, slow head, stalled send)."""
         now = self.reactor.seconds()
+        if self.access_log is not None:
+            self.access_log.flush()
         for proto in list(self.connections):
             conn = proto.conn
             if conn is not None and conn.deadline <= now:

@@ -13,4 +13,5 @@ MODULE = ProtocolModule(
     make_global=HttpGlobal.build,
     make_request=lambda conn: HttpRequest(),
     fail=states.fail,
+    access_line=states.access_line,
 )

@@ -13,6 +13,7 @@ call that brought the request, with no Deferred, timer or thread involved.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -221,6 +222,20 @@ def fail(g: Any, conn: Any, req: Any, status: int) -> None:
     if not req.cache_status:
         req.cache_status = b"afpa; detail=error"
     set_error(g, req, status, close=True)
+
+
+def access_line(conn: Any, req: Any, now: float) -> str:
+    """One access-log line: time, client, request line, status, Cache-Status,
+    duration and Host, space-separated with the free-form fields quoted."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    client = conn.peer.rsplit(":", 1)[0]
+    if req.method:
+        line = b"%s %s HTTP/1.%d" % (req.method, req.target, 0 if req.version == 10 else 1)
+    else:
+        line = b"-"  # refused before a request line could be read
+    return (f'{when} {client} "{line.decode("latin-1").replace(chr(34), "%22")}" {req.status} '
+            f'"{req.cache_status.decode("latin-1")}" {(now - req.started) * 1000:.3f}ms '
+            f'"{req.host.decode("latin-1")}"\n')
 
 
 FUNCTIONS = (derive_request, derive_cached_response, derive_miss_response, derive_uncached_response)

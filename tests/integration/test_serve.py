@@ -221,3 +221,17 @@ def test_serve_defaults_to_current_directory(tmp_path):
     finally:
         child.terminate()
         child.communicate(timeout=10)
+
+
+def test_access_log(afpa_process, tmp_path):
+    log = tmp_path / "access.log"
+    p = afpa_process("--access-log", str(log))
+    exchange(p.port, get("/hello.txt"))
+    exchange(p.port, get("/hello.txt"))
+    exchange(p.port, get("/missing"))
+    p.stop()  # flushes
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3
+    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; fwd=miss; stored"' in lines[0]
+    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; hit"' in lines[1]
+    assert '"GET /missing HTTP/1.1" 404 ' in lines[2] and lines[2].endswith('"127.0.0.1"')

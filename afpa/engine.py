@@ -198,8 +198,6 @@ class MachineProtocol(Protocol, Driver):
         conn.driver = self
         conn.tls = getattr(self.factory, "tls", False)
         self.stats = server.stats_for(machine)
-        peer = t.getPeer()
-        conn.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         # Direct socket writes only for plain TCP; TLS goes through its transport.
         sock = getattr(t, "socket", None)
         if sock is not None and hasattr(t, "_tempDataLen") and not conn.tls:

@@ -28,7 +28,7 @@ class Exchange(Driver):
     def __init__(self, g: Any, machine: Any, req: Any, peer: str = ""):
         self.g = g
         self.conn = Connection(None, machine, machine.start)
-        self.conn.peer = peer
+        self.conn.peer_label = peer
         self.conn.req = req
         self.done: Deferred = Deferred()
         self.ended = False

@@ -48,7 +48,7 @@ class Connection:
     state: Any
     req: Any = None
     sock: Any = None
-    peer: str = ""
+    peer_label: str = ""
     inbuf: bytes = b""
     inpos: int = 0
     scan: int = 0
@@ -62,6 +62,20 @@ class Connection:
     sink: Any = None
     on_lost: Any = None
     driver: Any = None
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the other end, looked up the first time it is needed
+        (most requests never need it)."""
+        if not self.peer_label:
+            addr = self.transport.getPeer() if self.transport is not None else None
+            self.peer_label = f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}"
+        return self.peer_label
+
+    @property
+    def peer_host(self) -> str:
+        """The other end's address without the port."""
+        return self.peer.rsplit(":", 1)[0]
 
     def unread(self) -> int:
         """Bytes received and not yet consumed."""

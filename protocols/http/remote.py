@@ -266,7 +266,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     creq, cconn = ex.creq, ex.cconn
     has_body = cconn.pending is not None and (creq.chunked or creq.content_length > 0)
     framing = "chunked" if creq.chunked else ("length" if creq.content_length >= 0 else "none")
-    client_ip = cconn.peer.rsplit(":", 1)[0]
+    client_ip = cconn.peer_host
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
                                                  body=framing)])
     ex.arm(g.settings.backend_first_byte_timeout)

@@ -228,7 +228,7 @@ def access_line(conn: Any, req: Any, now: float) -> str:
     """One access-log line: time, client, request line, status, Cache-Status,
     duration and Host, space-separated with the free-form fields quoted."""
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    client = conn.peer.rsplit(":", 1)[0]
+    client = conn.peer_host
     if req.method:
         line = b"%s %s HTTP/1.%d" % (req.method, req.target, 0 if req.version == 10 else 1)
     else:

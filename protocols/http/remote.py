@@ -291,6 +291,8 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     if ex.client_gone:
         ex.result = "aborted"
         return "failed"
+    if conn.inpos >= len(conn.inbuf) and not conn.closed and not ex.timed_out:
+        return "need_more"  # entered straight after sending: nothing to read yet
     try:
         end = parse_response_head(conn.inbuf, conn.inpos, g.settings.max_header_block, ex)
     except HttpError as exc:

@@ -262,14 +262,14 @@ class MachineProtocol(Protocol, Driver):
 
     def suspended(self) -> None:
         conn = self.conn
-        if conn.deadline_kind != "send":
+        if conn.deadline_kind not in ("send", "backend", "tunnel"):
             conn.deadline_kind = "busy"
             conn.deadline = INF
 
     def resumed(self) -> None:
         conn = self.conn
-        conn.sink = conn.on_lost = None
-        if conn.deadline_kind == "busy":
+        conn.sink = conn.on_lost = conn.on_timeout = None
+        if conn.deadline_kind in ("busy", "backend"):
             conn.deadline_kind = "idle"
 
     def finished(self, req: Any, close: bool) -> Any:
@@ -331,7 +331,11 @@ class MachineProtocol(Protocol, Driver):
         conn = self.conn
         if conn.closed:
             return
-        if kind == "header":
+        if conn.on_timeout is not None:
+            # A state parked on other work (a backend exchange) owns this deadline.
+            conn.deadline = INF
+            conn.on_timeout()
+        elif kind == "header":
             self.abort_request(408)
         elif kind == "send":
             conn.closed = True

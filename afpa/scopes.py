@@ -61,6 +61,7 @@ class Connection:
     tls: bool = False
     sink: Any = None
     on_lost: Any = None
+    on_timeout: Any = None
     driver: Any = None
 
     @property

@@ -183,6 +183,9 @@ class Server:
         now = self.reactor.seconds()
         if self.access_log is not None:
             self.access_log.flush()
+        module_sweep = getattr(self.g, "sweep", None)
+        if module_sweep is not None:
+            module_sweep(now)
         for proto in list(self.connections):
             conn = proto.conn
             if conn is not None and conn.deadline <= now:

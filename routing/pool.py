@@ -4,8 +4,9 @@ A :class:`BackendPool` hands out connected :class:`BackendProtocol` instances:
 an idle pooled one when it has one (newest first, so idle connections the
 backend may already have timed out are the ones left to expire), otherwise a
 new connection with a connect timeout.  Idle connections are bounded in number
-and closed after ``idle_timeout``.  A pooled connection the backend closes is
-simply forgotten.
+and closed by :meth:`BackendPool.sweep` after ``idle_timeout`` (a timestamp per
+connection and one periodic sweep, no timer per request).  A pooled connection
+the backend closes is simply forgotten.
 
 The protocol object forwards its events to whoever owns it at the moment (the
 exchange driving the backend machine) through two methods, ``data(bytes)`` and
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.python.failure import Failure
 
@@ -55,7 +56,7 @@ class BackendProtocol(Protocol):
     def __init__(self, pool: BackendPool):
         self.pool = pool
         self.owner: Any = None
-        self.idle_timer: Any = None
+        self.idle_since = 0.0
         self.closed = False
 
     def connectionMade(self) -> None:
@@ -90,22 +91,22 @@ class BackendPool:
         self.opened = 0
         self.reused = 0
 
-    def acquire(self, fresh: bool = False) -> Deferred:
-        """A Deferred firing with ``(protocol, reused)``; ``fresh`` skips the pool."""
-        while self.idle and not fresh:
+    def take_idle(self) -> BackendProtocol | None:
+        """A pooled connection, newest first, or None."""
+        while self.idle:
             proto = self.idle.pop()
-            if proto.idle_timer is not None and proto.idle_timer.active():
-                proto.idle_timer.cancel()
-            proto.idle_timer = None
             if not proto.closed:
                 self.reused += 1
-                return succeed((proto, True))
+                return proto
+        return None
+
+    def connect(self) -> Deferred:
+        """Open a new connection; the Deferred fires with the protocol."""
         self.opened += 1
         creator = ClientCreator(self.reactor, BackendProtocol, self)
-        d = creator.connectTCP(self.backend.host, self.backend.port, timeout=self.connect_timeout)
-        return d.addCallback(lambda proto: (proto, False))
+        return creator.connectTCP(self.backend.host, self.backend.port, timeout=self.connect_timeout)
 
-    def release(self, proto: BackendProtocol) -> None:
+    def release(self, proto: BackendProtocol, now: float) -> None:
         """Give back a connection that finished a response cleanly."""
         proto.owner = None
         if proto.closed:
@@ -113,21 +114,19 @@ class BackendPool:
         if len(self.idle) >= self.max_idle:
             proto.transport.loseConnection()
             return
-        proto.idle_timer = self.reactor.callLater(self.idle_timeout, proto.transport.loseConnection)
+        proto.idle_since = now
         self.idle.append(proto)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than ``idle_timeout`` (oldest are first)."""
+        while self.idle and now - self.idle[0].idle_since > self.idle_timeout:
+            self.idle.pop(0).transport.loseConnection()
 
     def forget(self, proto: BackendProtocol) -> None:
         """A connection closed: it is no longer available."""
-        if proto in self.idle:
+        if proto.owner is None and proto in self.idle:
             self.idle.remove(proto)
-        if proto.idle_timer is not None and proto.idle_timer.active():
-            proto.idle_timer.cancel()
 
-    def close_idle(self) -> None:
-        """Close every idle connection (shutdown)."""
-        for proto in list(self.idle):
-            proto.transport.loseConnection()
-        self.idle.clear()
 
 
 class Pools:
@@ -146,6 +145,11 @@ class Pools:
         if pool is None:
             pool = self.pools[backend] = BackendPool(self.reactor, backend, **self.options)
         return pool
+
+    def sweep(self, now: float) -> None:
+        """Expire idle connections of every pool."""
+        for pool in self.pools.values():
+            pool.sweep(now)
 
     def pick(self, route: Any) -> BackendPool:
         """The next backend of ``route``, in turn."""

@@ -59,7 +59,6 @@ class BackendExchange(Request):
     retried: bool = False
     result: str = "failed"       # the word handed back to the client machine
     runner: Any = None           # the Exchange driving this scope
-    timer: Any = None
     timed_out: bool = False
     client_gone: bool = False
     # request body upload
@@ -115,25 +114,25 @@ class BackendExchange(Request):
         self.fail(502, "internal error while forwarding")
 
     def timeout(self) -> None:
-        """Connect, first-byte or idle deadline passed."""
-        self.timer = None
+        """The first-byte or idle deadline passed (called by the server's sweep)."""
         self.timed_out = True
         if self.proto is not None:
             self.proto.transport.abortConnection()
 
     def arm(self, seconds: float) -> None:
-        """(Re)start the deadline."""
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(seconds)
-        else:
-            self.timer = self.g.reactor.callLater(seconds, self.timeout)
+        """(Re)start the deadline: the client connection carries it, so the
+        server's once-a-second sweep enforces it without a timer per request."""
+        cconn = self.cconn
+        cconn.deadline_kind = "backend"
+        cconn.deadline = self.g.reactor.seconds() + seconds
+        cconn.on_timeout = self.timeout
 
     def finish(self, close: bool) -> None:
         """The backend machine ended: tidy both connections."""
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
         cconn = self.cconn
+        cconn.on_timeout = None
+        if cconn.deadline_kind == "backend":
+            cconn.deadline_kind = "busy"
         if self.relaying and not cconn.closed and cconn.transport.producer is not None:
             cconn.transport.unregisterProducer()
         cconn.sink = cconn.on_lost = None
@@ -148,7 +147,7 @@ class BackendExchange(Request):
             proto.owner = None
             proto.transport.loseConnection()
         else:
-            self.pool.release(proto)
+            self.pool.release(proto, self.g.reactor.seconds())
         self.proto = None
 
     # -- request body upload --------------------------------------------------
@@ -231,14 +230,17 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 
 @state("connected", "failed")
 def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
-    """Take a pooled keep-alive connection to the backend or open one."""
-    d = ex.pool.acquire(fresh=ex.retried)
+    """Take a pooled keep-alive connection to the backend (at once) or open one."""
+    proto = None if ex.retried else ex.pool.take_idle()
+    if proto is not None:
+        ex.reused = True
+        return _connected(proto, conn, ex)
+    d = ex.pool.connect()
     d.addCallbacks(_connected, _connect_failed, callbackArgs=(conn, ex), errbackArgs=(ex,))
     return d
 
 
-def _connected(result: tuple[Any, bool], conn: Any, ex: BackendExchange) -> str:
-    proto, ex.reused = result
+def _connected(proto: Any, conn: Any, ex: BackendExchange) -> str:
     ex.proto = proto
     conn.transport = proto.transport
     conn.sock = getattr(proto.transport, "socket", None)  # direct writes, as to clients

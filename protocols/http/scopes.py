@@ -72,6 +72,10 @@ class HttpGlobal:
         yield reused
         yield idle
 
+    def sweep(self, now: float) -> None:
+        """Periodic housekeeping (called by the server's sweep): idle backend connections."""
+        self.pools.sweep(now)
+
     def describe(self) -> list[str]:
         """Where misses go, for the startup log."""
         out = []

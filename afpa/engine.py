@@ -187,6 +187,7 @@ class MachineProtocol(Protocol, Driver):
         self.reading_paused = False
         self.seconds = server.reactor.seconds
         self.stats: Any = None
+        self.make_request: Any = None
 
     # -- events ---------------------------------------------------------------
 
@@ -195,6 +196,7 @@ class MachineProtocol(Protocol, Driver):
         machine = server.machine
         t = self.transport
         conn = self.conn = Connection(t, machine, machine.start)
+        self.make_request = machine.module.make_request
         conn.driver = self
         conn.tls = getattr(self.factory, "tls", False)
         self.stats = server.stats_for(machine)
@@ -250,7 +252,7 @@ class MachineProtocol(Protocol, Driver):
     # -- driver hooks ---------------------------------------------------------
 
     def new_request(self) -> Any:
-        req = self.conn.machine.module.make_request(self.conn)
+        req = self.make_request(self.conn)
         req.started = self.seconds()
         return req
 
@@ -288,7 +290,8 @@ class MachineProtocol(Protocol, Driver):
             return None
         conn.state = machine.start
         conn.deadline_kind = "idle"
-        self.resume_reading()
+        if self.reading_paused:
+            self.resume_reading()
         if conn.inpos >= len(conn.inbuf):
             conn.deadline = now + self.server.settings.idle_timeout
             return None

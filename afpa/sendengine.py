@@ -93,12 +93,16 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
     done = "close" if req.close else "sent"
     req.sent_head = True
     if body is None:
-        write(conn, [req.head])
+        rest = push(conn, [req.head])
+        if rest:
+            conn.transport.writeSequence(rest)
         return done
     if body.__class__ is CacheObject:
         frags = body.fragments
         if len(frags) <= 1:
-            write(conn, [req.head, *frags])
+            rest = push(conn, [req.head, *frags])
+            if rest:
+                conn.transport.writeSequence(rest)
             return done
         rest = push(conn, [req.head, *frags[:BATCH]])
         if not rest and len(frags) <= BATCH:

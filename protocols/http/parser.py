@@ -102,7 +102,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         skipped += 1
         if skipped > MAX_LEADING_CRLF:
             raise HttpError(400, "too many empty lines before the request line")
-    end = buf.find(b"\r\n\r\n", max(pos, scan - 3))
+    end = buf.find(b"\r\n\r\n", pos if scan - 3 < pos else scan - 3)
     if end < 0:
         _reject_partial(buf, pos, scan, limits)
         req.scan_hint = len(buf)
@@ -138,8 +138,10 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     te = None
     keep_alive = version == 11
     expect = False
-    lnames = [name.lower() for name, _ in fields]
-    for lname, (_, value) in zip(lnames, fields):
+    lnames = []
+    for name, value in fields:
+        lname = name.lower()
+        lnames.append(lname)
         if lname not in _SPECIAL:
             continue
         if lname == b"host":

@@ -26,7 +26,6 @@ machine it started with while a new one is loaded beside it.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -301,10 +300,3 @@ def load_text(text: str, file: str, registry: Registry) -> Machine:
     if problems or spec is None:
         raise TableError(problems)
     return compile_spec(spec, registry)
-
-
-def outcomes_of(machine: Machine) -> Iterable[tuple[CompiledState, str]]:
-    """Every (state, outcome) pair a compiled machine can take."""
-    for st in machine.states.values():
-        for outcome in st.on:
-            yield st, outcome

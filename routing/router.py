@@ -48,11 +48,6 @@ class Router:
     routes: tuple[Route, ...]
     default: Route
 
-    @classmethod
-    def single(cls, route: Route) -> Router:
-        """A router sending every miss to ``route``."""
-        return cls((), route)
-
     def choose(self, host: bytes, path: bytes) -> Route:
         """The route for a request."""
         for route in self.routes:

@@ -55,7 +55,6 @@ class BackendExchange(Request):
     creq: Any = None             # the client request
     pool: Any = None
     proto: Any = None            # the backend connection (routing.pool.BackendProtocol)
-    reused: bool = False
     retried: bool = False
     result: str = "failed"       # the word handed back to the client machine
     runner: Any = None           # the Exchange driving this scope
@@ -233,7 +232,6 @@ def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """Take a pooled keep-alive connection to the backend (at once) or open one."""
     proto = None if ex.retried else ex.pool.take_idle()
     if proto is not None:
-        ex.reused = True
         return _connected(proto, conn, ex)
     d = ex.pool.connect()
     d.addCallbacks(_connected, _connect_failed, callbackArgs=(conn, ex), errbackArgs=(ex,))

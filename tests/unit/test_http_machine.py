@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from twisted.internet.defer import Deferred
 from prometheus_client import CollectorRegistry, generate_latest
 
 from afpa import tables
@@ -40,13 +41,28 @@ def test_miss_then_hit(mem):
     assert (status, body, h["cache-status"], h["age"]) == (200, b"hello world\n", "afpa; hit", "1")
 
 
+class _NeverHelpers:
+    """Helper threads that never finish: anything needing one would hang."""
+
+    def run(self, fn, *args):
+        return Deferred()
+
+
 def test_hit_is_answered_inside_data_received(mem):
-    """The fast path: the hit's bytes are written before dataReceived returns."""
+    """The fast path: a hit is written before dataReceived returns, with no
+    helper thread involved (the helpers here never answer)."""
     ask(mem, get("/hello.txt"))
+    mem.server.g.helpers = _NeverHelpers()
+    machine = mem.server.machine
+    uncached = machine.states["derive_uncached_response"].index
+    before = machine.entries[uncached]
     proto, t = mem.connect()
-    proto.dataReceived(get("/hello.txt"))
-    assert t.value().endswith(b"hello world\n")
-    assert not proto.conn.busy
+    proto.dataReceived(get("/hello.txt") + get("/hello.txt"))
+    [(_, h1, b1), (_, h2, b2)] = parse_responses(t.value())
+    assert b1 == b2 == b"hello world\n" and h1["cache-status"] == h2["cache-status"] == "afpa; hit"
+    assert not proto.conn.busy and machine.entries[uncached] == before
+    proto.dataReceived(get("/page.html"))  # a miss needs a helper: it waits
+    assert proto.conn.busy
 
 
 def test_keep_alive_and_pipelining_in_order(mem):

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from afpa import sendengine
+from afpa.modules import UnmetNeed
 from afpa.scopes import Connection
 from afpa.tables import CLOSE, WAIT
 
@@ -135,7 +136,12 @@ class Driver:
         conn = self.conn
         machine = conn.machine
         machine.errors[state.index] += 1
-        if failure is not None:
+        if failure is not None and failure.check(UnmetNeed):
+            # A table wired this state where its needs are not met: one line, no traceback.
+            log.error("machine {machine} state {state} {problem} (table {table}; peer {peer})",
+                      machine=machine.name, state=state.name, problem=failure.getErrorMessage(),
+                      table=machine.source, peer=conn.peer)
+        elif failure is not None:
             log.failure("machine {machine} state {state} raised (peer {peer})", failure,
                         machine=machine.name, state=state.name, peer=conn.peer)
         else:

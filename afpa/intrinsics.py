@@ -5,13 +5,14 @@ Tables name these with the ``afpa.`` prefix (``run = "afpa.send_engine"``).
 
 from __future__ import annotations
 
-from afpa.modules import Registry, StateFunction
+from afpa.modules import Contract, Registry, StateFunction
 from afpa.sendengine import send_engine
 
 INTRINSICS = {
     "send_engine": StateFunction(
         "send_engine", send_engine, frozenset({"sent", "close", "aborted"}),
-        "write the response on the request scope (Send Engine)"),
+        "write the response on the request scope (Send Engine)",
+        Contract(needs=frozenset({"response"}))),
 }
 
 

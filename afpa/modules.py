@@ -14,6 +14,19 @@ The one signature every state function has::
 ``g`` is the module's global scope, ``conn`` the connection scope, ``req`` the request
 scope; the returned word is an *outcome* that the transition table maps to the next
 state.  A function never names its successor.
+
+A function may also declare a *contract*: the facts it needs on the request scope
+when it runs, and the facts each outcome leaves there (``afpa tables check``
+proves that every path from the start state meets every need)::
+
+    @state("hit", "miss", "stale", needs=("request",),
+           provides={"hit": ("response",), "stale": ("stale",)})
+
+A fact is a short word a table editor can reason about; the runtime defines
+``response`` (an answer on the request, ready for the Send Engine) and each module
+documents its own words in :attr:`ProtocolModule.facts`.  A function declared
+without a contract is trusted: the checker neither checks its needs nor blames it
+for what follows it.
 """
 
 from __future__ import annotations
@@ -32,28 +45,84 @@ StateFn: TypeAlias = Callable[[Any, Any, Any], "str | Deferred[str]"]
 """``fn(g, conn, req) -> outcome``: the signature of every state function."""
 
 
+RUNTIME_FACTS: Mapping[str, str] = {
+    "response": "an answer on the request scope, ready for the Send Engine",
+}
+"""Facts the runtime itself relies on (the Send Engine needs ``response``)."""
+
+
+@attrs.frozen
+class Contract:
+    """What a state function needs on the request scope, and what each outcome
+    provides (or drops: a fact that no longer holds after that outcome)."""
+
+    needs: frozenset[str] = frozenset()
+    provides: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
+    drops: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
+
+    @classmethod
+    def build(cls, outcomes: Iterable[str], needs: Iterable[str] = (),
+              provides: Mapping[str, Iterable[str]] | None = None,
+              drops: Mapping[str, Iterable[str]] | None = None) -> Contract:
+        """Check a declaration against the function's outcomes (ValueError if wrong)."""
+        outcomes = frozenset(outcomes)
+
+        def facts(value: Iterable[str], what: str) -> frozenset[str]:
+            if isinstance(value, str):
+                raise ValueError(f"{what}: give a tuple of fact names, not the string {value!r}")
+            out = frozenset(value)
+            for fact in out:
+                if not isinstance(fact, str) or not fact.isidentifier():
+                    raise ValueError(f"{what}: {fact!r} is not a fact name")
+            return out
+
+        def per_outcome(value: Mapping[str, Iterable[str]] | None, what: str) -> dict[str, frozenset[str]]:
+            out = {}
+            for outcome, fs in (value or {}).items():
+                if outcome not in outcomes:
+                    raise ValueError(f"{what}: {outcome!r} is not one of the declared outcomes")
+                out[outcome] = facts(fs, f"{what}[{outcome!r}]")
+            return out
+
+        return cls(facts(needs, "needs"), per_outcome(provides, "provides"), per_outcome(drops, "drops"))
+
+
 @attrs.frozen
 class StateFunction:
-    """A state function as the runtime knows it: callable plus declared outcomes."""
+    """A state function as the runtime knows it: callable, declared outcomes and,
+    when declared, its :class:`Contract` (None: not declared, never checked)."""
 
     name: str
     fn: StateFn
     outcomes: frozenset[str]
     doc: str = ""
+    contract: Contract | None = None
 
 
-def state(*outcomes: str) -> Callable[[StateFn], StateFn]:
-    """Decorator declaring the outcomes a state function may return.
+def state(*outcomes: str, needs: Iterable[str] | None = None,
+          provides: Mapping[str, Iterable[str]] | None = None,
+          drops: Mapping[str, Iterable[str]] | None = None) -> Callable[[StateFn], StateFn]:
+    """Decorator declaring the outcomes a state function may return, and
+    optionally its contract.
 
-    The declaration is what table validation checks transitions against, so a
-    function must never return a word it did not declare.
+    The outcomes are what table validation checks transitions against, so a
+    function must never return a word it did not declare.  ``needs`` names the
+    facts that must hold on the request scope when the function runs;
+    ``provides`` maps an outcome to the facts it leaves there; ``drops`` maps an
+    outcome to facts that stop holding (e.g. a connection given up before a
+    retry).  Giving any of the three declares a contract; giving none leaves the
+    function unchecked, as before contracts existed.
     """
 
     if not outcomes:
         raise ValueError("a state function must declare at least one outcome")
+    contract = None
+    if needs is not None or provides is not None or drops is not None:
+        contract = Contract.build(outcomes, needs or (), provides, drops)
 
     def mark(fn: StateFn) -> StateFn:
         fn.__afpa_outcomes__ = frozenset(outcomes)  # type: ignore[attr-defined]
+        fn.__afpa_contract__ = contract  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -67,8 +136,15 @@ def collect(fns: Iterable[StateFn]) -> dict[str, StateFunction]:
         if outcomes is None:
             raise ValueError(f"{fn.__name__} has no @state(...) outcome declaration")
         doc = (fn.__doc__ or "").strip().splitlines()
-        out[fn.__name__] = StateFunction(fn.__name__, fn, outcomes, doc[0] if doc else "")
+        out[fn.__name__] = StateFunction(fn.__name__, fn, outcomes, doc[0] if doc else "",
+                                         getattr(fn, "__afpa_contract__", None))
     return out
+
+
+class UnmetNeed(Exception):
+    """Raised by a state that finds a fact it needs missing from the request scope
+    (a table wired it after a state that did not provide it).  The engine logs it
+    as one line, counts it in ``afpa_state_errors`` and ends the request."""
 
 
 @attrs.frozen
@@ -86,6 +162,8 @@ class ProtocolModule:
       server (``runtime`` is :class:`afpa.scopes.Runtime`).
     - ``make_request(conn)``: a fresh request scope (subclass of
       :class:`afpa.scopes.Request`).
+    - ``facts``: the contract words its functions use, each with its meaning
+      (shown by ``afpa tables graph``; :data:`RUNTIME_FACTS` are always known).
     - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error
       answer (HTTP: 500 when a state raised, 408 on a header timeout) or leave
       ``req.head`` empty when the protocol has none; the connection then closes.
@@ -99,6 +177,7 @@ class ProtocolModule:
     fail: Callable[[Any, Any, Any, int], None]
     companions: tuple[str, ...] = ()
     access_line: Callable[[Any, Any, float], str] | None = None
+    facts: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
 from afpa.cache import FRAGMENT, CacheObject
+from afpa.modules import UnmetNeed
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
@@ -88,7 +89,13 @@ def write(conn: Any, bufs: list[bytes]) -> None:
 
 
 def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
-    """Write ``req.head`` and ``req.body``; persistence and flow control included."""
+    """Write ``req.head`` and ``req.body``; persistence and flow control included.
+
+    Raises :class:`UnmetNeed` when no state left a response (``req.head`` empty):
+    sending nothing would leave the client waiting for an answer that never comes.
+    """
+    if not req.head:
+        raise UnmetNeed("needs 'response', but no state put one on the request")
     body = req.body
     done = "close" if req.close else "sent"
     req.sent_head = True

@@ -15,8 +15,12 @@ Special targets: ``@wait`` (stop, run the same state again when more input
 arrives), ``@done`` (request finished, the connection goes on) and ``@close``
 (request finished, close the connection).
 
-Validation reports *every* problem with the file, state and key, and a table with
-any problem is never compiled.  Compiling turns the table into
+Validation reports *every* problem with the file, line, state and key, and a table
+with any problem is never compiled.  Besides the wiring (every outcome mapped,
+every state reachable and able to end), it checks the functions' contracts (see
+:mod:`afpa.modules`): along every path from the start state, each state's needs
+are provided by the states before it, and a need that one path leaves unmet is
+reported with that path.  Compiling turns the table into
 :class:`CompiledState` objects whose ``on`` dict maps an outcome straight to the
 next state, so one step of a machine costs one dict lookup.  Compiled machines are
 never mutated afterwards (only their counters move), so a connection can keep the
@@ -25,6 +29,7 @@ machine it started with while a new one is loaded beside it.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from afpa.modules import ProtocolModule, Registry, StateFn
+from afpa.modules import Contract, ProtocolModule, Registry, StateFn
 
 WAIT, DONE, CLOSE = "@wait", "@done", "@close"
 SPECIALS = (WAIT, DONE, CLOSE)
@@ -43,19 +48,26 @@ _STATE_KEYS = {"run", "on", "doc"}
 
 @attrs.frozen
 class Problem:
-    """One thing wrong with a table, located by file, state and key."""
+    """One thing wrong with a table, located by file, line, state and key.
+
+    ``str()`` gives ``file:line: [states.X] key: message`` (line, state and key
+    when known)."""
 
     file: str
     state: str | None
     key: str | None
     message: str
+    line: int | None = None
 
     def __str__(self) -> str:
-        where = self.file
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        parts = []
         if self.state is not None:
-            where += f": [states.{self.state}]"
+            parts.append(f"[states.{self.state}]")
         if self.key is not None:
-            where += f" {self.key}"
+            parts.append(self.key)
+        if parts:
+            return f"{where}: {' '.join(parts)}: {self.message}"
         return f"{where}: {self.message}"
 
 
@@ -139,7 +151,11 @@ def parse(text: str, file: str) -> tuple[TableSpec | None, list[Problem]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        return None, [Problem(file, None, None, f"not valid TOML: {exc}")]
+        # tomllib says where ("... (at line 3, column 7)"); keep it one line.
+        message = " ".join(str(exc).split())
+        at = re.search(r"at line (\d+)", message)
+        return None, [Problem(file, None, None, f"not valid TOML: {message}",
+                              int(at.group(1)) if at else None)]
     for key in data:
         if key not in ("machine", "states"):
             problems.append(Problem(file, None, key, "unknown top-level key (expected [machine] and [states.*])"))
@@ -188,7 +204,7 @@ def parse(text: str, file: str) -> tuple[TableSpec | None, list[Problem]]:
                 good_on[outcome] = target
         clean[sname] = {"run": run, "on": good_on, "doc": body.get("doc", "")}
     spec = TableSpec(file, text, fields["name"], fields["module"], fields["start"], clean)
-    return spec, problems
+    return spec, _with_lines(text, problems)
 
 
 def validate(spec: TableSpec, registry: Registry) -> list[Problem]:
@@ -221,7 +237,8 @@ def validate(spec: TableSpec, registry: Registry) -> list[Problem]:
             for outcome in sorted(declared - on.keys()):
                 problems.append(Problem(f, sname, f"on.{outcome}", f"outcome {outcome!r} of {run!r} has no transition"))
     problems.extend(_graph_problems(spec))
-    return problems
+    problems.extend(_contract_problems(spec, registry))
+    return _with_lines(spec.text, problems)
 
 
 def _graph_problems(spec: TableSpec) -> list[Problem]:
@@ -300,3 +317,215 @@ def load_text(text: str, file: str, registry: Registry) -> Machine:
     if problems or spec is None:
         raise TableError(problems)
     return compile_spec(spec, registry)
+
+
+# -- line numbers ------------------------------------------------------------------
+# tomllib keeps no positions, so problems are placed by scanning the text for the
+# table header and the key they are about.  A best effort: a key written in an
+# unusual TOML form falls back to its table's header line.
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+
+class _Lines:
+    """Where each table header and key of a TOML text is."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.sections: list[tuple[tuple[str, ...], int, int]] = []  # (path, first, end) 0-based
+        path: tuple[str, ...] = ()
+        first = 0
+        for i, line in enumerate(self.lines):
+            m = _HEADER.match(line)
+            if m:
+                self.sections.append((path, first, i))
+                path = tuple(p.strip().strip("\"'") for p in m.group(1).split("."))
+                first = i
+        self.sections.append((path, first, len(self.lines)))
+
+    def header(self, path: tuple[str, ...]) -> int | None:
+        for p, first, _ in self.sections:
+            if p == path and path:
+                return first + 1
+        return None
+
+    def key(self, path: tuple[str, ...], key: str, inline: str | None = None) -> int | None:
+        """Line of ``key = ...`` in the table at ``path`` (and, with ``inline``, of
+        that key inside the inline table on that line)."""
+        pat = re.compile(r"^\s*[\"']?" + re.escape(key) + r"[\"']?\s*[=.]")
+        inner = re.compile(r"[{,.]\s*[\"']?" + re.escape(inline) + r"[\"']?\s*=") if inline else None
+        for p, first, end in self.sections:
+            if p != path:
+                continue
+            for i in range(first, end):
+                line = self.lines[i]
+                if pat.match(line) and (inner is None or inner.search(line)):
+                    return i + 1
+        return None
+
+    def locate(self, state: str | None, key: str | None) -> int | None:
+        if state is None:
+            if key is None:
+                return None
+            head, _, rest = key.partition(".")
+            if rest:
+                return self.key((head,), rest) or self.header((head,))
+            return self.header((head,)) or self.key((), head)
+        base = ("states", state)
+        found = None
+        if key is not None:
+            head, _, rest = key.partition(".")
+            if head == "on" and rest:
+                found = (self.key(base + ("on",), rest) or self.key(base, "on", rest)
+                         or self.key(base, "on"))
+            else:
+                found = self.key(base, head)
+            if found is None and head == "on":
+                found = self.header(base + ("on",))
+        return found or self.header(base) or self.key(("states",), state)
+
+
+def _with_lines(text: str, problems: list[Problem]) -> list[Problem]:
+    """The problems with their line numbers filled in where they can be found."""
+    if not problems:
+        return problems
+    where = _Lines(text)
+    return [p if p.line is not None else attrs.evolve(p, line=where.locate(p.state, p.key))
+            for p in problems]
+
+
+# -- contracts ------------------------------------------------------------------------
+
+def _contracts(spec: TableSpec, registry: Registry) -> dict[str, Contract | None]:
+    """Each state's contract; None for a function that declares none (or is unknown),
+    which the analysis trusts to provide whatever its successors need."""
+    out: dict[str, Contract | None] = {}
+    for sname, body in spec.states.items():
+        fn = registry.lookup(body["run"], spec.module) if body["run"] else None
+        out[sname] = fn.contract if fn is not None else None
+    return out
+
+
+def _edges(spec: TableSpec) -> list[tuple[str, str, str]]:
+    """(state, outcome, next state) for every transition between states.  @wait runs
+    the same state again with the same request, so it adds nothing; @done and
+    @close end the request, and the next one starts afresh."""
+    return [(s, o, t) for s, b in spec.states.items() for o, t in b["on"].items()
+            if t in spec.states]
+
+
+def available_facts(spec: TableSpec, registry: Registry) -> dict[str, frozenset[str]]:
+    """For every state reachable from the start, the facts that hold on entry along
+    *every* path from the start state (a forward "must" data-flow analysis).
+
+    ``in(start) = {}`` (a request starts with nothing); for every other state,
+    ``in(s)`` is the intersection over each incoming edge ``p -o-> s`` of
+    ``(in(p) - drops(p, o)) | provides(p, o)``; a state without a contract
+    passes every fact on.  Solved by iterating from "everything" down to the
+    greatest fixpoint."""
+    contracts = _contracts(spec, registry)
+    universe: set[str] = set()
+    for c in contracts.values():
+        if c is not None:
+            universe |= c.needs
+            for fs in (*c.provides.values(), *c.drops.values()):
+                universe |= fs
+    top = frozenset(universe)
+    edges = _edges(spec)
+    incoming: dict[str, list[tuple[str, str]]] = {s: [] for s in spec.states}
+    for s, o, t in edges:
+        incoming[t].append((s, o))
+    reach = _reachable(spec)
+    avail = {s: top for s in reach}
+    avail[spec.start] = frozenset()
+
+    def out(p: str, o: str) -> frozenset[str]:
+        c = contracts[p]
+        if c is None:
+            return top
+        return (avail[p] - c.drops.get(o, frozenset())) | c.provides.get(o, frozenset())
+
+    changed = True
+    while changed:
+        changed = False
+        for s in reach:
+            if s == spec.start:
+                continue
+            new = top
+            for p, o in incoming[s]:
+                if p in reach:
+                    new = new & out(p, o)
+            if new != avail[s]:
+                avail[s] = new
+                changed = True
+    return avail
+
+
+def _reachable(spec: TableSpec) -> list[str]:
+    """States reachable from the start, in breadth-first order."""
+    if spec.start not in spec.states:
+        return []
+    order, seen = [spec.start], {spec.start}
+    for s in order:
+        for t in spec.states[s]["on"].values():
+            if t in spec.states and t not in seen:
+                seen.add(t)
+                order.append(t)
+    return order
+
+
+def _path_without(spec: TableSpec, contracts: dict[str, Contract | None], fact: str,
+                  goal: str) -> list[tuple[str, str, str]] | None:
+    """One shortest path from the start to ``goal`` along which ``fact`` is never
+    provided (or is dropped after the last time it was), as its edges
+    ``(state, outcome, next)``; None if there is none."""
+    edges: dict[str, list[tuple[str, str]]] = {s: [] for s in spec.states}
+    for s, o, t in _edges(spec):
+        edges[s].append((o, t))
+    first = (spec.start, True)  # (state, fact missing on entry)
+    parent: dict[tuple[str, bool], tuple[tuple[str, bool], str] | None] = {first: None}
+    todo = [first]
+    for node in todo:
+        s, missing = node
+        if s == goal and missing:
+            steps = []
+            while parent[node] is not None:
+                prev, o = parent[node]
+                steps.append((prev[0], o, node[0]))
+                node = prev
+            return steps[::-1]
+        c = contracts[s]
+        for o, t in edges[s]:
+            if c is None:
+                nxt = (t, False)
+            else:
+                nxt = (t, (missing or fact in c.drops.get(o, ())) and fact not in c.provides.get(o, ()))
+            if nxt not in parent:
+                parent[nxt] = (node, o)
+                todo.append(nxt)
+    return None
+
+
+def _contract_problems(spec: TableSpec, registry: Registry) -> list[Problem]:
+    """Every need of a reachable state that some path from the start leaves unmet."""
+    contracts = _contracts(spec, registry)
+    avail = available_facts(spec, registry)
+    problems = []
+    lines: _Lines | None = None
+    for sname in spec.states:
+        c = contracts[sname]
+        if c is None or sname not in avail:
+            continue
+        for fact in sorted(c.needs - avail[sname]):
+            path = _path_without(spec, contracts, fact, sname)
+            if not path:
+                problems.append(Problem(spec.file, sname, "run",
+                                        f"needs {fact!r}, missing when a request starts here"))
+                continue
+            text = path[0][0] + "".join(f" -{o}-> {t}" for _, o, t in path)
+            # The line is that of the last transition on the path: the wiring to look at.
+            lines = lines or _Lines(spec.text)
+            last, outcome, _ = path[-1]
+            problems.append(Problem(spec.file, sname, "run", f"needs {fact!r}, missing on path {text}",
+                                    lines.locate(last, f"on.{outcome}")))
+    return problems

@@ -17,7 +17,7 @@ from afpa.splice import splice
 from protocols.http.responses import set_error
 
 
-@state("spliced", "failed")
+@state("spliced", "failed", needs=("request", "route"), provides={"failed": ("response",)})
 def derive_deferred_response(g: Any, conn: Any, req: Any) -> Any:
     """Splice the client with the route's local server (``failed``: 502/504 set)."""
     backend = g.pools.pick(req.route).backend

@@ -5,6 +5,18 @@ from afpa.modules import ProtocolModule, collect
 from protocols.http import deferred, remote, states
 from protocols.http.scopes import HttpGlobal, HttpRequest
 
+FACTS = {
+    # client machine (request scope: HttpRequest)
+    "request": "a parsed request (method, target, headers)",
+    "route": "a routing decision: where a miss goes (docroot, remote, deferred)",
+    "stale": "a stale cached object to revalidate",
+    # backend machine (request scope: BackendExchange)
+    "backend": "a connection to the backend",
+    "forwarded": "the request head written to the backend",
+    "relaying": "the backend's response head parsed and relayed to the client",
+}
+"""The contract words of the HTTP state functions (plus the runtime's ``response``)."""
+
 MODULE = ProtocolModule(
     name="http",
     functions=collect([*states.FUNCTIONS, *remote.FUNCTIONS, *deferred.FUNCTIONS]),
@@ -14,4 +26,5 @@ MODULE = ProtocolModule(
     make_request=lambda conn: HttpRequest(),
     fail=states.fail,
     access_line=states.access_line,
+    facts=FACTS,
 )

@@ -195,7 +195,8 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted")
+@state("relayed", "close", "failed", "aborted", needs=("request", "route"),
+       provides={"failed": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
@@ -227,7 +228,7 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 
 # -- the backend machine ---------------------------------------------------------
 
-@state("connected", "failed")
+@state("connected", "failed", needs=(), provides={"connected": ("backend",)})
 def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """Take a pooled keep-alive connection to the backend (at once) or open one."""
     proto = None if ex.retried else ex.pool.take_idle()
@@ -260,7 +261,7 @@ def _connect_failed(failure: Any, ex: BackendExchange) -> str:
     return "failed"
 
 
-@state("sent")
+@state("sent", needs=("backend",), provides={"sent": ("forwarded",)})
 def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Write the request head, then stream the request body as it arrives."""
     creq, cconn = ex.creq, ex.cconn
@@ -285,7 +286,8 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "sent"
 
 
-@state("head", "interim", "need_more", "retry", "failed")
+@state("head", "interim", "need_more", "retry", "failed", needs=("backend", "forwarded"),
+       provides={"head": ("relaying",)}, drops={"retry": ("backend", "forwarded")})
 def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Parse the response head strictly; relay it (and decide about storing)."""
     if ex.client_gone:
@@ -373,7 +375,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         cconn.transport.registerProducer(conn.transport, True)
 
 
-@state("complete", "need_more", "truncated")
+@state("complete", "need_more", "truncated", needs=("backend", "relaying"))
 def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Relay the response body as it arrives (storing it when cacheable)."""
     if ex.client_gone:
@@ -437,7 +439,7 @@ def _store(g: Any, ex: BackendExchange) -> None:
     g.cache.put(obj)
 
 
-@state("reuse", "close")
+@state("reuse", "close", needs=("backend",))
 def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Back to the pool when the backend connection can carry another request."""
     if (ex.keep_alive and ex.upload_done and not conn.closed and not conn.unread()

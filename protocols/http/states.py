@@ -39,7 +39,8 @@ class _Discard:
         self.left = left
 
 
-@state("complete", "need_more", "malformed")
+@state("complete", "need_more", "malformed", needs=(),
+       provides={"complete": ("request",), "malformed": ("response",)})
 def derive_request(g: Any, conn: Any, req: Any) -> str:
     """Parse one request from the connection's input (strict HTTP/1.x)."""
     try:
@@ -94,7 +95,8 @@ def _discard_body(g: Any, conn: Any) -> bool:
     return False
 
 
-@state("hit", "miss", "stale")
+@state("hit", "miss", "stale", needs=("request",),
+       provides={"hit": ("response",), "stale": ("stale",)})
 def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     """Look the request up in the memory cache; a fresh hit is answered at once."""
     method = req.method
@@ -126,7 +128,8 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     return "hit"
 
 
-@state("docroot", "remote", "deferred")
+@state("docroot", "remote", "deferred", needs=("request",),
+       provides={"docroot": ("route",), "remote": ("route",), "deferred": ("route",)})
 def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     """Ask routing where a miss goes; the route's kind is the outcome.  An
     ``Upgrade`` request bound for a backend is deferred to it instead."""
@@ -137,7 +140,7 @@ def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     return route.kind
 
 
-@state("ready")
+@state("ready", needs=("request", "route"), provides={"ready": ("response",)})
 def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
     """Answer from a file under the route's root: read on a helper thread, turned
     into a cache object (stored when it fits) or streamed when it is too large."""

@@ -55,20 +55,32 @@ def edit(old: str, new: str) -> str:
     return HTTP.replace(old, new)
 
 
+def line_of(text: str, fragment: str, after: str = "") -> int:
+    """1-based line of the first ``fragment`` after ``after`` (tables change; tests
+    must not hard-code where a state sits)."""
+    start = text.index(after) if after else 0
+    return text.count("\n", 0, text.index(fragment, start)) + 1
+
+
 def test_unknown_function():
-    out = problems_of(edit('run = "derive_miss_response"', 'run = "derive_mis_response"'))
-    assert "t.toml: [states.derive_miss_response] run: unknown function 'derive_mis_response'" in out
+    text = edit('run = "derive_miss_response"', 'run = "derive_mis_response"')
+    out = problems_of(text)
+    n = line_of(text, 'run = "derive_mis_response"')
+    assert f"t.toml:{n}: [states.derive_miss_response] run: unknown function 'derive_mis_response'" in out
 
 
 def test_unknown_target():
-    out = problems_of(edit('ready = "send_engine"', 'ready = "send_engin"'))
-    assert "t.toml: [states.derive_uncached_response] on.ready: unknown target state 'send_engin'" in out
+    text = edit('ready = "send_engine"', 'ready = "send_engin"')
+    n = line_of(text, 'ready = "send_engin"')
+    assert (f"t.toml:{n}: [states.derive_uncached_response] on.ready: unknown target state "
+            "'send_engin'") in problems_of(text)
 
 
 def test_outcome_without_transition():
-    out = problems_of(edit(', stale = "derive_miss_response"', ""))
-    assert ("t.toml: [states.derive_cached_response] on.stale: outcome 'stale' of "
-            "'derive_cached_response' has no transition") in out
+    text = edit(', stale = "derive_miss_response"', "")
+    n = line_of(text, "on = {", after="[states.derive_cached_response]")
+    assert (f"t.toml:{n}: [states.derive_cached_response] on.stale: outcome 'stale' of "
+            "'derive_cached_response' has no transition") in problems_of(text)
 
 
 def test_transition_for_outcome_never_returned():
@@ -77,8 +89,9 @@ def test_transition_for_outcome_never_returned():
 
 
 def test_unreachable_state():
-    out = problems_of(HTTP + '\n[states.orphan]\nrun = "derive_miss_response"\non = { docroot = "send_engine" }\n')
-    assert "t.toml: [states.orphan]: unreachable from start state 'derive_request'" in out
+    text = HTTP + '\n[states.orphan]\nrun = "derive_miss_response"\non = { docroot = "send_engine" }\n'
+    n = line_of(text, "[states.orphan]")
+    assert f"t.toml:{n}: [states.orphan]: unreachable from start state 'derive_request'" in problems_of(text)
 
 
 def test_no_path_to_an_end():
@@ -97,8 +110,8 @@ run = "derive_miss_response"
 on = { docroot = "derive_request", remote = "derive_request", deferred = "derive_request" }
 """
     out = problems_of(text)
-    assert "t.toml: [states.derive_request] on: no path from this state to @done or @close" in out
-    assert "t.toml: [states.derive_miss_response] on: no path from this state to @done or @close" in out
+    assert "t.toml:9: [states.derive_request] on: no path from this state to @done or @close" in out
+    assert "t.toml:13: [states.derive_miss_response] on: no path from this state to @done or @close" in out
 
 
 def test_every_problem_listed_at_once():
@@ -108,14 +121,18 @@ def test_every_problem_listed_at_once():
 
 
 def test_bad_toml_and_shape():
-    assert problems_of("this is = = not toml")[0].startswith("t.toml: not valid TOML")
+    [bad] = problems_of('[machine]\nname = "x"\nthis is = = not toml\n')
+    assert bad.startswith("t.toml:3: not valid TOML: ") and "\n" not in bad
     out = problems_of('[machine]\nname = "x"\n')
-    assert "t.toml machine.module: missing or not a string" in out
-    assert "t.toml states: no [states.*] tables" in out
-    out = problems_of(HTTP.replace('module = "http"', 'module = "ftp"'))
-    assert any("unknown protocol module 'ftp'" in p for p in out)
-    out = problems_of(edit('doc = "Ask routing', 'dco = "x"\ndoc = "Ask routing'))
-    assert "t.toml: [states.derive_miss_response] dco: unknown key (expected run, on, doc)" in out
+    assert "t.toml:1: machine.module: missing or not a string" in out
+    assert "t.toml: states: no [states.*] tables" in out
+    text = HTTP.replace('module = "http"', 'module = "ftp"')
+    n = line_of(text, 'module = "ftp"')
+    assert any(p.startswith(f"t.toml:{n}: machine.module: unknown protocol module 'ftp'")
+               for p in problems_of(text))
+    text = edit('doc = "Ask routing', 'dco = "x"\ndoc = "Ask routing')
+    n = line_of(text, 'dco = "x"')
+    assert f"t.toml:{n}: [states.derive_miss_response] dco: unknown key (expected run, on, doc)" in problems_of(text)
 
 
 def test_failed_table_never_compiles():

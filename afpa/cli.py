@@ -142,7 +142,7 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
             for problem in problems:
                 print(problem, file=sys.stderr)
             return 1
-        out.write(graph.to_mermaid(spec) if args.mermaid else graph.to_dot(spec))
+        out.write(graph.to_mermaid(spec, registry) if args.mermaid else graph.to_dot(spec, registry))
         return 0
     return 2
 

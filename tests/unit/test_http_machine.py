@@ -6,6 +6,7 @@ import os
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from prometheus_client import CollectorRegistry, generate_latest
 
 from afpa import tables
@@ -282,3 +283,49 @@ def test_metrics_exposition(mem):
     assert 'afpa_requests_total{machine="http",status_class="2xx"} 2.0' in text
     assert 'afpa_requests_total{machine="http",status_class="4xx"} 1.0' in text
     assert 'afpa_request_duration_seconds_count{machine="http"} 3.0' in text
+
+
+# -- a table wired past a state's needs ---------------------------------------------
+
+@state("done")
+def forget_answer(g, conn, req):
+    """A contract-less third-party function that (wrongly) leaves no response."""
+    return "done"
+
+
+def test_stale_wired_to_send_engine_is_refused_at_load(docroot):
+    table = docroot.parent / "stale.toml"
+    table.write_text(tables.shipped_table_path("http").read_text().replace(
+        'stale = "derive_miss_response"', 'stale = "send_engine"'))
+    with pytest.raises(tables.TableError, match="needs 'response', missing on path"):
+        MemoryServer(str(docroot), table=str(table))
+
+
+def test_send_engine_without_a_response_is_a_counted_500_not_a_hang(docroot):
+    """A state the checker must trust (no contract) sends the request on without an
+    answer: the Send Engine refuses, the error is logged and counted, the client gets
+    a 500 and the connection closes, instead of waiting for the idle timeout."""
+    registry = default_registry()
+    registry.register(ProtocolModule("testlib", collect([forget_answer]), "", None, None, None))
+    text = tables.shipped_table_path("http").read_text().replace(
+        'stale = "derive_miss_response"', 'stale = "forgetful"')
+    text += '\n[states.forgetful]\nrun = "testlib.forget_answer"\non = { done = "send_engine" }\n'
+    table = docroot.parent / "forgetful.toml"
+    table.write_text(text)
+    mem = MemoryServer(str(docroot))
+    mem.server = Server(Settings(root=str(docroot), table=str(table)), reactor=mem.clock,
+                        registry=registry, helpers=InlineHelpers())
+    machine = mem.server.machine
+    ask(mem, get("/hello.txt"))
+    mem.clock.advance(mem.settings.revalidate_after + 1)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _, t, [(status, h, _)] = ask(mem, get("/hello.txt"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert status == 500 and h["connection"] == "close" and t.disconnecting
+    errors = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1 and "state send_engine needs 'response'" in errors[0]
+    assert machine.errors[machine.states["send_engine"].index] == 1
+    assert sum(machine.errors) == 1

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from afpa import graph, tables
+from afpa import cli, graph, tables
 from afpa.intrinsics import default_registry
+from afpa.modules import ProtocolModule, collect, state
 
 REG = default_registry()
 SHIPPED = tables.shipped_table_names()
@@ -151,3 +152,177 @@ def test_graph_drawn_from_the_table():
     assert "derive_cached_response --> derive_miss_response : miss" in mermaid
     edited, _ = tables.parse(edit('hit = "send_engine"', 'hit = "derive_miss_response"'), "e.toml")
     assert '"derive_cached_response" -> "derive_miss_response" [label="hit"];' in graph.to_dot(edited)
+
+
+# -- contracts: what each state needs on the request, proven along every path ----------
+
+BROKEN_STALE = edit('stale = "derive_miss_response"', 'stale = "send_engine"')
+
+
+def test_stale_wired_to_send_engine_is_refused_with_the_path():
+    n = line_of(BROKEN_STALE, "on = {", after="[states.derive_cached_response]")
+    assert (f"t.toml:{n}: [states.send_engine] run: needs 'response', missing on path "
+            "derive_request -complete-> derive_cached_response -stale-> send_engine") in problems_of(BROKEN_STALE)
+    with pytest.raises(tables.TableError):
+        tables.load_text(BROKEN_STALE, "t.toml", REG)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_tables_meet_every_need(name):
+    spec, problems = tables.check_text(tables.shipped_table_path(name).read_text(), name, REG)
+    assert problems == []
+    avail = tables.available_facts(spec, REG)
+    for sname, body in spec.states.items():
+        fn = REG.lookup(body["run"], spec.module)
+        if fn.contract is not None:
+            assert fn.contract.needs <= avail[sname], sname
+
+
+def test_every_shipped_function_declares_a_contract():
+    for module in REG.modules.values():
+        for fn in module.functions.values():
+            assert fn.contract is not None, fn.name
+    assert REG.intrinsics["send_engine"].contract.needs == {"response"}
+
+
+@state("ok", "more", "bad", needs=(), provides={"ok": ("request",), "bad": ("response",)})
+def t_parse(g, conn, req):
+    """Parse."""
+
+
+@state("ready", "more", needs=("request",), provides={"ready": ("response",)})
+def t_answer(g, conn, req):
+    """Answer (may wait for more input first)."""
+
+
+@state("a", "b", needs=("request",), provides={"a": ("route",)})
+def t_choose(g, conn, req):
+    """Only branch a decides a route."""
+
+
+@state("ready", needs=("request", "route"), provides={"ready": ("response",)})
+def t_use_route(g, conn, req):
+    """Answer along the route."""
+
+
+@state("loop", "out", needs=("request",))
+def t_again(g, conn, req):
+    """Loop or go on."""
+
+
+@state("retry", "go", needs=("route",), drops={"retry": ("route",)})
+def t_forget(g, conn, req):
+    """Give the route up on retry."""
+
+
+@state("ready")
+def t_legacy(g, conn, req):
+    """A third-party function from before contracts: declares none."""
+
+
+T_REG = default_registry()
+T_REG.register(ProtocolModule("t", collect([t_parse, t_answer, t_choose, t_use_route, t_again, t_forget,
+                                            t_legacy]), "", None, None, None))
+
+
+def t_table(*states: str, start: str = "p") -> str:
+    head = f'[machine]\nname = "t"\nmodule = "t"\nstart = "{start}"\n\n'
+    tail = '\n[states.send]\nrun = "afpa.send_engine"\non = { sent = "@done", close = "@close", aborted = "@close" }\n'
+    return head + "\n".join(states) + tail
+
+
+def t_problems(text: str) -> list[str]:
+    _, problems = tables.check_text(text, "t.toml", T_REG)
+    return [str(p) for p in problems]
+
+
+PARSE = '[states.p]\nrun = "t_parse"\non = { ok = "%s", more = "@wait", bad = "send" }\n'
+
+
+def test_a_need_unmet_through_one_of_two_branches_is_flagged():
+    text = t_table(PARSE % "c",
+                   '[states.c]\nrun = "t_choose"\non = { a = "u", b = "u" }\n',
+                   '[states.u]\nrun = "t_use_route"\non = { ready = "send" }\n')
+    n = line_of(text, 'on = { a = "u"')
+    assert t_problems(text) == [
+        f"t.toml:{n}: [states.u] run: needs 'route', missing on path p -ok-> c -b-> u"]
+    # Branch b straight to the Send Engine: it left no response either.
+    assert t_problems(text.replace('b = "u"', 'b = "send"')) == [
+        f"t.toml:{n}: [states.send] run: needs 'response', missing on path p -ok-> c -b-> send"]
+    # Branch b answering on its own: nothing to say.
+    fixed = text.replace('b = "u"', 'b = "p2"') + '\n[states.p2]\nrun = "t_answer"\non = { ready = "send", more = "@wait" }\n'
+    assert t_problems(fixed) == []
+
+
+def test_loops_keep_what_every_path_provides():
+    # p -ok-> c; c -a-> g (route known), c -b-> g (no route); g loops back to c or goes on to u.
+    text = t_table(PARSE % "c",
+                   '[states.c]\nrun = "t_choose"\non = { a = "g", b = "g" }\n',
+                   '[states.g]\nrun = "t_again"\non = { loop = "c", out = "u" }\n',
+                   '[states.u]\nrun = "t_use_route"\non = { ready = "send" }\n')
+    assert t_problems(text) == [
+        f"t.toml:{line_of(text, 'on = { loop')}: [states.u] run: needs 'route', missing on path "
+        "p -ok-> c -b-> g -out-> u"]
+    # A loop that only ever passes through states that keep the request is fine.
+    ok = t_table(PARSE % "g", '[states.g]\nrun = "t_again"\non = { loop = "g", out = "a" }\n',
+                 '[states.a]\nrun = "t_answer"\non = { ready = "send", more = "@wait" }\n')
+    assert t_problems(ok) == []
+
+
+def test_wait_keeps_the_facts_and_done_starts_afresh():
+    # t_answer waits for more input with the request it was given: still known on re-entry.
+    text = t_table(PARSE % "a", '[states.a]\nrun = "t_answer"\non = { ready = "send", more = "@wait" }\n')
+    assert t_problems(text) == []
+    # A request starts with nothing: a start state that needs the request cannot run.
+    text = t_table('[states.a]\nrun = "t_answer"\non = { ready = "send", more = "@wait" }\n', start="a")
+    n = line_of(text, 'run = "t_answer"')
+    assert t_problems(text) == [f"t.toml:{n}: [states.a] run: needs 'request', missing when a request starts here"]
+
+
+def test_a_dropped_fact_must_be_provided_again():
+    text = t_table(PARSE % "c",
+                   '[states.c]\nrun = "t_choose"\non = { a = "f", b = "send" }\n',
+                   '[states.f]\nrun = "t_forget"\non = { retry = "u", go = "u" }\n',
+                   '[states.u]\nrun = "t_use_route"\non = { ready = "send" }\n')
+    out = t_problems(text)
+    assert any("[states.u] run: needs 'route', missing on path p -ok-> c -a-> f -retry-> u" in p for p in out)
+    assert any("[states.send] run: needs 'response', missing on path p -ok-> c -b-> send" in p for p in out)
+
+
+def test_a_function_without_a_contract_is_trusted():
+    # t_legacy declares nothing: it may need anything and is assumed to leave
+    # whatever its successors need (a response for the Send Engine here).
+    text = t_table('[states.p]\nrun = "t_legacy"\non = { ready = "send" }\n')
+    assert t_problems(text) == []
+    text = t_table(PARSE % "l", '[states.l]\nrun = "t_legacy"\non = { ready = "u" }\n',
+                   '[states.u]\nrun = "t_use_route"\non = { ready = "send" }\n')
+    assert t_problems(text) == []
+
+
+def test_contract_declarations_are_checked():
+    with pytest.raises(ValueError, match="'maybe' is not one of the declared outcomes"):
+        state("yes", needs=(), provides={"maybe": ("response",)})
+    with pytest.raises(ValueError, match="tuple of fact names"):
+        state("yes", needs="request")
+    assert t_legacy.__afpa_contract__ is None
+
+
+def test_cli_check_names_the_line_and_the_path(tmp_path, capsys):
+    bad = tmp_path / "my-http.toml"
+    bad.write_text(BROKEN_STALE)
+    assert cli.main(["tables", "check", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    n = line_of(BROKEN_STALE, "on = {", after="[states.derive_cached_response]")
+    assert err == [f"{bad}:{n}: [states.send_engine] run: needs 'response', missing on path "
+                   "derive_request -complete-> derive_cached_response -stale-> send_engine",
+                   f"{bad}: 1 problem(s)"]
+    shipped = [str(tables.shipped_table_path(name)) for name in SHIPPED]
+    assert cli.main(["tables", "check", *shipped]) == 0
+
+
+def test_graph_shows_contracts():
+    spec, _ = tables.parse(HTTP, "http.toml")
+    dot = graph.to_dot(spec, REG)
+    assert '"derive_cached_response" -> "send_engine" [label="hit +response"];' in dot
+    assert "needs: response" in dot and "// fact response: " in dot
+    assert "derive_cached_response --> derive_miss_response : stale +stale" in graph.to_mermaid(spec, REG)

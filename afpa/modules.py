@@ -57,8 +57,9 @@ class Contract:
     provides (or drops: a fact that no longer holds after that outcome)."""
 
     needs: frozenset[str] = frozenset()
-    provides: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
-    drops: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
+    # Left out of the hash (dicts have none) so a StateFunction stays hashable.
+    provides: Mapping[str, frozenset[str]] = attrs.field(factory=dict, hash=False)
+    drops: Mapping[str, frozenset[str]] = attrs.field(factory=dict, hash=False)
 
     @classmethod
     def build(cls, outcomes: Iterable[str], needs: Iterable[str] = (),

@@ -32,14 +32,11 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _REFUSED = {0x2F: "encoded slash in path", 0x5C: "encoded backslash in path", 0x00: "NUL in path"}
 
 
-def needs_normalising(path: bytes) -> bool:
-    """False for the common path that is already canonical (no escapes, no
-    empty or dot segments); cheap enough for every request."""
-    return b"%" in path or b"/." in path or b"//" in path
-
-
 def normalise(path: bytes) -> bytes:
     """The canonical form of an origin-form path (starts with ``/``, no query).
+
+    A path with no ``%``, ``/.`` or ``//`` is already canonical; the parser
+    checks that inline and calls this only otherwise.
 
     Raises :class:`HttpError` (400) for a path that must be refused.
     """

@@ -81,6 +81,7 @@ class Settings:
     defer: str | None = None            # --defer URL: default route hands connections there
     routes: tuple = ()                  # routing.router.Route rules from a config file
     trust_forwarded: bool = False       # keep (and append to) incoming X-Forwarded-*
+    dotfiles_allow: tuple[str, ...] = ()  # dot-segment names a docroot may serve, e.g. ".well-known"
 
     # Backends
     backend_connect_timeout: float = 5.0
@@ -89,6 +90,16 @@ class Settings:
     tunnel_idle_timeout: float = 3600.0  # a deferred (spliced) connection with no traffic
     backend_max_idle: int = 32          # pooled keep-alive connections per backend
     backend_pool_idle_timeout: float = 30.0
+
+
+def _dot_names(value: Any) -> tuple[str, ...]:
+    """``[".well-known"]`` -> a tuple of path segment names that start with a dot."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("must be a list of strings, e.g. [\".well-known\"]")
+    for name in value:
+        if not name.startswith(".") or "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a path segment starting with a dot")
+    return tuple(value)
 
 
 # Config file keys -> (Settings field, converter).  Sections flatten into fields.
@@ -112,6 +123,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "backends.max_idle": ("backend_max_idle", int),
     "backends.pool_idle_timeout": ("backend_pool_idle_timeout", _SECONDS),
     "tls.listen": ("tls_listen", parse_hostport),
+    "dotfiles_allow": ("dotfiles_allow", _dot_names),
 }
 
 

@@ -6,9 +6,12 @@ reactor thread to turn into a response.
 
 No escape from the root:
 
-- the path is percent-decoded once; NUL is refused (400), encoded ``/`` or ``\\``
-  is refused (404, like Apache's default), dot segments are resolved and one
-  that climbs above the root is refused (400);
+- the request path arrives normalised (``protocols/http/paths.py``, run by the
+  parser): no dot segments, no empty segments, no encoded ``/``, ``\\`` or NUL;
+  here what escapes remain are decoded and the segments joined under the root
+  (a dot segment that still shows up is refused, never resolved a second way);
+- a segment starting with a dot (``.git``, ``.env``, ``.htaccess``) is answered
+  404 unless its name is allowed (``dotfiles_allow``);
 - the resolved file's real path (symlinks followed) must still lie under the
   root's real path, else 403;
 - only regular files are served (opened non-blocking, so a FIFO cannot hang a
@@ -57,38 +60,36 @@ def content_type(name: str) -> bytes:
     return ctype.encode()
 
 
-def resolve(root: str, raw_path: bytes) -> str | FileResult:
-    """Filesystem path for a request path (relative to ``root``), or an error result."""
-    lowered = raw_path.lower()
-    if b"%2f" in lowered or b"%5c" in lowered:
-        return FileResult("error", 404, "encoded slash in path")
-    decoded = unquote_to_bytes(raw_path)
-    if b"\x00" in decoded:
-        return FileResult("error", 400, "NUL in path")
-    parts: list[bytes] = []
-    for seg in decoded.split(b"/"):
-        if seg in (b"", b"."):
+def resolve(root: str, path: bytes, dotfiles_allow: tuple[str, ...] = ()) -> str | FileResult:
+    """Filesystem path for a normalised request path (under ``root``), or an error result."""
+    parts: list[str] = []
+    for seg in unquote_to_bytes(path).split(b"/"):
+        if not seg:
             continue
-        if seg == b"..":
-            if not parts:
-                return FileResult("error", 400, "path climbs above the document root")
-            parts.pop()
-            continue
-        parts.append(seg)
-    return os.path.join(root, *(os.fsdecode(p) for p in parts)) if parts else root
+        if seg == b"." or seg == b".." or b"\x00" in seg:
+            # The parser's normalisation removes these; a caller that skipped it is refused.
+            return FileResult("error", 400, "path not normalised")
+        name = os.fsdecode(seg)
+        if name[0] == "." and name not in dotfiles_allow:
+            # 404, not 403: do not tell a scanner that /.git or /.env exists.
+            return FileResult("error", 404, "")
+        parts.append(name)
+    return os.path.join(root, *parts) if parts else root
 
 
 def _inside(root: str, real: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
-                read_body: bool, stale_identity: tuple | None) -> FileResult:
-    """Resolve, open and (if small enough and wanted) read the file for a request.
+def open_target(root: str, req_path: bytes, query: bytes, max_object: int,
+                read_body: bool, stale_identity: tuple | None,
+                dotfiles_allow: tuple[str, ...] = ()) -> FileResult:
+    """Resolve, open and (if small enough and wanted) read the file for a
+    request's normalised path.
 
     ``root`` must already be a real path.  Runs on a helper thread.
     """
-    path = resolve(root, raw_path)
+    path = resolve(root, req_path, dotfiles_allow)
     if isinstance(path, FileResult):
         return path
     real = os.path.realpath(path)
@@ -103,11 +104,10 @@ def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             fd = -1
-            if not raw_path.endswith(b"/"):
-                loc = raw_path + b"/" + (b"?" + query if query else b"")
-                return FileResult("redirect", 301, location=loc)
-            index = open_target(root, raw_path + INDEX.encode(), query, max_object, read_body,
-                                stale_identity)
+            if not req_path.endswith(b"/"):
+                return FileResult("redirect", 301, location=directory_location(req_path, query))
+            index = open_target(root, req_path + INDEX.encode(), query, max_object, read_body,
+                                stale_identity, dotfiles_allow)
             if index.kind == "error" and index.status == 404:
                 return FileResult("error", 403, "directory has no index.html")
             return index
@@ -132,6 +132,13 @@ def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def directory_location(path: bytes, query: bytes) -> bytes:
+    """``Location`` for a directory asked without its trailing slash: an absolute
+    path on this host.  It never starts with ``//``, which a browser would read
+    as a network-path reference to another host (an open redirect)."""
+    return b"/" + path.lstrip(b"/") + b"/" + (b"?" + query if query else b"")
 
 
 def _read_all(fd: int, size: int) -> bytes:

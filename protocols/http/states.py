@@ -155,7 +155,7 @@ def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
     stale = req.stale
     d = g.helpers.run(files.open_target, req.route.root, req.path, req.query,
                       g.settings.max_object_bytes, method == b"GET",
-                      stale.identity if stale is not None else None)
+                      stale.identity if stale is not None else None, g.settings.dotfiles_allow)
     d.addCallback(_file_ready, g, conn, req)
     return d
 

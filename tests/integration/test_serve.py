@@ -235,3 +235,29 @@ def test_access_log(afpa_process, tmp_path):
     assert '"GET /hello.txt HTTP/1.1" 200 "afpa; fwd=miss; stored"' in lines[0]
     assert '"GET /hello.txt HTTP/1.1" 200 "afpa; hit"' in lines[1]
     assert '"GET /missing HTTP/1.1" 404 ' in lines[2] and lines[2].endswith('"127.0.0.1"')
+
+
+def test_dotfiles_denied_and_redirects_stay_on_this_host(afpa_process, docroot, tmp_path):
+    """`afpa serve` in a checkout does not hand out .git, .env or .htaccess;
+    `dotfiles_allow` opens a named one (the ACME case); a directory redirect
+    never names another host."""
+    (docroot / ".git").mkdir()
+    (docroot / ".git" / "config").write_text("[remote]\nurl = secret\n")
+    (docroot / ".env").write_text("SECRET=1\n")
+    (docroot / ".htaccess").write_text("deny from all\n")
+    (docroot / ".well-known" / "acme-challenge").mkdir(parents=True)
+    (docroot / ".well-known" / "acme-challenge" / "tok").write_text("tok.key\n")
+    acme = "/.well-known/acme-challenge/tok"
+    p = afpa_process()
+    for target in ("/.git/config", "/.env", "/.htaccess", "/%2eenv", "/dir/../.git/config", acme):
+        [(status, _, body)] = parse_responses(exchange(p.port, get(target)))
+        assert status == 404 and b"secret" not in body.lower(), target
+    [(status, h, _)] = parse_responses(exchange(p.port, get("//evil.com/../dir")))
+    assert (status, h["location"]) == (301, "/dir/")
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text('dotfiles_allow = [".well-known"]\n')
+    p = afpa_process("--config", str(cfg))
+    [(status, _, body)] = parse_responses(exchange(p.port, get(acme)))
+    assert (status, body) == (200, b"tok.key\n")
+    [(status, _, _)] = parse_responses(exchange(p.port, get("/.env")))
+    assert status == 404

@@ -444,7 +444,8 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
         if b"chunked" in codings[:-1]:
             raise HttpError(502, "backend applied chunked before another coding or twice")
         chunked = codings[-1] == b"chunked"
-        others = b", ".join(codings[:-1] if chunked else codings)
+        # "identity" (an old name for no coding at all) is nothing to pass on.
+        others = b", ".join(c for c in (codings[:-1] if chunked else codings) if c != b"identity")
         if not chunked:
             keep_alive = False  # the body is delimited by the close
     resp.content_length = content_length

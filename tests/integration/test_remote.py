@@ -460,26 +460,37 @@ def test_tls_termination(afpa_process, backend, tmp_path):
     assert b"x-forwarded-proto: https" in b.requests[0].lower()
 
 
-def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path):
+@pytest.mark.parametrize("route", ["defer", "backend"])
+def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path, route):
+    seen = []
+
     def silent(head, body):
         def hold(c):
-            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             c.settimeout(10)
             try:
-                c.recv(10)  # returns b"" once afpa closes the tunnel
-            except OSError:
-                pass
+                seen.append(c.recv(10))  # b"" once afpa closes the tunnel's backend side
+            except OSError as exc:
+                seen.append(exc)
         return hold
     b = backend(silent)
     cfg = tmp_path / "afpa.toml"
-    cfg.write_text(f'defer = "{b.url}"\n[timeouts]\ntunnel_idle = 0.5\n')
+    cfg.write_text(f'{route} = "{b.url}"\n[timeouts]\ntunnel_idle = 0.5\n')
     p = afpa_process("--config", str(cfg))
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
-        s.sendall(get("/t", "Upgrade: x", "Connection: Upgrade"))
+        s.sendall(get("/t", *WS))
         raw = b""
-        while chunk := s.recv(4096):
-            raw += chunk
+        try:
+            while chunk := s.recv(4096):
+                raw += chunk
+        except ConnectionResetError:
+            pass
     assert raw.startswith(b"HTTP/1.1 101")  # and then the idle tunnel was closed
+    for _ in range(100):
+        if seen:
+            break
+        time.sleep(0.1)
+    assert seen and not isinstance(seen[0], socket.timeout), seen  # the backend side too
 
 
 def test_slow_client_pauses_the_backend_read(afpa_process):

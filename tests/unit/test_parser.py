@@ -203,6 +203,7 @@ def _response(raw: bytes):
     (b"gzip", False, b"gzip", False),            # RFC 9112 6.3: read until the close
     (b"GZip, chunked", True, b"gzip", True),      # chunked frames it; gzip is passed on
     (b"gzip, deflate", False, b"gzip, deflate", False),
+    (b"identity", False, b"", False),
 ])
 def test_backend_transfer_codings(te, chunked, codings, keep_alive):
     resp = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")

@@ -1,10 +1,16 @@
-"""Splicing a client connection to a local server (Derive Deferred Response).
+"""Splicing a client connection to a server connection (Derive Deferred Response,
+and protocol upgrades such as WebSocket).
 
 Once spliced, afpa only relays bytes, like TUX or kHTTPd handing a connection to
 Apache: the bytes already read from the client are replayed to the server, then
 each side's input is written to the other.  Back-pressure holds both ways, as in
 ``twisted.protocols.portforward``: each transport is registered as the other's
 producer, so a side that does not read stops the other side being read.
+
+Two verbs: :func:`splice` connects to a server first (a deferred route), and
+:func:`splice_to` joins a connection a module already has open (a backend that
+agreed to switch protocols); the module then hands that connection's events to
+the returned :class:`Tunnel` (its ``data``/``lost`` methods).
 """
 
 from __future__ import annotations
@@ -15,32 +21,39 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Protocol
 
 
-class _ServerSide(Protocol):
-    def __init__(self, conn: Any, done: Deferred, reactor: Any, idle_timeout: float):
+class Tunnel:
+    """Bytes both ways between a client connection (``conn``) and a server
+    transport; ``done`` fires with ``"spliced"`` once the server side is gone.
+    A tunnel idle in both directions for ``idle_timeout`` seconds is closed by
+    the server's sweep (the client connection carries the deadline)."""
+
+    def __init__(self, conn: Any, reactor: Any, idle_timeout: float, done: Deferred | None = None):
         self.conn = conn
-        self.done = done
+        self.done: Deferred = done if done is not None else Deferred()
         self.seconds = reactor.seconds
         self.idle_timeout = idle_timeout
+        self.transport: Any = None
 
     def _touch(self) -> None:
-        # A tunnel idle in both directions for idle_timeout is closed by the sweep.
         self.conn.deadline_kind = "tunnel"
         self.conn.deadline = self.seconds() + self.idle_timeout
 
-    def connectionMade(self) -> None:
+    def attach(self, transport: Any) -> None:
+        """Start relaying between the client and ``transport``."""
+        self.transport = transport
         conn = self.conn
         if conn.closed:
-            self.transport.loseConnection()
+            transport.loseConnection()
             return
         client = conn.transport
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
+        # The deadline is the tunnel's own now, not whatever owned it before.
+        conn.on_timeout = None
         conn.sink = self._from_client
         self._from_client()  # replay what was read, including anything since
         self._touch()
-        conn.on_lost = lambda _reason: self.transport.loseConnection()
-        client.registerProducer(self.transport, True)
-        self.transport.registerProducer(client, True)
+        conn.on_lost = lambda _reason: transport.loseConnection()
+        client.registerProducer(transport, True)
+        transport.registerProducer(client, True)
         if conn.driver is not None:
             conn.driver.resume_reading()
 
@@ -52,11 +65,13 @@ class _ServerSide(Protocol):
             self.transport.write(data)
             self._touch()
 
-    def dataReceived(self, data: bytes) -> None:
+    def data(self, data: bytes) -> None:
+        """Bytes from the server: to the client."""
         self.conn.transport.write(data)
         self._touch()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def lost(self, reason: Any = None) -> None:
+        """The server side closed: close the client too."""
         conn = self.conn
         if not conn.closed:
             if conn.transport.producer is not None:
@@ -64,6 +79,22 @@ class _ServerSide(Protocol):
             conn.transport.loseConnection()
         if not self.done.called:
             self.done.callback("spliced")
+
+
+class _ServerSide(Protocol):
+    def __init__(self, tunnel: Tunnel):
+        self.tunnel = tunnel
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.tunnel.attach(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tunnel.data(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.tunnel.lost(reason)
 
 
 def splice(reactor: Any, conn: Any, host: str, port: int, timeout: float,
@@ -74,8 +105,22 @@ def splice(reactor: Any, conn: Any, host: str, port: int, timeout: float,
     The Deferred fires with ``"spliced"`` once either side has closed, or fails
     (with the connect error) when the server cannot be reached.
     """
-    done: Deferred = Deferred()
-    creator = ClientCreator(reactor, _ServerSide, conn, done, reactor, idle_timeout)
+    tunnel = Tunnel(conn, reactor, idle_timeout)
+    done = tunnel.done
+    creator = ClientCreator(reactor, _ServerSide, tunnel)
     d = creator.connectTCP(host, port, timeout=timeout)
     d.addErrback(lambda failure: done.errback(failure) if not done.called else None)
     return done
+
+
+def splice_to(reactor: Any, conn: Any, transport: Any, idle_timeout: float = 3600.0) -> Tunnel:
+    """Splice ``conn`` with an already connected server ``transport``: replay
+    ``conn``'s unread input to it, then relay both ways until either side closes.
+
+    The caller routes the server connection's events to the returned tunnel
+    (``tunnel.data(bytes)``, ``tunnel.lost(reason)``); ``tunnel.done`` fires
+    with ``"spliced"`` once the server side is gone (closing the client with it).
+    """
+    tunnel = Tunnel(conn, reactor, idle_timeout)
+    tunnel.attach(transport)
+    return tunnel

@@ -20,7 +20,7 @@ def parse_responses(raw: bytes, head_only: tuple[bool, ...] = ()) -> list[tuple[
             headers[k.strip().lower().decode()] = v.strip().decode()
         pos = end + 4
         bodiless = (i < len(head_only) and head_only[i]) or status == 304
-        if not bodiless and headers.get("transfer-encoding") == "chunked":
+        if not bodiless and headers.get("transfer-encoding", "").split(",")[-1].strip() == "chunked":
             body = b""
             while True:
                 eol = raw.index(b"\r\n", pos)

@@ -2,8 +2,9 @@
 
 The request that chose this route, and every byte the client sent after it, is
 replayed to the server, and the two connections are spliced until either side
-closes (``afpa.splice``).  ``Upgrade`` requests (WebSocket) on a remote route
-come here too, since the upgraded connection is no longer HTTP afpa can relay.
+closes (``afpa.splice``).  Only routes the operator made deferred come here;
+an ``Upgrade`` request on a remote route is forwarded and spliced by the backend
+machine once the backend answers 101 (``protocols.http.remote``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 - Hop-by-hop fields never cross afpa: Connection and every field it names,
   Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding (afpa frames each
-  side itself), Upgrade (except when a connection is deferred) and Proxy-*.
+  side itself), Upgrade and Proxy-*.  A WebSocket upgrade request is the one
+  exception: ``Upgrade: websocket`` and ``Connection: Upgrade`` are sent again
+  (by afpa, not copied) so the backend may agree to switch.
 - ``Via: 1.1 afpa`` is appended both ways.
 - ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set toward the backend.
   Incoming ones are dropped unless the operator trusts the clients in front of
@@ -57,29 +59,29 @@ def connection_tokens(msg: Any) -> set[bytes]:
     return out
 
 
-def _end_to_end(msg: Any, also_drop: frozenset[bytes],
-                keep_upgrade: bool = False) -> tuple[list[bytes], list[bytes]]:
+def _end_to_end(msg: Any, also_drop: frozenset[bytes]) -> tuple[list[bytes], list[bytes]]:
     """(header lines of ``msg`` to forward, its existing Via values)."""
     named = connection_tokens(msg)
     lines, via = [], []
     for lname, (name, value) in zip(msg.lnames, msg.headers):
         if lname == b"via":
             via.append(value)
-        if lname in also_drop or lname in named or lname.startswith(b"proxy-"):
-            continue
-        if lname in HOP_BY_HOP and not (keep_upgrade and lname in (b"upgrade", b"connection")):
+        if lname in also_drop or lname in named or lname in HOP_BY_HOP or lname.startswith(b"proxy-"):
             continue
         lines.append(name + b": " + value + b"\r\n")
     return lines, via
 
 
 def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
-                 body: str, keep_upgrade: bool = False) -> bytes:
+                 body: str, upgrade: bytes | None = None) -> bytes:
     """The request head afpa sends to a backend.  ``body``: ``"none"``,
-    ``"length"`` (the client's Content-Length) or ``"chunked"``."""
+    ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``:
+    the protocol to ask the backend to switch to (see :func:`websocket_upgrade`)."""
     drop = REQUEST_REPLACED if trust_forwarded else REQUEST_REPLACED | FORWARDED
-    lines, via = _end_to_end(req, drop, keep_upgrade)
+    lines, via = _end_to_end(req, drop)
     out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
+    if upgrade is not None:
+        out.append(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")
     out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
     xff = client_ip.encode()
     if trust_forwarded:
@@ -101,6 +103,21 @@ def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def websocket_upgrade(req: Any) -> bytes | None:
+    """The ``Upgrade`` token to forward when ``req`` is a WebSocket opening
+    handshake afpa supports (HTTP/1.1 GET without a body, ``Upgrade: websocket``
+    and ``Connection: Upgrade``), else None: the request is forwarded as an
+    ordinary one, without Upgrade."""
+    if (req.upgrade is None or req.method != b"GET" or req.version != 11 or req.chunked
+            or req.content_length > 0 or b"upgrade" not in connection_tokens(req)):
+        return None
+    for token in req.upgrade.split(b","):
+        token = token.strip(b" \t")
+        if token.lower() == b"websocket":
+            return token
+    return None
 
 
 def response_lines(resp: Any) -> list[bytes]:

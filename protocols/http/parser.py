@@ -181,7 +181,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         elif lname == b"if-unmodified-since":
             req.if_unmodified_since = value
         elif lname == b"upgrade":
-            req.upgrade = value
+            req.upgrade = value if req.upgrade is None else req.upgrade + b", " + value
 
     if hosts > 1:
         raise HttpError(400, "more than one Host")
@@ -396,8 +396,13 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
     :class:`HttpError` (always 502: the backend, not the client, is at fault)
     for anything that must not be relayed or cached: a garbage status line,
     invalid or conflicting Content-Length, Content-Length with
-    Transfer-Encoding, a coding other than chunked, invalid fields, or a head
-    over ``limit``.
+    Transfer-Encoding, an invalid Transfer-Encoding or one applying chunked
+    other than last, invalid fields, or a head over ``limit``.
+
+    Transfer codings other than chunked are not undone: ``resp.codings`` names
+    them (e.g. ``b"gzip"``), ``resp.chunked`` says whether chunked frames the
+    body.  When chunked is not the final coding the body ends when the backend
+    closes (RFC 9112 6.3), so ``resp.keep_alive`` is False.
     """
     end = buf.find(b"\r\n\r\n", pos)
     if end < 0:
@@ -442,14 +447,22 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
             elif b"keep-alive" in tokens and resp.version == 10:
                 keep_alive = True
     chunked = False
+    others = b""
     if te is not None:
         if content_length >= 0:
             raise HttpError(502, "backend sent Content-Length with Transfer-Encoding")
         codings = [c.strip(b" \t").lower() for c in te.split(b",")]
-        if codings != [b"chunked"]:
-            raise HttpError(502, "backend used a transfer coding other than chunked")
-        chunked = True
+        if any(not TOKEN.fullmatch(c) for c in codings):
+            raise HttpError(502, "invalid Transfer-Encoding from backend")
+        if b"chunked" in codings[:-1]:
+            raise HttpError(502, "backend applied chunked before another coding or twice")
+        chunked = codings[-1] == b"chunked"
+        # "identity" (an old name for no coding at all) is nothing to pass on.
+        others = b", ".join(c for c in (codings[:-1] if chunked else codings) if c != b"identity")
+        if not chunked:
+            keep_alive = False  # the body is delimited by the close
     resp.content_length = content_length
     resp.chunked = chunked
+    resp.codings = others
     resp.keep_alive = keep_alive
     return end + 4

@@ -6,6 +6,22 @@ whose states are the ``backend_*`` functions below:
 
     backend_connect -> backend_send_request -> backend_read_head
         -> backend_stream_body -> backend_finish -> @done (pool) / @close
+        -> backend_tunnel (after a 101 to a WebSocket upgrade) -> @close
+
+Protocol upgrades: a WebSocket opening handshake is forwarded like any request
+(its head rewritten, only ``Upgrade: websocket`` and ``Connection: Upgrade``
+sent again); only when the backend answers ``101`` is the 101 relayed and the
+client connection spliced with that backend connection (``afpa.splice``), which
+then never returns to the pool.  Any other answer is relayed as usual and the
+client connection stays parsed.  A 101 to a request that did not ask for it,
+or to another protocol than the one asked for, is a 502.
+
+Transfer codings: a backend body framed by chunked is de-chunked and chunked
+again toward an HTTP/1.1 client; other codings (e.g. ``gzip``) are passed on
+untouched and named in the client's ``Transfer-Encoding`` (``gzip, chunked``).
+When chunked is not the final coding, the body ends when the backend closes
+(RFC 9112 6.3).  An HTTP/1.0 client cannot receive a transfer coding: 502.
+Transfer-coded bodies are never stored.
 
 Streaming both ways with back-pressure: the request body is read from the
 client connection as it arrives and written to the backend (client reading is
@@ -34,6 +50,7 @@ from afpa.cache import CacheObject, fragments_of
 from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
+from afpa.splice import splice_to
 from protocols.http import forward
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
@@ -73,7 +90,9 @@ class BackendExchange(Request):
     out: list | None = None      # the response head, written with the first body bytes
     content_length: int = -1
     chunked: bool = False
+    codings: bytes = b""         # transfer codings other than chunked, e.g. b"gzip"
     keep_alive: bool = True
+    upgrade: bytes | None = None  # the protocol asked for (WebSocket), if any
     reader: Any = None
     client_chunked: bool = False
     client_close: bool = False
@@ -195,12 +214,13 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted", needs=("request", "route"),
+@state("relayed", "close", "failed", "aborted", "upgraded", needs=("request", "route"),
        provides={"failed": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
-    (``failed``), or had to cut a response short (``aborted``)."""
+    (``failed``), or had to cut a response short (``aborted``), or relayed a
+    101 and spliced the connection until it closed (``upgraded``)."""
     if req.method == b"CONNECT":
         # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
@@ -268,8 +288,10 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     has_body = cconn.pending is not None and (creq.chunked or creq.content_length > 0)
     framing = "chunked" if creq.chunked else ("length" if creq.content_length >= 0 else "none")
     client_ip = cconn.peer_host
+    if creq.upgrade is not None:
+        ex.upgrade = forward.websocket_upgrade(creq)
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
-                                                 body=framing)])
+                                                 body=framing, upgrade=ex.upgrade)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -286,10 +308,13 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "sent"
 
 
-@state("head", "interim", "need_more", "retry", "failed", needs=("backend", "forwarded"),
-       provides={"head": ("relaying",)}, drops={"retry": ("backend", "forwarded")})
+@state("head", "interim", "need_more", "retry", "failed", "switched", needs=("backend", "forwarded"),
+       provides={"head": ("relaying",), "switched": ("relaying",)},
+       drops={"retry": ("backend", "forwarded")})
 def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
-    """Parse the response head strictly; relay it (and decide about storing)."""
+    """Parse the response head strictly; relay it (and decide about storing).
+    ``switched``: the backend agreed to the WebSocket upgrade the client asked
+    for, and its 101 went to the client."""
     if ex.client_gone:
         ex.result = "aborted"
         return "failed"
@@ -316,18 +341,62 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     conn.inpos = end
     if ex.status < 200:
         if ex.status == 101:
-            ex.fail(502, "backend switched protocols on a request that did not ask to")
-            return "failed"
+            if ex.upgrade is None:
+                ex.fail(502, "backend switched protocols on a request that did not ask to")
+                return "failed"
+            if not _switches_to(ex, ex.upgrade):
+                ex.fail(502, "backend switched to a protocol the client did not ask for")
+                return "failed"
+            _relay_switch(g, conn, ex)
+            return "switched"
         return "interim"  # 1xx: read the next head
+    if ex.codings and ex.creq.version == 10 and not _bodiless(ex.creq, ex.status):
+        # Transfer-Encoding cannot be sent to an HTTP/1.0 client (RFC 9112 6.1),
+        # and the body means nothing without it.
+        ex.fail(502, "backend used a transfer coding an HTTP/1.0 client cannot receive")
+        return "failed"
     ex.arm(g.settings.backend_idle_timeout)
     _relay_head(g, conn, ex)
     return "head"
 
 
+def _bodiless(creq: Any, status: int) -> bool:
+    return creq.method == b"HEAD" or status in (204, 304)
+
+
+def _switches_to(ex: BackendExchange, protocol: bytes) -> bool:
+    """Whether the backend's 101 names the protocol the client asked for."""
+    want = protocol.lower()
+    for lname, (_, value) in zip(ex.lnames, ex.headers):
+        if lname == b"upgrade" and any(t.strip(b" \t").lower() == want for t in value.split(b",")):
+            return True
+    return False
+
+
+def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
+    """Send the backend's 101 (end-to-end fields, Via, Upgrade, Connection) and any
+    bytes of the new protocol that came with it to the client."""
+    creq = ex.creq
+    cache_status = (creq.cache_status or b"afpa; fwd=miss") + b"; fwd-status=101"
+    creq.cache_status = cache_status
+    head = [forward.status_line(ex), *forward.response_lines(ex), b"Upgrade: ", ex.upgrade,
+            b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n\r\n"]
+    out = [b"".join(head)]
+    if conn.unread():
+        out.append(conn.inbuf[conn.inpos:])
+        conn.inpos = len(conn.inbuf)
+    creq.status = 101
+    creq.sent_head = True
+    creq.close = True
+    ex.keep_alive = False
+    ex.result = "upgraded"
+    sendengine.write(ex.cconn, out)
+
+
 def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     creq, cconn = ex.creq, ex.cconn
     status = ex.status
-    bodiless = creq.method == b"HEAD" or status in (204, 304)
+    bodiless = _bodiless(creq, status)
     if bodiless:
         ex.reader = None
     elif ex.chunked:
@@ -344,13 +413,16 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     elif not bodiless:
         if creq.version == 11:
             ex.client_chunked = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            # Codings afpa does not undo stay named, with its own chunked last.
+            lines.append(b"Transfer-Encoding: " + ex.codings + b", chunked\r\n" if ex.codings
+                         else b"Transfer-Encoding: chunked\r\n")
         else:
             ex.client_close = True  # an HTTP/1.0 client learns the end from the close
     if b"date" not in ex.lnames:
         lines.append(g.dates.get(now))
     fresh = None
-    if creq.key is not None and not bodiless and (ex.content_length <= g.settings.max_object_bytes):
+    if (creq.key is not None and not bodiless and not ex.codings
+            and ex.content_length <= g.settings.max_object_bytes):
         fresh = forward.freshness(creq, ex, now)
     if fresh is not None:
         ex.lifetime, ex.age = fresh
@@ -439,6 +511,17 @@ def _store(g: Any, ex: BackendExchange) -> None:
     g.cache.put(obj)
 
 
+@state("closed", needs=("backend", "relaying"))
+def backend_tunnel(g: Any, conn: Any, ex: BackendExchange) -> Any:
+    """After a 101: splice the client with this backend connection (bytes both
+    ways, back-pressure, ``tunnel_idle_timeout``) until either side closes."""
+    tunnel = splice_to(g.reactor, ex.cconn, conn.transport, g.settings.tunnel_idle_timeout)
+    ex.proto.owner = tunnel  # the backend connection's events now go to the tunnel
+    if conn.closed:
+        tunnel.lost(None)  # the backend closed right after its 101
+    return tunnel.done.addCallback(lambda _: "closed")
+
+
 @state("reuse", "close", needs=("backend",))
 def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Back to the pool when the backend connection can carry another request."""
@@ -449,4 +532,4 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 FUNCTIONS = (derive_remote_response, backend_connect, backend_send_request, backend_read_head,
-             backend_stream_body, backend_finish)
+             backend_stream_body, backend_tunnel, backend_finish)

@@ -25,7 +25,6 @@ from protocols.http import conditional, files
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
-from routing.router import Route
 
 
 class _Discard:
@@ -132,11 +131,9 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
        provides={"docroot": ("route",), "remote": ("route",), "deferred": ("route",)})
 def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     """Ask routing where a miss goes; the route's kind is the outcome.  An
-    ``Upgrade`` request bound for a backend is deferred to it instead."""
+    ``Upgrade`` request for a backend is forwarded like any other: the backend
+    machine splices only once the backend has agreed to switch (101)."""
     route = req.route = g.router.choose(req.host, req.path)
-    if req.upgrade is not None and route.kind == "remote":
-        req.route = Route("deferred", backends=route.backends)
-        return "deferred"
     return route.kind
 
 

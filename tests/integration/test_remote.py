@@ -283,17 +283,99 @@ def test_defer_splices_raw_bytes(afpa_process, backend):
     assert b.connections == 1
 
 
-def test_upgrade_request_is_deferred(afpa_process, backend):
+WS = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+      "Sec-WebSocket-Version: 13")
+
+
+def test_upgrade_refused_by_backend_keeps_the_connection_parsed(afpa_process, backend):
+    """An Upgrade the backend does not take (200) is an ordinary request: what
+    follows on the connection is parsed by afpa, so a smuggling attempt is refused."""
+    b = backend(lambda head, body: response(b"no switch"))
+    p = afpa_process("--backend", b.url)
+    smuggled = (b"POST /admin HTTP/1.1\r\nHost: internal\r\nContent-Length: 4\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    raw = exchange(p.port, get("/ws", *WS, "X-Forwarded-For: 6.6.6.6") + smuggled, expect=2)
+    first, second = parse_responses(raw)
+    assert (first[0], first[2]) == (200, b"no switch")
+    assert second[0] == 400
+    assert len(b.requests) == 1  # the CL+TE request never reached the backend
+    sent = b.requests[0].lower()
+    assert b"x-forwarded-for: 127.0.0.1" in sent and b"6.6.6.6" not in sent
+    assert b"upgrade: websocket" in sent and b"connection: upgrade" in sent
+
+
+def test_websocket_upgrade_spliced_after_101(afpa_process, backend):
     def upgrade(head, body):
         def echo(c):
-            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-            data = c.recv(100)
+            # The backend may speak first, in the same segment as its 101.
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello")
+            data = b""
+            while not data.endswith(b"ping"):
+                data += c.recv(100)
             c.sendall(b"echo:" + data)
         return echo
     b = backend(upgrade)
     p = afpa_process("--backend", b.url)
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
-        s.sendall(get("/ws", "Upgrade: websocket", "Connection: Upgrade"))
+        s.sendall(get("/ws", *WS, "X-Forwarded-For: 6.6.6.6", "Connection: keep-alive, X-Hop", "X-Hop: 1"))
+        raw = b""
+        while b"hello" not in raw:
+            chunk = s.recv(4096)
+            assert chunk
+            raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        lower = head.lower()
+        assert b"upgrade: websocket" in lower and b"connection: upgrade" in lower
+        assert b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=" in lower
+        assert rest == b"hello"
+        s.sendall(b"ping")
+        reply = b""
+        while b"echo:ping" not in reply:
+            chunk = s.recv(4096)
+            assert chunk
+            reply += chunk
+        assert s.recv(4096) == b""  # the backend closed: so does the client side
+    sent = b.requests[0].lower()
+    assert b"upgrade: websocket" in sent and b"connection: upgrade" in sent
+    assert b"sec-websocket-key: dghlihnhbxbszsbub25jzq==" in sent
+    assert b"x-forwarded-for: 127.0.0.1" in sent and b"6.6.6.6" not in sent
+    assert b"x-hop" not in sent and b"keep-alive" not in sent
+
+
+def test_h2c_upgrade_forwarded_as_an_ordinary_request(afpa_process, backend):
+    answers = iter([response(b"plain"),
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"])
+    b = backend(lambda head, body: next(answers))
+    p = afpa_process("--backend", b.url)
+    status, _, body = one(p.port, get("/h2", "Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings",
+                                      "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"))
+    assert (status, body) == (200, b"plain")
+    sent = b.requests[0].lower()
+    assert b"upgrade" not in sent and b"http2-settings" not in sent
+    # A backend that switches anyway, unasked: never relayed.
+    status, _, _ = one(p.port, get("/h2", "Upgrade: h2c", "Connection: Upgrade"))
+    assert status == 502
+
+
+def test_backend_101_to_another_protocol_than_asked_is_502(afpa_process, backend):
+    b = backend(lambda head, body: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+    p = afpa_process("--backend", b.url)
+    status, _, _ = one(p.port, get("/ws", *WS))
+    assert status == 502
+
+
+def test_deferred_route_still_splices_upgrades(afpa_process, backend):
+    def upgrade(head, body):
+        def echo(c):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            c.sendall(b"echo:" + c.recv(100))
+        return echo
+    b = backend(upgrade)
+    p = afpa_process("--defer", b.url)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(get("/ws", *WS, "X-Forwarded-For: 6.6.6.6"))
         raw = b""
         while b"\r\n\r\n" not in raw:
             raw += s.recv(4096)
@@ -304,7 +386,32 @@ def test_upgrade_request_is_deferred(afpa_process, backend):
             chunk = s.recv(4096)
             assert chunk
             reply += chunk
-    assert b"upgrade: websocket" in b.requests[0].lower()
+    assert b"X-Forwarded-For: 6.6.6.6" in b.requests[0]  # the operator chose raw bytes
+
+
+@pytest.mark.parametrize("te", ["gzip", "gzip, chunked"])
+def test_backend_transfer_coding_passed_on(afpa_process, backend, te):
+    """RFC 9112 6.3: with a coding afpa does not undo, the body is relayed (read
+    until the close when chunked is not last) and named to an HTTP/1.1 client;
+    an HTTP/1.0 client, which cannot receive a transfer coding, gets 502."""
+    coded = b"\x1f\x8b pretend-gzip"
+    body = coded if te == "gzip" else b"%x\r\n" % len(coded) + coded + b"\r\n0\r\n\r\n"
+    b = backend(lambda head, _: b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: "
+                + te.encode() + b"\r\n\r\n" + body if te != "gzip" else (lambda c: c.sendall(
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: gzip\r\n\r\n" + body)))
+    p = afpa_process("--backend", b.url)
+    raw = exchange(p.port, get("/z") + get("/z"), expect=2)
+    resps = parse_responses(raw)
+    for status, h, got in resps:
+        assert (status, got) == (200, coded)
+        assert h["transfer-encoding"] == "gzip, chunked" and "stored" not in h["cache-status"]
+    assert len(b.requests) == 2  # never stored
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"GET /z HTTP/1.0\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 502") and b"transfer-encoding" not in raw.lower()
 
 
 def make_cert(tmp_path, name: str):
@@ -353,26 +460,37 @@ def test_tls_termination(afpa_process, backend, tmp_path):
     assert b"x-forwarded-proto: https" in b.requests[0].lower()
 
 
-def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path):
+@pytest.mark.parametrize("route", ["defer", "backend"])
+def test_idle_tunnel_is_closed(afpa_process, backend, tmp_path, route):
+    seen = []
+
     def silent(head, body):
         def hold(c):
-            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             c.settimeout(10)
             try:
-                c.recv(10)  # returns b"" once afpa closes the tunnel
-            except OSError:
-                pass
+                seen.append(c.recv(10))  # b"" once afpa closes the tunnel's backend side
+            except OSError as exc:
+                seen.append(exc)
         return hold
     b = backend(silent)
     cfg = tmp_path / "afpa.toml"
-    cfg.write_text(f'defer = "{b.url}"\n[timeouts]\ntunnel_idle = 0.5\n')
+    cfg.write_text(f'{route} = "{b.url}"\n[timeouts]\ntunnel_idle = 0.5\n')
     p = afpa_process("--config", str(cfg))
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
-        s.sendall(get("/t", "Upgrade: x", "Connection: Upgrade"))
+        s.sendall(get("/t", *WS))
         raw = b""
-        while chunk := s.recv(4096):
-            raw += chunk
+        try:
+            while chunk := s.recv(4096):
+                raw += chunk
+        except ConnectionResetError:
+            pass
     assert raw.startswith(b"HTTP/1.1 101")  # and then the idle tunnel was closed
+    for _ in range(100):
+        if seen:
+            break
+        time.sleep(0.1)
+    assert seen and not isinstance(seen[0], socket.timeout), seen  # the backend side too
 
 
 def test_slow_client_pauses_the_backend_read(afpa_process):

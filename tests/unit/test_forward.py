@@ -27,6 +27,7 @@ class Resp:
     lnames: list | None = None
     content_length: int = -1
     chunked: bool = False
+    codings: bytes = b""
     keep_alive: bool = True
 
 
@@ -89,7 +90,11 @@ def test_only_get_and_cacheable_statuses_are_stored():
 @pytest.mark.parametrize("raw", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gz ip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,,chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: gzip\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
     b"HTTP/2 200 OK\r\n\r\n",
     b"ICY 200 OK\r\n\r\n",

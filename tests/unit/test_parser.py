@@ -6,7 +6,8 @@ import pytest
 
 from afpa.config import Settings
 from protocols.http.errors import HttpError
-from protocols.http.parser import ChunkedBody, LengthBody, parse_head
+from protocols.http.parser import ChunkedBody, LengthBody, parse_head, parse_response_head
+from protocols.http.remote import BackendExchange
 from protocols.http.scopes import HttpRequest
 
 LIMITS = Settings()
@@ -189,6 +190,37 @@ def test_chunked_rejects(body, step):
 def test_length_body():
     data, rest, done = read_all(LengthBody(4), b"abcdEFG", 2)
     assert done and data == b"abcd"
+
+
+def _response(raw: bytes):
+    resp = BackendExchange()
+    assert parse_response_head(raw, 0, 65536, resp) == len(raw)
+    return resp
+
+
+@pytest.mark.parametrize("te,chunked,codings,keep_alive", [
+    (b"chunked", True, b"", True),
+    (b"gzip", False, b"gzip", False),            # RFC 9112 6.3: read until the close
+    (b"GZip, chunked", True, b"gzip", True),      # chunked frames it; gzip is passed on
+    (b"gzip, deflate", False, b"gzip, deflate", False),
+    (b"identity", False, b"", False),
+])
+def test_backend_transfer_codings(te, chunked, codings, keep_alive):
+    resp = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
+    assert (resp.chunked, resp.codings, resp.keep_alive, resp.content_length) == (chunked, codings, keep_alive, -1)
+
+
+@pytest.mark.parametrize("te", [b"chunked, gzip", b"chunked, chunked", b"gz ip", b"gzip,,chunked", b"gzip;q"])
+def test_backend_transfer_codings_malformed(te):
+    with pytest.raises(HttpError) as info:
+        _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
+    assert info.value.status == 502
+
+
+def test_backend_content_length_and_any_transfer_encoding_refused():
+    with pytest.raises(HttpError) as info:
+        _response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip\r\n\r\n")
+    assert info.value.status == 502
 
 
 # -- properties ----------------------------------------------------------------

@@ -16,8 +16,19 @@ of random files:
 For every file size it runs wrk against each proxy on the cacheable URL (every
 measured request is a cache hit) with keep-alive and with a new connection per
 request (``Connection: close``), plus one keep-alive run on the ``/pass/`` URL
-of the smallest size (every request goes to the origin), then prints req/s per
-proxy and the ratios afpa/nginx and afpa/varnish.
+of the smallest size (every request goes to the origin), then prints a
+markdown table: req/s and CPU time per request of each proxy, the req/s ratios
+afpa/nginx and afpa/varnish, and "afpa efficiency vs nginx/varnish" = peer
+CPU/req / afpa CPU/req (higher is better for afpa); for the pass-through row
+also the origin's CPU per request.  ``--repeat N`` runs every (proxy, case) N
+times and reports medians.
+
+CPU per request is measured as in throughput.py: utime+stime from
+/proc/PID/stat of the proxy's whole process tree (its session / process
+group: nginx master and worker, varnishd manager and child, afpa's python),
+after minus before each wrk run, divided by the requests wrk completed.  The
+origin runs in a session of its own, so it is never counted in a proxy's
+figure; it is measured the same way, separately.
 
 Setup, and why:
   * The proxy is pinned to CPU 0 and wrk to CPU 1 (taskset).  The origin is
@@ -59,8 +70,9 @@ from pathlib import Path
 # bench/ on sys.path, this also covers ``python -m`` and imports from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402
-    HOST, NGINX, START_TIMEOUT, choose_cpus, fmt_err, fmt_rate, free_port, make_files, parse_size, print_problems,
-    pin, run_wrk, start, stop, tail, wait_listening,
+    CLK_TCK, HOST, NGINX, START_TIMEOUT, choose_cpus, comparisons, cpu_note, efficiency, fmt_cpu, fmt_err,
+    fmt_rate, free_port, make_files, medians, parse_size, pin, print_markdown, print_problems, rate_ratio, rounds,
+    run_wrk, start, stop, tail, wait_listening,
 )
 
 PROXIES = ("afpa", "nginx", "varnish")
@@ -247,9 +259,12 @@ def cases(files: dict[str, int]) -> list[tuple[str, str, str]]:
     return out
 
 
-def bench_proxy(name: str, args: argparse.Namespace, tmp: Path, origin_port: int,
+def bench_proxy(name: str, args: argparse.Namespace, tmp: Path, origin: subprocess.Popen, origin_port: int,
                 files: dict[str, int], cpus: tuple[int | None, int | None]) -> tuple[dict, str | None]:
-    """Start one proxy, warm up, run every wrk case, stop.  Returns (results, failure)."""
+    """Start one proxy, warm up, run every wrk case, stop.  Returns (results, failure).
+
+    Each run measures the CPU of the proxy's process tree (cpu_*) and, apart,
+    of the origin's (origin_cpu_*)."""
     port = free_port()
     log = tmp / f"{name}.log"
     cmd, extra_log = proxy_cmd(name, args, tmp, port, origin_port)
@@ -272,7 +287,8 @@ def bench_proxy(name: str, args: argparse.Namespace, tmp: Path, origin_port: int
             return results, f"{name} warm-up failed:\n  " + "\n  ".join(problems)
         for label, mode, path in cases(files):
             print(f"   wrk {label} {mode} ...", file=sys.stderr, flush=True)
-            results[(label, mode)] = run_wrk(f"http://{HOST}:{port}{path}", mode == "close", args, cpus[1])
+            results[(label, mode)] = run_wrk(f"http://{HOST}:{port}{path}", mode == "close", args, cpus[1],
+                                             cpu_of={"": proc.pid, "origin_": origin.pid})
             if proc.poll() is not None:
                 return results, f"{name} exited during the run (status {proc.returncode})\n{tail(log)}"
         return results, None
@@ -282,25 +298,22 @@ def bench_proxy(name: str, args: argparse.Namespace, tmp: Path, origin_port: int
 
 # ---------------------------------------------------------------- report
 
-def ratio(a: dict | None, b: dict | None) -> str:
-    return f"{a['req_per_s'] / b['req_per_s']:.2f}" if a and b and b["req_per_s"] else "-"
-
-
 def print_table(files: dict[str, int], all_results: dict[str, dict]) -> None:
     a, n, v = (all_results.get(name, {}) for name in PROXIES)
-    head = ("case", "mode", "afpa req/s", "nginx req/s", "varnish req/s", "afpa/nginx", "afpa/varnish", "errors")
+    head = ("case", "mode", "afpa req/s", "afpa µs CPU/req", "nginx req/s", "nginx µs CPU/req",
+            "varnish req/s", "varnish µs CPU/req", "afpa/nginx req/s", "afpa/varnish req/s",
+            "afpa efficiency vs nginx", "afpa efficiency vs varnish",
+            "origin µs CPU/req behind afpa / nginx / varnish", "errors")
     rows = []
     for label, mode, _ in cases(files):
         ra, rn, rv = a.get((label, mode)), n.get((label, mode)), v.get((label, mode))
         errs = "; ".join(e for e in (fmt_err("afpa", ra), fmt_err("nginx", rn), fmt_err("varnish", rv)) if e)
-        rows.append((label, mode, fmt_rate(ra), fmt_rate(rn), fmt_rate(rv), ratio(ra, rn), ratio(ra, rv), errs))
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).rjust(w) if 2 <= i <= 6 else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    print(line(head))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print(line(r))
+        # The origin is idle during cache hits; its figure matters for pass-through only.
+        origin = (" / ".join(fmt_cpu(r, "origin_cpu_us_per_req") for r in (ra, rn, rv))
+                  if label.startswith("pass") else "")
+        rows.append((label, mode, fmt_rate(ra), fmt_cpu(ra), fmt_rate(rn), fmt_cpu(rn), fmt_rate(rv), fmt_cpu(rv),
+                     rate_ratio(ra, rn), rate_ratio(ra, rv), efficiency(ra, rn), efficiency(ra, rv), origin, errs))
+    print_markdown(head, rows, text_cols={0, 1, len(head) - 1})
 
 
 # ---------------------------------------------------------------- main
@@ -346,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark only these proxies, comma-separated from afpa,nginx,varnish")
     p.add_argument("--no-install", action="store_true",
                    help="do not try `apt-get install -y varnish` when varnishd is missing")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each (proxy, case) N times and report the medians (default 1)")
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.connections <= 0:
-        p.error("--duration and --connections must be positive")
+    if args.duration <= 0 or args.connections <= 0 or args.repeat <= 0:
+        p.error("--duration, --connections and --repeat must be positive")
     if args.afpa_cmd is None:
         exe = shutil.which("afpa")
         args.afpa_cmd = [exe] if exe else [sys.executable, "-m", "afpa"]
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     cpus = choose_cpus()
 
-    all_results: dict[str, dict] = {}
+    all_runs: dict[str, dict[tuple, list[dict]]] = {name: {} for name in proxies}
     failures: dict[str, str] = {}
     origin = None
     tmp = Path(tempfile.mkdtemp(prefix="afpa-bench-proxy-"))
@@ -396,9 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"origin nginx failed to start:\n{tail(tmp / 'origin.log')}\n{tail(err)}", file=sys.stderr)
             return 1
 
-        for name in proxies:
-            results, failure = bench_proxy(name, args, tmp, origin_port, files, cpus)
-            all_results[name] = results
+        for i, name in rounds(proxies, args.repeat):
+            if name in failures:
+                continue
+            if args.repeat > 1:
+                print(f"-- round {i}/{args.repeat}", file=sys.stderr, flush=True)
+            results, failure = bench_proxy(name, args, tmp, origin, origin_port, files, cpus)
+            for case, r in results.items():
+                all_runs[name].setdefault(case, []).append(r)
             if failure:
                 failures[name] = failure
                 print(f"\n!! {failure}\n", file=sys.stderr, flush=True)
@@ -413,11 +433,15 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(origin)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    all_results = medians(all_runs)
     print()
     print(f"wrk -t1 -c{args.connections} -d{args.duration}s; proxy on CPU {cpus[0]}, wrk on CPU {cpus[1]}, "
-          f"origin (nginx, 1 worker) unpinned; req/s as reported by wrk")
+          f"origin (nginx, 1 worker) unpinned; req/s as reported by wrk"
+          + (f"; medians of {args.repeat} runs" if args.repeat > 1 else ""))
     print("hit = cacheable URL (max-age=3600), every measured request a cache hit; "
           "pass = no-store URL, every request forwarded to the origin")
+    print(cpu_note().replace("server's", "proxy's") + "; the origin's CPU is not in the proxy's figure")
+    print()
     print_table(files, all_results)
     for name, reason in skipped.items():
         print(f"\n{name} skipped: {reason}")
@@ -426,11 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "duration_s": args.duration, "connections": args.connections, "threads": 1,
+            "repeat": args.repeat, "clk_tck": CLK_TCK,
             "proxy_cpu": cpus[0], "wrk_cpu": cpus[1], "origin_cpu": None, "afpa_cmd": args.afpa_cmd,
             "varnishd": args.varnishd, "skipped": skipped, "failures": failures,
             "results": [{"proxy": name, "case": label, "mode": mode, **r}
                         for name, results in all_results.items()
                         for (label, mode), r in results.items()],
+            "comparisons": [c for peer in ("nginx", "varnish")
+                            for c in comparisons(all_results, peer, [(label, mode) for label, mode, _ in cases(files)])],
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if failures else 0

@@ -8,8 +8,17 @@ Run from the checkout (stdlib only, Python 3.11+; needs wrk, nginx optional):
 
 For every file size it runs wrk twice against each server: once with
 keep-alive (wrk's default) and once with a new connection per request
-(``Connection: close``), then prints req/s for both servers and the ratio
-afpa/nginx.
+(``Connection: close``), then prints a markdown table: req/s and server CPU
+time per request for both servers, the ratio afpa/nginx of req/s, and "afpa
+efficiency vs nginx" = nginx CPU/req / afpa CPU/req (higher is better for
+afpa).  ``--repeat N`` runs every (server, case) N times and reports medians.
+
+Server CPU per request: before and after each wrk run the script sums
+utime+stime (plus cutime+cstime, i.e. reaped children) from /proc/PID/stat of
+every process whose session id or process group is the server's (it is
+started in its own session), and of their descendants, and divides the
+difference by the number of requests wrk completed.  On a shared host req/s
+swings with whatever else runs; CPU time per request moves much less.
 
 Setup, and why:
   * The server is pinned to CPU 0 and wrk to CPU 1 (taskset), so the load
@@ -37,6 +46,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +57,7 @@ HOST = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
 START_TIMEOUT = 20.0   # seconds a server gets to accept connections
 STOP_TIMEOUT = 5.0     # seconds between SIGTERM and SIGKILL
+CLK_TCK = os.sysconf("SC_CLK_TCK")   # units of the CPU times in /proc/PID/stat
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -148,6 +159,60 @@ def warm_up(port: int, files: dict[str, int], rounds: int = 3) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------- CPU time
+
+def _read_procs() -> dict[int, tuple[int, int, int, int]]:
+    """{pid: (ppid, pgrp, session, CPU clock ticks)} of every process in /proc.
+
+    CPU ticks = utime + stime + cutime + cstime (fields 14-17 of proc(5)).
+    The stat file of a process covers all its threads.  cutime/cstime hold the
+    CPU of children it has reaped, so a child that exits during a run is still
+    counted (its own entry disappears, its parent's cutime grows by as much).
+    """
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
+        # fields[i] is field i + 3: 4 ppid, 5 pgrp, 6 session, 14-17 CPU times.
+        fields = data[data.rindex(b")") + 2:].split()
+        procs[int(name)] = (int(fields[1]), int(fields[2]), int(fields[3]),
+                            int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]))
+    return procs
+
+
+def tree_cpu(leaders: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """{key: (CPU clock ticks, process count)} for each server given by the
+    pid of the process start() created.
+
+    A server's processes are those whose session id or process group is that
+    pid (start() makes it a session leader), plus their descendants (in case
+    one of them calls setsid()).  Servers started separately, like the proxy
+    benchmark's origin, are in their own sessions and are not counted.
+    """
+    procs = _read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for key, leader in leaders.items():
+        members = {pid for pid, (_, pgrp, sid, _) in procs.items()
+                   if pid == leader or pgrp == leader or sid == leader}
+        todo = list(members)
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in members:
+                    members.add(child)
+                    todo.append(child)
+        out[key] = (sum(procs[pid][3] for pid in members), len(members))
+    return out
+
+
 # ---------------------------------------------------------------- wrk
 
 _BYTES = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
@@ -180,15 +245,28 @@ def parse_wrk(out: str) -> dict:
     }
 
 
-def run_wrk(url: str, close: bool, args: argparse.Namespace, cpu: int | None) -> dict:
+def run_wrk(url: str, close: bool, args: argparse.Namespace, cpu: int | None,
+            cpu_of: dict[str, int] | None = None) -> dict:
+    """One wrk run.  cpu_of maps a key prefix to a server's leader pid: for
+    each, the result gets PREFIXcpu_s (CPU seconds its process tree used during
+    the run), PREFIXcpu_us_per_req (that / requests completed, in µs) and
+    PREFIXcpu_procs (how many processes were counted)."""
     cmd = pin(cpu) + ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
     cmd.append(url)
+    cpu_of = cpu_of or {}
+    before = tree_cpu(cpu_of)
     # wrk stops itself after --duration; the margin only guards against a hang.
     # subprocess.run kills wrk if we are interrupted.
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30)
+    after = tree_cpu(cpu_of)
     r = parse_wrk(p.stdout)
+    for key in cpu_of:
+        seconds = (after[key][0] - before[key][0]) / CLK_TCK
+        r[f"{key}cpu_s"] = seconds
+        r[f"{key}cpu_us_per_req"] = seconds / r["requests"] * 1e6 if r["requests"] else None
+        r[f"{key}cpu_procs"] = after[key][1]
     r["errors"] = r["non_2xx_3xx"] + sum(r["socket_errors"].values())
     if p.returncode != 0 or "Requests/sec" not in p.stdout:
         r["wrk_failed"] = (p.stdout + p.stderr).strip()
@@ -261,7 +339,7 @@ def bench_server(name: str, args: argparse.Namespace, tmp: Path, root: Path, fil
             for mode in ("keep-alive", "close"):
                 url = f"http://{HOST}:{port}/{fname}"
                 print(f"   wrk {fname} {mode} ...", file=sys.stderr, flush=True)
-                r = run_wrk(url, mode == "close", args, cpus[1])
+                r = run_wrk(url, mode == "close", args, cpus[1], cpu_of={"": proc.pid})
                 results[(fname, mode)] = r
                 if proc.poll() is not None:
                     return results, f"{name} exited during the run (status {proc.returncode})\n{tail(log)}"
@@ -272,12 +350,69 @@ def bench_server(name: str, args: argparse.Namespace, tmp: Path, root: Path, fil
 
 # ---------------------------------------------------------------- report
 
+# Figures that --repeat reduces to their median (each on its own).
+MEDIAN_KEYS = ("requests", "req_per_s", "bytes_per_s", "p50_ms", "p99_ms",
+               "cpu_s", "cpu_us_per_req", "origin_cpu_s", "origin_cpu_us_per_req")
+
+
+def median_result(runs: list[dict]) -> dict:
+    """One record for the N runs of one (server, case): the median of each
+    figure over the runs where wrk worked, error counts summed over all runs,
+    and the runs themselves under "runs"."""
+    ok = [r for r in runs if "wrk_failed" not in r]
+    out: dict = {"repeat": len(runs), "runs_ok": len(ok)}
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    for key in ("cpu_procs", "origin_cpu_procs"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[key] = max(values)
+    sock: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.get("socket_errors", {}).items():
+            sock[k] = sock.get(k, 0) + v
+    out["non_2xx_3xx"] = sum(r.get("non_2xx_3xx", 0) for r in runs)
+    out["socket_errors"] = sock
+    out["errors"] = sum(r.get("errors", 0) for r in runs)
+    if not ok:
+        out["wrk_failed"] = runs[-1].get("wrk_failed", "")
+    out["runs"] = runs
+    return out
+
+
+def medians(all_runs: dict[str, dict[tuple, list[dict]]]) -> dict[str, dict[tuple, dict]]:
+    return {name: {case: median_result(runs) for case, runs in results.items()}
+            for name, results in all_runs.items()}
+
+
+def _has(r: dict | None, key: str) -> bool:
+    return bool(r) and "wrk_failed" not in r and r.get(key) is not None
+
+
 def fmt_rate(r: dict | None) -> str:
-    return f"{r['req_per_s']:,.0f}" if r else "-"
+    return f"{r['req_per_s']:,.0f}" if _has(r, "req_per_s") else "-"
 
 
 def fmt_mib(r: dict | None) -> str:
-    return f"{r['bytes_per_s'] / (1 << 20):,.1f}" if r else "-"
+    return f"{r['bytes_per_s'] / (1 << 20):,.1f}" if _has(r, "bytes_per_s") else "-"
+
+
+def fmt_cpu(r: dict | None, key: str = "cpu_us_per_req") -> str:
+    return f"{r[key]:,.1f}" if _has(r, key) else "-"
+
+
+def rate_ratio(a: dict | None, b: dict | None) -> str:
+    """afpa req/s / peer req/s (higher is better for afpa)."""
+    return (f"{a['req_per_s'] / b['req_per_s']:.2f}"
+            if _has(a, "req_per_s") and _has(b, "req_per_s") and b["req_per_s"] else "-")
+
+
+def efficiency(a: dict | None, b: dict | None) -> str:
+    """peer CPU/req / afpa CPU/req (higher is better for afpa)."""
+    key = "cpu_us_per_req"
+    return f"{b[key] / a[key]:.2f}" if _has(a, key) and _has(b, key) and a[key] else "-"
 
 
 def fmt_err(name: str, r: dict | None) -> str:
@@ -285,31 +420,55 @@ def fmt_err(name: str, r: dict | None) -> str:
         return ""
     if "wrk_failed" in r:
         return f"{name}: wrk failed"
-    if not r["errors"]:
-        return ""
-    parts = [f"non2xx={r['non_2xx_3xx']}"] if r["non_2xx_3xx"] else []
+    failed = r.get("repeat", 1) - r.get("runs_ok", 1)
+    parts = [f"wrk failed {failed}x"] if failed else []
+    if r["non_2xx_3xx"]:
+        parts.append(f"non2xx={r['non_2xx_3xx']}")
     parts += [f"{k}={v}" for k, v in r["socket_errors"].items() if v]
-    return f"{name}: " + ",".join(parts)
+    return f"{name}: " + ",".join(parts) if parts else ""
+
+
+def print_markdown(head: tuple[str, ...], rows: list[tuple], text_cols: set[int]) -> None:
+    """A markdown table, padded so it also reads as plain text; columns not in
+    text_cols are numbers and right-aligned."""
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    cell = lambda i, c: str(c).ljust(widths[i]) if i in text_cols else str(c).rjust(widths[i])
+    print("| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(head)) + " |")
+    print("|" + "|".join(("-" * (w + 2)) if i in text_cols else ("-" * (w + 1) + ":")
+                         for i, w in enumerate(widths)) + "|")
+    for r in rows:
+        print("| " + " | ".join(cell(i, c) for i, c in enumerate(r)) + " |")
+
+
+def comparisons(all_results: dict[str, dict], peer: str, cases: list[tuple]) -> list[dict]:
+    """The table's ratio columns for the JSON output (unrounded)."""
+    a, b = all_results.get("afpa", {}), all_results.get(peer, {})
+    out = []
+    for case in cases:
+        ra, rb = a.get(case), b.get(case)
+        if not (ra and rb):
+            continue
+        req = (ra["req_per_s"] / rb["req_per_s"]
+               if _has(ra, "req_per_s") and _has(rb, "req_per_s") and rb["req_per_s"] else None)
+        eff = (rb["cpu_us_per_req"] / ra["cpu_us_per_req"]
+               if _has(ra, "cpu_us_per_req") and _has(rb, "cpu_us_per_req") and ra["cpu_us_per_req"] else None)
+        out.append({"case": list(case), "peer": peer, "afpa_over_peer_req_per_s": req,
+                    "afpa_efficiency_vs_peer": eff})
+    return out
 
 
 def print_table(labels: list[str], all_results: dict[str, dict]) -> None:
     a, n = all_results.get("afpa", {}), all_results.get("nginx", {})
-    head = ("size", "mode", "afpa req/s", "nginx req/s", "afpa/nginx", "afpa MiB/s", "nginx MiB/s", "errors")
+    head = ("size", "mode", "afpa req/s", "afpa µs CPU/req", "nginx req/s", "nginx µs CPU/req",
+            "afpa/nginx req/s", "afpa efficiency vs nginx", "afpa MiB/s", "nginx MiB/s", "errors")
     rows = []
     for label in labels:
         for mode in ("keep-alive", "close"):
             ra, rn = a.get((f"{label}.bin", mode)), n.get((f"{label}.bin", mode))
-            ratio = (f"{ra['req_per_s'] / rn['req_per_s']:.2f}"
-                     if ra and rn and rn["req_per_s"] else "-")
             errs = "; ".join(e for e in (fmt_err("afpa", ra), fmt_err("nginx", rn)) if e)
-            rows.append((label, mode, fmt_rate(ra), fmt_rate(rn), ratio, fmt_mib(ra), fmt_mib(rn), errs))
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).rjust(w) if 2 <= i <= 6 else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    print(line(head))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print(line(r))
+            rows.append((label, mode, fmt_rate(ra), fmt_cpu(ra), fmt_rate(rn), fmt_cpu(rn),
+                         rate_ratio(ra, rn), efficiency(ra, rn), fmt_mib(ra), fmt_mib(rn), errs))
+    print_markdown(head, rows, text_cols={0, 1, len(head) - 1})
 
 
 # ---------------------------------------------------------------- main
@@ -318,10 +477,29 @@ def print_problems(all_results: dict[str, dict], failures: dict[str, str]) -> No
     """wrk runs that failed and servers that failed, after the table."""
     for name, results in all_results.items():
         for (label, mode), r in results.items():
-            if "wrk_failed" in r:
-                print(f"\n{name} {label} {mode}: wrk output:\n{r['wrk_failed']}")
+            runs = r.get("runs", [r])
+            for i, run in enumerate(runs, 1):
+                if "wrk_failed" in run:
+                    which = f" (run {i}/{len(runs)})" if len(runs) > 1 else ""
+                    print(f"\n{name} {label} {mode}{which}: wrk output:\n{run['wrk_failed']}")
     for name, failure in failures.items():
         print(f"\n{name} FAILED: {failure}")
+
+
+def rounds(servers: list[str], repeat: int):
+    """(round number, server) in run order: every round runs each server once,
+    starting one later each round, so slow drifts in the host load fall on
+    all servers alike."""
+    for i in range(repeat):
+        k = i % len(servers)
+        for name in servers[k:] + servers[:k]:
+            yield i + 1, name
+
+
+def cpu_note() -> str:
+    return ("µs CPU/req = (utime+stime of every process in the server's session/process group, "
+            "from /proc/PID/stat, after - before the wrk run) / requests wrk completed; "
+            "efficiency = peer CPU/req / afpa CPU/req (higher is better for afpa)")
 
 
 def make_files(tmp: Path, sizes: dict[str, int]) -> tuple[Path, dict[str, int]]:
@@ -346,9 +524,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="command that runs afpa (default: `afpa` on PATH, else `python -m afpa`)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--only", choices=("afpa", "nginx"), help="benchmark only this server")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each (server, case) N times and report the medians (default 1)")
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.connections <= 0:
-        p.error("--duration and --connections must be positive")
+    if args.duration <= 0 or args.connections <= 0 or args.repeat <= 0:
+        p.error("--duration, --connections and --repeat must be positive")
     if args.afpa_cmd is None:
         exe = shutil.which("afpa")
         args.afpa_cmd = [exe] if exe else [sys.executable, "-m", "afpa"]
@@ -366,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     cpus = choose_cpus()
 
-    all_results: dict[str, dict] = {}
+    all_runs: dict[str, dict[tuple, list[dict]]] = {name: {} for name in servers}
     failures: dict[str, str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="afpa-bench-"))
     try:
@@ -374,9 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         # must be able to traverse the temp dir and read the files.
         tmp.chmod(0o755)
         root, files = make_files(tmp, sizes)
-        for name in servers:
+        for i, name in rounds(servers, args.repeat):
+            if name in failures:
+                continue
+            if args.repeat > 1:
+                print(f"-- round {i}/{args.repeat}", file=sys.stderr, flush=True)
             results, failure = bench_server(name, args, tmp, root, files, cpus)
-            all_results[name] = results
+            for case, r in results.items():
+                all_runs[name].setdefault(case, []).append(r)
             if failure:
                 failures[name] = failure
                 print(f"\n!! {failure}\n", file=sys.stderr, flush=True)
@@ -387,20 +572,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    all_results = medians(all_runs)
     print()
     print(f"wrk -t1 -c{args.connections} -d{args.duration}s; server on CPU {cpus[0]}, wrk on CPU {cpus[1]}; "
-          f"req/s and MiB/s as reported by wrk")
+          f"req/s and MiB/s as reported by wrk" + (f"; medians of {args.repeat} runs" if args.repeat > 1 else ""))
+    print(cpu_note())
+    print()
     print_table(labels, all_results)
     print_problems(all_results, failures)
 
     if args.json:
         doc = {
             "duration_s": args.duration, "connections": args.connections, "threads": 1,
+            "repeat": args.repeat, "clk_tck": CLK_TCK,
             "server_cpu": cpus[0], "wrk_cpu": cpus[1], "afpa_cmd": args.afpa_cmd,
             "failures": failures,
             "results": [{"server": name, "file": fname, "size": files[fname], "mode": mode, **r}
                         for name, results in all_results.items()
                         for (fname, mode), r in results.items()],
+            "comparisons": comparisons(all_results, "nginx",
+                                       [(f"{label}.bin", mode) for label in labels
+                                        for mode in ("keep-alive", "close")]),
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if failures else 0

@@ -81,8 +81,10 @@ class BackendProtocol(Protocol):
         self.owner: Any = None
         self.idle_since = 0.0
         self.closed = False
+        self.made = False
 
     def connectionMade(self) -> None:
+        self.made = True
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
 
@@ -141,13 +143,17 @@ class BackendPool:
         one of ``max_connections`` slots until it closes (or fails to open)."""
         self.opened += 1
         self.count += 1
-        creator = ClientCreator(self.reactor, BackendProtocol, self)
+        proto = BackendProtocol(self)
+        creator = ClientCreator(self.reactor, lambda: proto)
         d = creator.connectTCP(self.backend.host, self.backend.port, timeout=self.connect_timeout)
-        d.addErrback(self._not_opened)
+        d.addErrback(self._not_opened, proto)
         return d
 
-    def _not_opened(self, failure: Failure) -> Failure:
-        self.slot_freed()
+    def _not_opened(self, failure: Failure, proto: BackendProtocol) -> Failure:
+        # A connect cancelled just after it succeeded is closed instead, and its
+        # connectionLost frees the slot: never free it twice.
+        if not proto.made:
+            self.slot_freed()
         return failure
 
     def slot_freed(self) -> None:
@@ -170,6 +176,14 @@ class BackendPool:
             self.queue.remove(wake)
         except ValueError:
             pass
+
+    def decline(self, proto: BackendProtocol | None, now: float) -> None:
+        """A waiter was handed ``proto`` (or, None, a free slot) and did not use
+        it: it goes to the next waiter (or back to the idle set)."""
+        if proto is not None:
+            self.release(proto, now)
+        elif self.queue and self.count < self.max_connections:
+            self.queue.popleft()(None)
 
     def release(self, proto: BackendProtocol, now: float) -> None:
         """Give back a connection that finished a response cleanly (to the

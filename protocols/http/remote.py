@@ -25,7 +25,8 @@ dies mid-body -> the client connection is cut, never finished cleanly, and
 nothing is stored; a body delimited by the close is complete only on a clean
 close, never on a reset.  Every backend fault is counted per reason in the
 backend's pool (``afpa_backend_failures_total``) and logged, rate-limited; the
-client's error body says only a short fixed phrase.  A bad chunk from the client drops the backend connection,
+client's error body says only a short fixed phrase.  A bad chunk from the
+client drops the backend connection,
 so no clean terminating chunk ever reaches the backend.  A request is retried
 once on a fresh connection only when it is idempotent, has no body and no byte
 of a response had arrived.
@@ -172,12 +173,10 @@ class BackendExchange(Request):
         if self.queued:
             self.queued = False
             self.pool.leave(self.turn)
-        if self.granted is not None and self.granted is not True:
-            self.pool.release(self.granted, self.g.reactor.seconds())  # handed over, unused
-        elif self.granted is True:
-            self.pool.count += 1  # a slot handed over, unused: pass it on
-            self.pool.slot_freed()
-        self.granted = None
+        if self.granted is not None:
+            # Handed over but never used (the machine ended first): pass it on.
+            self.pool.decline(None if self.granted is True else self.granted, self.g.reactor.seconds())
+            self.granted = None
         if cconn.deadline_kind == "backend":
             cconn.deadline_kind = "busy"
         if self.relaying and not cconn.closed and cconn.transport.producer is not None:
@@ -303,7 +302,6 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         return "ready"
     if ex.timed_out:
         ex.buffering = False
-        creq.close = True
         set_error(g, creq, 408, "request body not received in time", close=True)
         return "failed"
     if not ex.buffering:
@@ -451,7 +449,7 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     conn.inpos = end
     if ex.status < 200:
         if ex.status == 101:
-            ex.fail(502, "backend switched protocols on a request that did not ask to", "malformed_head")
+            ex.fail(502, "backend switched protocols on a request that did not ask to")
             return "failed"
         return "interim"  # 1xx: read the next head
     ex.arm(g.settings.backend_idle_timeout)

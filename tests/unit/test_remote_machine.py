@@ -159,3 +159,18 @@ def test_request_with_a_body_is_not_retried(docroot):
     backend.connectionLost(Failure(ConnectionDone()))
     assert rig.pending() == 0
     assert parse_responses(ct.value())[0][0] == 502
+
+
+def test_connect_cancelled_just_after_it_succeeded_frees_its_slot_once(docroot):
+    rig = Rig(docroot, backend_first_byte_timeout=5.0)
+    _, ct = _first_attempt_dies(rig)
+    factory = rig.reactor.tcpClients[rig.made][2]
+    late = factory.buildProtocol(None)  # connected, but the Deferred has not fired yet
+    late.makeConnection(StringTransport())
+    rig.reactor.rightNow += 7  # time passes before the Deferred's call runs:
+    rig.server.sweep()          # the first-byte deadline cancels the connect
+    assert parse_responses(ct.value())[0][0] == 504
+    pool = next(iter(rig.server.g.pools.pools.values()))
+    assert pool.count == 1  # the late connection still holds its slot ...
+    late.connectionLost(Failure(ConnectionDone()))
+    assert pool.count == 0  # ... until it closes

@@ -66,6 +66,7 @@ class Settings:
     max_header_block: int = 64 << 10
     max_headers: int = 100
     max_discard_body: int = 1 << 20     # body bytes read and dropped to keep a connection
+    buffer_body: int = 64 << 10         # request bodies up to this are read before a backend is taken
 
     # Timeouts, seconds
     idle_timeout: float = 60.0          # keep-alive connection with no request started
@@ -90,6 +91,12 @@ class Settings:
     tunnel_idle_timeout: float = 3600.0  # a deferred (spliced) connection with no traffic
     backend_max_idle: int = 32          # pooled keep-alive connections per backend
     backend_pool_idle_timeout: float = 30.0
+    # Connections per backend (open, opening or idle).  256 is what a default
+    # Apache (MaxRequestWorkers) serves at once; more would only queue in its
+    # listen backlog, pinned by slow clients.  Past it requests wait in a queue.
+    backend_max_connections: int = 256
+    backend_max_queue: int = 1024       # requests waiting for a connection, per backend; then 503
+    backend_queue_timeout: float = 10.0  # longest wait for a connection; then 503
 
 
 def _dot_names(value: Any) -> tuple[str, ...]:
@@ -114,6 +121,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "limits.header_block": ("max_header_block", parse_size),
     "limits.headers": ("max_headers", int), "limits.discard_body": ("max_discard_body", parse_size),
     "limits.keepalive_requests": ("keepalive_requests", int),
+    "limits.buffer_body": ("buffer_body", parse_size),
     "timeouts.idle": ("idle_timeout", _SECONDS), "timeouts.header": ("header_timeout", _SECONDS),
     "timeouts.send": ("send_timeout", _SECONDS),
     "timeouts.backend_connect": ("backend_connect_timeout", _SECONDS),
@@ -122,6 +130,9 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "timeouts.tunnel_idle": ("tunnel_idle_timeout", _SECONDS),
     "backends.max_idle": ("backend_max_idle", int),
     "backends.pool_idle_timeout": ("backend_pool_idle_timeout", _SECONDS),
+    "backends.max_connections": ("backend_max_connections", int),
+    "backends.max_queue": ("backend_max_queue", int),
+    "backends.queue_timeout": ("backend_queue_timeout", _SECONDS),
     "tls.listen": ("tls_listen", parse_hostport),
     "dotfiles_allow": ("dotfiles_allow", _dot_names),
 }

@@ -8,8 +8,9 @@ machine left in ``req.result`` when it reaches ``@done`` or ``@close``.
 
 Events reach the exchange from the backend connection's protocol (``data``,
 ``lost``) and from timers (``timeout``); each one re-runs the state the machine
-is waiting in, which sees the new input, the close (``conn.closed``) or the
-expired deadline (``req.timed_out``) and answers with an outcome.
+is waiting in, which sees the new input, the close (``conn.closed``; and
+``conn.reset`` when it was not a clean close) or the expired deadline
+(``req.timed_out``) and answers with an outcome.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 
 from afpa.engine import Driver
 from afpa.scopes import Connection
@@ -51,8 +53,11 @@ class Exchange(Driver):
         self.poke()
 
     def lost(self, reason: Any) -> None:
-        """The outbound connection closed."""
-        self.conn.closed = True
+        """The outbound connection closed; ``conn.reset`` tells a reset (or any
+        loss but a clean close) from a clean close."""
+        conn = self.conn
+        conn.closed = True
+        conn.reset = reason is not None and reason.check(ConnectionDone) is None
         self.poke()
 
     def poke(self) -> None:

@@ -58,6 +58,7 @@ class Connection:
     requests: int = 0
     busy: bool = False
     closed: bool = False
+    reset: bool = False          # closed by a reset or an error, not a clean close
     tls: bool = False
     sink: Any = None
     on_lost: Any = None

@@ -15,13 +15,36 @@ exchange driving the backend machine) through two methods, ``data(bytes)`` and
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger(namespace="afpa.backend")
+LOG_EVERY = 5.0  # seconds between two log lines for one backend and reason
+
+# The failure reasons counted in /metrics (a closed set, so labels stay bounded),
+# with the words the log line uses.
+FAILURE_REASONS = {
+    "refused": "connection refused",
+    "unresolvable": "host name does not resolve",
+    "connect_error": "cannot connect",
+    "connect_timeout": "connect timeout",
+    "first_byte_timeout": "no response in time",
+    "idle_timeout": "response body stalled",
+    "closed_early": "closed the connection without a response",
+    "reset": "connection lost mid-body",
+    "malformed_head": "malformed response head",
+    "malformed_body": "malformed response body",
+    "queue_full": "too many requests waiting for a connection",
+    "queue_timeout": "no connection free in time",
+    "internal": "internal error while forwarding",
+}
 
 
 @attrs.frozen
@@ -58,8 +81,10 @@ class BackendProtocol(Protocol):
         self.owner: Any = None
         self.idle_since = 0.0
         self.closed = False
+        self.made = False
 
     def connectionMade(self) -> None:
+        self.made = True
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
 
@@ -73,6 +98,7 @@ class BackendProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.closed = True
         self.pool.forget(self)
+        self.pool.slot_freed()
         if self.owner is not None:
             self.owner.lost(reason)
 
@@ -81,15 +107,22 @@ class BackendPool:
     """Keep-alive connections to one backend."""
 
     def __init__(self, reactor: Any, backend: Backend, *, max_idle: int = 32,
-                 connect_timeout: float = 5.0, idle_timeout: float = 30.0):
+                 connect_timeout: float = 5.0, idle_timeout: float = 30.0,
+                 max_connections: int = 256, max_queue: int = 1024):
         self.reactor = reactor
         self.backend = backend
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_queue = max_queue
         self.idle: list[BackendProtocol] = []
         self.opened = 0
         self.reused = 0
+        self.count = 0               # connections open or being opened (idle ones too)
+        self.queue: deque[Callable[[BackendProtocol | None], None]] = deque()
+        self.failures: dict[str, int] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
 
     def take_idle(self) -> BackendProtocol | None:
         """A pooled connection, newest first, or None."""
@@ -100,16 +133,67 @@ class BackendPool:
                 return proto
         return None
 
+    def may_open(self) -> bool:
+        """True when a new connection may be opened now: under the bound, and
+        nobody queued ahead (the queue is served first, in order)."""
+        return self.count < self.max_connections and not self.queue
+
     def connect(self) -> Deferred:
-        """Open a new connection; the Deferred fires with the protocol."""
+        """Open a new connection; the Deferred fires with the protocol.  It holds
+        one of ``max_connections`` slots until it closes (or fails to open)."""
         self.opened += 1
-        creator = ClientCreator(self.reactor, BackendProtocol, self)
-        return creator.connectTCP(self.backend.host, self.backend.port, timeout=self.connect_timeout)
+        self.count += 1
+        proto = BackendProtocol(self)
+        creator = ClientCreator(self.reactor, lambda: proto)
+        d = creator.connectTCP(self.backend.host, self.backend.port, timeout=self.connect_timeout)
+        d.addErrback(self._not_opened, proto)
+        return d
+
+    def _not_opened(self, failure: Failure, proto: BackendProtocol) -> Failure:
+        # A connect cancelled just after it succeeded is closed instead, and its
+        # connectionLost frees the slot: never free it twice.
+        if not proto.made:
+            self.slot_freed()
+        return failure
+
+    def slot_freed(self) -> None:
+        """A connection closed or never opened: the first waiter may open one."""
+        self.count -= 1
+        if self.queue and self.count < self.max_connections:
+            self.queue.popleft()(None)
+
+    def enqueue(self, wake: Callable[[BackendProtocol | None], None]) -> bool:
+        """Wait for a connection: ``wake(proto)`` hands over a connection given
+        back, ``wake(None)`` a free slot to open one in.  False: the queue is full."""
+        if len(self.queue) >= self.max_queue:
+            return False
+        self.queue.append(wake)
+        return True
+
+    def leave(self, wake: Callable[[BackendProtocol | None], None]) -> None:
+        """A waiter gave up (timeout, client gone)."""
+        try:
+            self.queue.remove(wake)
+        except ValueError:
+            pass
+
+    def decline(self, proto: BackendProtocol | None, now: float) -> None:
+        """A waiter was handed ``proto`` (or, None, a free slot) and did not use
+        it: it goes to the next waiter (or back to the idle set)."""
+        if proto is not None:
+            self.release(proto, now)
+        elif self.queue and self.count < self.max_connections:
+            self.queue.popleft()(None)
 
     def release(self, proto: BackendProtocol, now: float) -> None:
-        """Give back a connection that finished a response cleanly."""
+        """Give back a connection that finished a response cleanly (to the
+        first waiter, if any)."""
         proto.owner = None
         if proto.closed:
+            return
+        if self.queue:
+            self.reused += 1
+            self.queue.popleft()(proto)
             return
         if len(self.idle) >= self.max_idle:
             proto.transport.loseConnection()
@@ -127,15 +211,30 @@ class BackendPool:
         if proto.owner is None and proto in self.idle:
             self.idle.remove(proto)
 
+    def failed(self, reason: str, detail: str = "") -> None:
+        """Count a failure (``reason`` is one of :data:`FAILURE_REASONS`) and log
+        it, at most once per reason every ``LOG_EVERY`` seconds."""
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        now = self.reactor.seconds()
+        last, suppressed = self._logged.get(reason, (None, 0))
+        if last is not None and now - last < LOG_EVERY:
+            self._logged[reason] = (last, suppressed + 1)
+            return
+        self._logged[reason] = (now, 0)
+        what = FAILURE_REASONS.get(reason, reason)
+        log.warn("backend {backend}: {what}{detail}{more}", backend=str(self.backend), what=what,
+                 detail=f": {detail}" if detail else "",
+                 more=f" ({suppressed} more since the last report)" if suppressed else "")
 
 
 class Pools:
     """One pool per backend, and round-robin over a route's backends."""
 
     def __init__(self, reactor: Any, *, max_idle: int = 32, connect_timeout: float = 5.0,
-                 idle_timeout: float = 30.0):
+                 idle_timeout: float = 30.0, max_connections: int = 256, max_queue: int = 1024):
         self.reactor = reactor
-        self.options = dict(max_idle=max_idle, connect_timeout=connect_timeout, idle_timeout=idle_timeout)
+        self.options = dict(max_idle=max_idle, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+                            max_connections=max_connections, max_queue=max_queue)
         self.pools: dict[Backend, BackendPool] = {}
         self._turn: dict[Any, int] = {}
 

@@ -4,8 +4,8 @@
 :class:`~afpa.outbound.Exchange` running ``statetables/http-backend.toml``,
 whose states are the ``backend_*`` functions below:
 
-    backend_connect -> backend_send_request -> backend_read_head
-        -> backend_stream_body -> backend_finish -> @done (pool) / @close
+    backend_buffer_body -> backend_connect (-> backend_wait_turn) -> backend_send_request
+        -> backend_read_head -> backend_stream_body -> backend_finish -> @done (pool) / @close
         -> backend_tunnel (after a 101 to a WebSocket upgrade) -> @close
 
 Protocol upgrades: a WebSocket opening handshake is forwarded like any request
@@ -23,6 +23,12 @@ When chunked is not the final coding, the body ends when the backend closes
 (RFC 9112 6.3).  An HTTP/1.0 client cannot receive a transfer coding: 502.
 Transfer-coded bodies are never stored.
 
+A small request body (``limits.buffer_body``) is read completely before a backend
+connection is taken, so a slow uploader holds none while it trickles; larger
+bodies stream.  Connections per backend are bounded: past the bound a request
+waits its turn in the pool's queue (503 when the queue is full or the wait
+times out).
+
 Streaming both ways with back-pressure: the request body is read from the
 client connection as it arrives and written to the backend (client reading is
 paused while the backend's buffer is full); the response body is relayed as
@@ -32,7 +38,11 @@ backend transport being registered as the client transport's producer).
 Faults: connect refused -> 502, connect or first-byte timeout -> 504, a
 malformed response head -> 502 (never relayed, never cached), a backend that
 dies mid-body -> the client connection is cut, never finished cleanly, and
-nothing is stored.  A bad chunk from the client drops the backend connection,
+nothing is stored; a body delimited by the close is complete only on a clean
+close, never on a reset.  Every backend fault is counted per reason in the
+backend's pool (``afpa_backend_failures_total``) and logged, rate-limited; the
+client's error body says only a short fixed phrase.  A bad chunk from the
+client drops the backend connection,
 so no clean terminating chunk ever reaches the backend.  A request is retried
 once on a fresh connection only when it is idempotent, has no body and no byte
 of a response had arrived.
@@ -43,6 +53,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 
 from afpa import sendengine
@@ -77,6 +89,13 @@ class BackendExchange(Request):
     runner: Any = None           # the Exchange driving this scope
     timed_out: bool = False
     client_gone: bool = False
+    connecting: Any = None       # the Deferred of a connection being opened
+    queued: bool = False         # waiting in the pool's queue
+    granted: Any = None          # what the queue handed over: a connection, or a slot
+    probe: Any = None            # a chunked body's reader while buffering it
+    probed: int = 0              # bytes of the body checked so far (from cconn.inpos)
+    buffering: bool = False
+    sent_continue: bool = False
     # request body upload
     upload: Any = None           # the client's body reader while forwarding
     upload_chunked: bool = False
@@ -104,10 +123,14 @@ class BackendExchange(Request):
 
     # -- failure paths --------------------------------------------------------
 
-    def fail(self, status: int, detail: str) -> None:
+    def fail(self, status: int, detail: str, reason: str = "") -> None:
         """Nothing usable came from the backend: answer the client ``status``
         if no byte of a response went to it yet, else cut the client.  A request
-        body that turned out malformed is the client's fault: its 4xx wins."""
+        body that turned out malformed is the client's fault: its 4xx wins.
+        ``reason`` (one of routing.pool.FAILURE_REASONS) counts and logs it as the
+        backend's failure."""
+        if reason:
+            self.pool.failed(reason, detail if reason == "malformed_head" else "")
         if self.relaying or self.creq.sent_head:
             self.abort_client()
             return
@@ -129,13 +152,30 @@ class BackendExchange(Request):
 
     def on_failure(self) -> None:
         """A backend state raised: 502 or a cut client, and a dropped backend."""
-        self.fail(502, "internal error while forwarding")
+        self.fail(502, "internal error while forwarding", "internal")
 
     def timeout(self) -> None:
-        """The first-byte or idle deadline passed (called by the server's sweep)."""
+        """A deadline passed (called by the server's sweep): the state the
+        machine waits in sees ``timed_out`` and answers with its outcome."""
         self.timed_out = True
         if self.proto is not None:
-            self.proto.transport.abortConnection()
+            self.proto.transport.abortConnection()  # the loss wakes the machine
+        elif self.connecting is not None:
+            self.connecting.cancel()  # the errback wakes the machine
+        else:
+            self.runner.poke()  # buffering a body or waiting in the queue
+
+    def turn(self, proto: Any) -> None:
+        """The pool's queue reached this request: ``proto`` is a connection
+        handed over, None a free slot to open one in."""
+        self.queued = False
+        self.granted = proto if proto is not None else True
+        self.runner.poke()
+
+    def disarm(self) -> None:
+        """No deadline of ours until the next :meth:`arm` (the connect has its own)."""
+        self.cconn.deadline = float("inf")
+        self.timed_out = False
 
     def arm(self, seconds: float) -> None:
         """(Re)start the deadline: the client connection carries it, so the
@@ -149,6 +189,13 @@ class BackendExchange(Request):
         """The backend machine ended: tidy both connections."""
         cconn = self.cconn
         cconn.on_timeout = None
+        if self.queued:
+            self.queued = False
+            self.pool.leave(self.turn)
+        if self.granted is not None:
+            # Handed over but never used (the machine ended first): pass it on.
+            self.pool.decline(None if self.granted is True else self.granted, self.g.reactor.seconds())
+            self.granted = None
         if cconn.deadline_kind == "backend":
             cconn.deadline_kind = "busy"
         if self.relaying and not cconn.closed and cconn.transport.producer is not None:
@@ -226,13 +273,6 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
         settle_body(g, conn, req)
         return "failed"
-    if conn.pending is not None and req.chunked:
-        # Refuse a body already known to be malformed before anything reaches the backend.
-        try:
-            ChunkedBody(g.settings.max_header_block).read(conn.inbuf, conn.inpos)
-        except HttpError as exc:
-            set_error(g, req, exc.status, exc.detail, close=True)
-            return "failed"
     ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
     exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
 
@@ -248,22 +288,100 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 
 # -- the backend machine ---------------------------------------------------------
 
-@state("connected", "failed", needs=(), provides={"connected": ("backend",)})
+@state("ready", "need_more", "failed", needs=())
+def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Read a small request body completely before taking a backend connection
+    (a slow uploader then holds none); a larger one streams once connected.  A
+    chunked body is checked as it arrives: a malformed one is refused before
+    anything reaches the backend."""
+    cconn, creq = ex.cconn, ex.creq
+    if ex.client_gone:
+        ex.result = "aborted"
+        return "failed"
+    if cconn.pending is None or not (creq.chunked or creq.content_length > 0):
+        return "ready"
+    limit = g.settings.buffer_body
+    if creq.chunked:
+        if ex.probe is None:
+            ex.probe = ChunkedBody(g.settings.max_header_block)
+        start = cconn.inpos + ex.probed
+        try:
+            pos, _, finished = ex.probe.read(cconn.inbuf, start)
+        except HttpError as exc:
+            ex.buffering = False
+            set_error(g, creq, exc.status, exc.detail, close=True)
+            return "failed"
+        ex.probed += pos - start
+        done = finished or ex.probed > limit
+    else:
+        done = creq.content_length > limit or cconn.unread() >= creq.content_length
+    if done:
+        if ex.buffering:
+            ex.buffering = False
+            cconn.sink = None
+            ex.disarm()
+        return "ready"
+    if ex.timed_out:
+        ex.buffering = False
+        set_error(g, creq, 408, "request body not received in time", close=True)
+        return "failed"
+    if not ex.buffering:
+        ex.buffering = True
+        cconn.sink = ex.runner.poke
+        if creq.expect_continue:
+            ex.sent_continue = True
+            sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
+        cconn.driver.resume_reading()
+    ex.arm(g.settings.idle_timeout)  # the body must keep arriving
+    return "need_more"
+
+
+@state("connected", "queued", "failed", needs=(), provides={"connected": ("backend",)})
 def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
-    """Take a pooled keep-alive connection to the backend (at once) or open one."""
-    proto = None if ex.retried else ex.pool.take_idle()
+    """Take a pooled keep-alive connection to the backend (at once) or open one;
+    when the backend has ``max_connections`` already, wait in its queue."""
+    pool = ex.pool
+    granted, ex.granted = ex.granted, None
+    if granted is not None and granted is not True:
+        return _connected(granted, conn, ex)
+    proto = None if ex.retried or granted is not None else pool.take_idle()
     if proto is not None:
         return _connected(proto, conn, ex)
-    d = ex.pool.connect()
+    if granted is None and not pool.may_open():
+        if not pool.enqueue(ex.turn):
+            ex.fail(503, "backend busy", "queue_full")
+            return "failed"
+        ex.queued = True
+        ex.arm(g.settings.backend_queue_timeout)
+        return "queued"
+    d = ex.connecting = pool.connect()
     d.addCallbacks(_connected, _connect_failed, callbackArgs=(conn, ex), errbackArgs=(ex,))
     return d
 
 
+@state("turn", "need_more", "expired", "failed", needs=())
+def backend_wait_turn(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """Queued for a connection: the pool hands one over (``turn``), or the wait
+    times out (503, ``expired``), or the client left."""
+    if ex.granted is not None:
+        if not ex.retried:
+            ex.disarm()  # a retry keeps its first-byte deadline
+        return "turn"
+    if ex.client_gone:
+        ex.result = "aborted"
+        return "failed"
+    if ex.timed_out:
+        ex.fail(503, "backend busy", "queue_timeout")
+        return "expired"
+    return "need_more"
+
+
 def _connected(proto: Any, conn: Any, ex: BackendExchange) -> str:
+    ex.connecting = None
     ex.proto = proto
     conn.transport = proto.transport
     conn.sock = getattr(proto.transport, "socket", None)  # direct writes, as to clients
-    conn.inbuf, conn.inpos, conn.closed = b"", 0, False
+    conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
     if ex.client_gone:
         proto.transport.loseConnection()
         ex.proto = None
@@ -274,10 +392,19 @@ def _connected(proto: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 def _connect_failed(failure: Any, ex: BackendExchange) -> str:
-    if failure.check(ConnectTimeout):
-        ex.fail(504, "backend did not accept the connection in time")
+    ex.connecting = None
+    if ex.client_gone:
+        ex.result = "aborted"
+    elif failure.check(CancelledError) and ex.timed_out:
+        ex.fail(504, "backend did not answer in time", "first_byte_timeout")
+    elif failure.check(ConnectTimeout):
+        ex.fail(504, "backend did not accept the connection in time", "connect_timeout")
+    elif failure.check(ConnectionRefusedError):
+        ex.fail(502, "cannot connect to the backend", "refused")
+    elif failure.check(DNSLookupError):
+        ex.fail(502, "cannot connect to the backend", "unresolvable")
     else:
-        ex.fail(502, "cannot connect to the backend")
+        ex.fail(502, "cannot connect to the backend", "connect_error")
     return "failed"
 
 
@@ -297,7 +424,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
         ex.upload = cconn.pending.reader
         ex.upload_chunked = creq.chunked
         ex.upload_done = False
-        if creq.expect_continue:
+        if creq.expect_continue and not ex.sent_continue:
             sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
         conn.transport.registerProducer(_UploadThrottle(cconn.driver), True)
         cconn.sink = ex.pump_upload
@@ -323,19 +450,27 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     try:
         end = parse_response_head(conn.inbuf, conn.inpos, g.settings.max_header_block, ex)
     except HttpError as exc:
-        ex.fail(502, exc.detail)
+        ex.fail(502, exc.detail, "malformed_head")
         return "failed"
     if end < 0:
         if ex.timed_out:
-            ex.fail(504, "backend did not answer in time")
+            ex.fail(504, "backend did not answer in time", "first_byte_timeout")
             return "failed"
         if conn.closed:
-            if not conn.inbuf and not ex.retried and ex.upload_done and ex.creq.method in IDEMPOTENT:
+            # Retried only as documented: idempotent and without a body (a body
+            # already sent is gone from the client's input and cannot be resent).
+            if not conn.inbuf and not ex.retried and ex.upload is None and ex.creq.method in IDEMPOTENT:
                 ex.retried = True
                 ex.proto.owner = None
                 ex.proto = None
+                # The dead connection's state must not leak into the retry: a
+                # connect that then fails would find conn.closed set and the
+                # machine would never resume (the request hung forever).
+                conn.transport, conn.sock = None, None
+                conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
                 return "retry"
-            ex.fail(502, "backend closed the connection without a complete response")
+            ex.fail(502, "backend closed the connection without a complete response",
+                    "closed_early" if ex.upload_error is None else "")
             return "failed"
         return "need_more"
     conn.inpos = end
@@ -459,11 +594,14 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     elif reader is UNTIL_CLOSE:
         pieces = [conn.inbuf[conn.inpos:]] if conn.unread() else []
         conn.inpos = len(conn.inbuf)
-        finished = conn.closed and not ex.timed_out
+        # Only a clean close ends such a body: a reset (or our own abort on a
+        # timeout) leaves it truncated, so the client is cut and nothing stored.
+        finished = conn.closed and not conn.reset and not ex.timed_out
     else:
         try:
             conn.inpos, pieces, finished = reader.read(conn.inbuf, conn.inpos)
         except HttpError:
+            ex.pool.failed("malformed_body")
             ex.abort_client()
             return "truncated"
     out = ex.out or []
@@ -485,6 +623,7 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         ex.result = "close" if ex.client_close else "relayed"
         return "complete"
     if conn.closed or ex.timed_out:
+        ex.pool.failed("idle_timeout" if ex.timed_out else "reset")
         ex.abort_client()
         return "truncated"
     return "need_more"
@@ -531,5 +670,5 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "close"
 
 
-FUNCTIONS = (derive_remote_response, backend_connect, backend_send_request, backend_read_head,
-             backend_stream_body, backend_tunnel, backend_finish)
+FUNCTIONS = (derive_remote_response, backend_buffer_body, backend_connect, backend_wait_turn,
+             backend_send_request, backend_read_head, backend_stream_body, backend_tunnel, backend_finish)

@@ -64,13 +64,28 @@ class HttpGlobal:
         reused = CounterMetricFamily("afpa_backend_connections_reused", "Requests sent on a pooled connection",
                                      labels=["backend"])
         idle = GaugeMetricFamily("afpa_backend_connections_idle", "Idle pooled connections", labels=["backend"])
+        open_ = GaugeMetricFamily("afpa_backend_connections_open",
+                                  "Connections open or opening (bounded by backends.max_connections)",
+                                  labels=["backend"])
+        queued = GaugeMetricFamily("afpa_backend_queue_length", "Requests waiting for a backend connection",
+                                   labels=["backend"])
+        failures = CounterMetricFamily("afpa_backend_failures", "Failed backend exchanges by reason",
+                                       labels=["backend", "reason"])
         for backend, pool in sorted(self.pools.pools.items(), key=lambda kv: str(kv[0])):
-            opened.add_metric([str(backend)], pool.opened)
-            reused.add_metric([str(backend)], pool.reused)
-            idle.add_metric([str(backend)], len(pool.idle))
+            name = str(backend)
+            opened.add_metric([name], pool.opened)
+            reused.add_metric([name], pool.reused)
+            idle.add_metric([name], len(pool.idle))
+            open_.add_metric([name], pool.count)
+            queued.add_metric([name], len(pool.queue))
+            for reason, n in sorted(pool.failures.items()):
+                failures.add_metric([name, reason], n)
         yield opened
         yield reused
         yield idle
+        yield open_
+        yield queued
+        yield failures
 
     def sweep(self, now: float) -> None:
         """Periodic housekeeping (called by the server's sweep): idle backend connections."""
@@ -90,7 +105,9 @@ class HttpGlobal:
         """``make_global`` of the HTTP module (raises ValueError on bad routes)."""
         pools = Pools(runtime.reactor, max_idle=settings.backend_max_idle,
                       connect_timeout=settings.backend_connect_timeout,
-                      idle_timeout=settings.backend_pool_idle_timeout)
+                      idle_timeout=settings.backend_pool_idle_timeout,
+                      max_connections=settings.backend_max_connections,
+                      max_queue=settings.backend_max_queue)
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
                    backend_machine=runtime.machines.get("http-backend"), dates=DateCache())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -519,3 +520,161 @@ def test_slow_client_pauses_the_backend_read(afpa_process):
     srv.close()
     assert received > size - (1 << 20)
     assert stalled_rss - base < 32 * 1024, f"RSS grew by {stalled_rss - base} KiB while the client was stalled"
+
+
+# -- issue 11: backend failures, resets, connection limits ------------------------
+
+def test_get_whose_retry_is_refused_gets_502(afpa_process, backend):
+    """The backend reads the request, closes without answering and stops
+    listening (a restart): the retry's connect is refused, and the client gets
+    a 502 instead of waiting forever."""
+    def respond(head, body):
+        b.sock.shutdown(socket.SHUT_RDWR)  # stop listening (close alone leaves accept() running)
+        b.sock.close()
+        return None
+    b = backend(respond)
+    p = afpa_process("--backend", b.url)
+    status, _, body = one(p.port, get("/restart"), timeout=15)
+    assert status == 502 and len(b.requests) == 1
+    assert b"Traceback" not in body and b"Error" not in body.split(b"\n", 1)[1]
+
+
+def test_close_delimited_body_ended_by_reset_is_cut_and_not_stored(afpa_process, backend):
+    """A body delimited by the close and ended by a TCP reset is not complete: the
+    client sees no terminating chunk, and nothing is stored."""
+    relayed = threading.Event()
+
+    def reset_after_body(c):
+        c.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\r\n" + b"r" * 500)
+        relayed.wait(10)  # the client has the bytes: afpa read them before the reset
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+
+    answers = iter([reset_after_body, response(b"whole", "Cache-Control: max-age=60")])
+    b = backend(lambda head, body: next(answers))
+    p = afpa_process("--backend", b.url)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(get("/reset"))
+        raw = b""
+        while b"r" * 500 not in raw:
+            chunk = s.recv(65536)
+            assert chunk
+            raw += chunk
+        relayed.set()
+        try:
+            while chunk := s.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass
+    assert b"Transfer-Encoding: chunked" in raw and not raw.endswith(b"0\r\n\r\n")
+    status, h, body = one(p.port, get("/reset"))
+    assert (status, body) == (200, b"whole") and "hit" not in h["cache-status"]
+    assert len(b.requests) == 2
+
+
+def held_backend(backend):
+    """A backend whose answers wait until ``release`` is set."""
+    release = threading.Event()
+
+    def respond(head, body):
+        release.wait(20)
+        return response(b"done " + head.split(b" ")[1], "Cache-Control: no-store")
+    return backend(respond), release
+
+
+def config(tmp_path, url, **sections):
+    text = f'backend = "{url}"\n'
+    for name, keys in sections.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    path = tmp_path / "afpa.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def wait_until(check, what: str, limit: float = 10.0):
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_connections_per_backend_are_bounded_and_requests_queue(afpa_process, backend, tmp_path):
+    b, release = held_backend(backend)
+    p = afpa_process("--config", config(tmp_path, b.url, backends={"max_connections": 2}))
+    results: dict[int, tuple] = {}
+
+    def client(i):
+        results[i] = one(p.port, get(f"/q{i}"), timeout=20)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(b.requests) == 2, "two requests reach the backend")
+    time.sleep(0.3)  # the third one is given the chance to (wrongly) open a connection
+    assert b.connections == 2 and len(b.requests) == 2
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(r[0] for r in results.values()) == [200, 200, 200]
+    assert all(results[i][2] == b"done /q%d" % i for i in range(3))
+    assert b.connections == 2  # the third request waited and took a connection given back
+
+
+def test_queue_timeout_answers_503(afpa_process, backend, tmp_path):
+    b, release = held_backend(backend)
+    p = afpa_process("--config", config(tmp_path, b.url, backends={"max_connections": 1, "queue_timeout": 0.5}))
+    first = threading.Thread(target=lambda: one(p.port, get("/first"), timeout=20))
+    first.start()
+    try:
+        wait_until(lambda: len(b.requests) == 1, "the first request reaches the backend")
+        status, _, body = one(p.port, get("/second"), timeout=15)
+        assert status == 503 and body == b"503 Service Unavailable: backend busy\n"
+    finally:
+        release.set()
+        first.join(30)
+    assert len(b.requests) == 1
+
+
+def test_slow_small_upload_holds_no_backend_connection(afpa_process, backend):
+    b = backend(lambda head, body: response(b"got " + body))
+    p = afpa_process("--backend", b.url)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(0.5)  # afpa has the head and half the body
+        assert b.connections == 0
+        s.sendall(b"world")
+        raw = b""
+        while not raw.endswith(b"got helloworld"):
+            chunk = s.recv(65536)
+            assert chunk
+            raw += chunk
+    assert b.connections == 1 and b.bodies == [b"helloworld"]
+    # A slow chunked upload that ends within the limit is buffered too.
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        time.sleep(0.5)
+        assert len(b.bodies) == 1  # nothing of it went to the backend yet
+        s.sendall(b"2\r\nde\r\n0\r\n\r\n")
+        raw = b""
+        while not raw.endswith(b"got abcde"):
+            chunk = s.recv(65536)
+            assert chunk
+            raw += chunk
+
+
+def test_refused_backend_is_logged_once_and_counted(afpa_process):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    url = f"http://127.0.0.1:{dead}"
+    p = afpa_process("--backend", url)
+    for _ in range(20):
+        status, _, body = one(p.port, get("/"))
+        assert status == 502 and body == b"502 Bad Gateway: cannot connect to the backend\n"
+    import urllib.request
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
+    assert f'afpa_backend_failures_total{{backend="{url}",reason="refused"}} 20.0' in metrics
+    err = p.stop()
+    lines = [line for line in err.splitlines() if f"backend {url}: connection refused" in line]
+    assert len(lines) == 1, err

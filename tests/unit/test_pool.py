@@ -43,3 +43,36 @@ def test_backend_url_parsing():
         except ValueError:
             continue
         raise AssertionError(f"{bad} accepted")
+
+
+def test_failures_counted_and_logged_once_per_interval():
+    from twisted.logger import capturedLogs
+
+    from routing.pool import LOG_EVERY
+    clock = Clock()
+    pool = BackendPool(clock, Backend("127.0.0.1", 9))
+    with capturedLogs() as events:
+        for _ in range(20):
+            pool.failed("refused")
+        pool.failed("malformed_head", "invalid status line from backend")
+        clock.advance(LOG_EVERY + 1)
+        pool.failed("refused")
+    lines = [e["log_format"].format(**e) for e in events]
+    assert lines == ["backend http://127.0.0.1:9: connection refused",
+                     "backend http://127.0.0.1:9: malformed response head: invalid status line from backend",
+                     "backend http://127.0.0.1:9: connection refused (19 more since the last report)"]
+    assert pool.failures == {"refused": 21, "malformed_head": 1}
+
+
+def test_waiters_served_in_order_with_connections_given_back():
+    pool = BackendPool(Clock(), Backend("127.0.0.1", 9), max_connections=1, max_queue=2)
+    got = []
+    a = connected(pool)
+    pool.count = 1
+    assert not pool.may_open()
+    first, second = (lambda p: got.append(("first", p))), (lambda p: got.append(("second", p)))
+    assert pool.enqueue(first) and pool.enqueue(second) and not pool.enqueue(lambda p: None)
+    pool.release(a, now=0.0)
+    assert got == [("first", a)] and pool.idle == []
+    a.connectionLost(None)  # the slot it held is free: the next waiter may open one
+    assert got == [("first", a), ("second", None)] and pool.count == 0

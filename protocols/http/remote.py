@@ -267,7 +267,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     has_body = cconn.pending is not None and (creq.chunked or creq.content_length > 0)
     framing = "chunked" if creq.chunked else ("length" if creq.content_length >= 0 else "none")
     client_ip = cconn.peer_host
-    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
+    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
                                                  body=framing)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:

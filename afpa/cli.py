@@ -195,10 +195,18 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     except ValueError as exc:
         print(f"afpa: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file named in the settings (access log, table) cannot be opened
+        print(f"afpa: {_os_error(exc)}", file=sys.stderr)
+        return 1
     try:
-        server.start()
+        server.start()  # builds the TLS contexts (reads and checks every TLS file) and listens
     except CannotListenError as exc:
+        server.stop()
         print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        server.stop()
+        print(f"afpa: {exc}", file=sys.stderr)
         return 1
     try:
         lines = server.describe()
@@ -213,6 +221,12 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     reactor.run()
     return 0
+
+
+def _os_error(exc: OSError) -> str:
+    """``<file>: <problem>`` for an OSError (one line)."""
+    problem = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
+    return f"{exc.filename}: {problem}" if exc.filename else problem
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -140,7 +140,8 @@ class Server:
     def start_sweep(self) -> None:
         """Run :meth:`sweep` periodically (often enough for the shortest timeout)."""
         s = self.settings
-        interval = min(1.0, max(0.05, min(s.idle_timeout, s.header_timeout, s.send_timeout) / 4))
+        shortest = min(s.idle_timeout, s.header_timeout, s.send_timeout, s.tls_handshake_timeout)
+        interval = min(1.0, max(0.05, shortest / 4))
         self._sweeper.start(interval, now=False)
 
     def stop(self) -> None:

@@ -40,6 +40,10 @@ def _type(kind: config.Kind) -> Any:
     return convert
 
 
+# argparse types for the common kinds (a new flag: ``type=_seconds`` and so on).
+_seconds, _size, _hostport = _type(config.SECONDS), _type(config.SIZE), _type(config.HOSTPORT)
+
+
 class _Replaced(argparse.Action):
     """A flag that no longer exists: using it is an error naming its replacement."""
 
@@ -54,7 +58,6 @@ class _Replaced(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``afpa`` command."""
     defaults = Settings()
-    seconds, size, hostport = _type(config.SECONDS), _type(config.SIZE), _type(config.HOSTPORT)
     p = _Parser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        argument_default=argparse.SUPPRESS)
     s.add_argument("--config", help="TOML config file (see examples/afpa.toml); options given here override it")
     s.add_argument("--root", help="document root (default: current directory)")
-    s.add_argument("--listen", type=hostport, metavar="HOST:PORT",
+    s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                    help="address to accept clients on (default: 127.0.0.1:8080)")
     s.add_argument("--backend", metavar="URL", type=_type(config.URL),
                    help="forward misses to this HTTP server, e.g. http://127.0.0.1:8081")
@@ -77,22 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate (chain) ...")
     s.add_argument("--tls-key", metavar="PEM", help="... and this private key")
     s.add_argument("--table", help="run this transition table instead of the shipped one")
-    s.add_argument("--admin", type=hostport, metavar="HOST:PORT",
+    s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="serve /metrics, /healthz and /tables/ on this address")
     s.add_argument("--access-log", metavar="PATH",
                    help="one line per request ('-' for standard output); SIGHUP reopens it")
-    s.add_argument("--cache-size", dest="cache_bytes", type=size, metavar="SIZE",
+    s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",
                    help=f"memory cache budget (default: {defaults.cache_bytes >> 20}M)")
-    s.add_argument("--max-object-size", dest="max_object_bytes", type=size, metavar="SIZE",
+    s.add_argument("--max-object-size", dest="max_object_bytes", type=_size, metavar="SIZE",
                    help=f"larger bodies are not cached (default: {defaults.max_object_bytes >> 20}M)")
-    s.add_argument("--revalidate-after", type=seconds, metavar="SECONDS",
+    s.add_argument("--revalidate-after", type=_seconds, metavar="SECONDS",
                    help=f"check a cached file on disk again after this long (default: {defaults.revalidate_after:g})")
     for flag, field in (("--idle-timeout", "idle_timeout"), ("--header-timeout", "header_timeout"),
                         ("--send-timeout", "send_timeout"), ("--tls-handshake-timeout", "tls_handshake_timeout"),
                         ("--backend-connect-timeout", "backend_connect_timeout"),
                         ("--backend-first-byte-timeout", "backend_first_byte_timeout"),
                         ("--backend-idle-timeout", "backend_idle_timeout")):
-        s.add_argument(flag, dest=field, type=seconds, metavar="SECONDS",
+        s.add_argument(flag, dest=field, type=_seconds, metavar="SECONDS",
                        help=f"(default: {getattr(defaults, field):g}; config: {config.file_key(field)})")
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 

@@ -122,3 +122,18 @@ def test_backend_timeouts_on_the_command_line(tmp_path):
     assert (s.backend_connect_timeout, s.backend_first_byte_timeout, s.backend_idle_timeout) == (1.5, 2.0, 3.0)
     assert s.tls_handshake_timeout == 3.0
     assert Settings().tls_handshake_timeout == 10.0
+
+
+def test_a_key_added_with_a_plain_type_is_checked_strictly(tmp_path, monkeypatch):
+    # How another setting is added: one line in _FILE_KEYS (and the field).  A bare
+    # bool/int there still refuses a string, from the file and from code.
+    from afpa import config
+    monkeypatch.setitem(config._FILE_KEYS, "limits.helper_threads", ("helper_threads", int))
+    monkeypatch.setitem(config._FILE_KEYS, "cache.strict", ("cache_strict", bool))
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text('[cache]\nstrict = "false"\n')
+    with pytest.raises(ValueError, match=r"cache.strict: expected true or false, got 'false' \(a string\)"):
+        load_config(str(cfg))
+    cfg.write_text('[limits]\nhelper_threads = "4"\n')
+    with pytest.raises(ValueError, match="limits.helper_threads: expected a whole number"):
+        load_config(str(cfg))

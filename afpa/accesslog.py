@@ -28,7 +28,7 @@ class AccessLog:
         try:
             return open(self.path, "a", encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise ValueError(f"cannot open access log {self.path!r}: {exc.strerror}") from exc
+            raise ValueError(f"{self.path}: access log: cannot open: {exc.strerror}") from exc
 
     def request(self, conn: Any, req: Any, now: float) -> None:
         """Record one finished request."""

@@ -12,41 +12,53 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-from afpa import graph, tables
-from afpa.config import Settings, load_config, parse_hostport, parse_size
+import attrs
+
+from afpa import config, graph, tables
+from afpa.config import Settings, SettingError, load_config
 from afpa.intrinsics import default_registry
 from afpa.modules import Registry
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    try:
-        return parse_hostport(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def _type(kind: config.Kind) -> Any:
+    """An argparse ``type=`` that checks a value with the same kind a config file uses."""
+    def convert(text: str) -> Any:
+        try:
+            return kind.from_text(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = kind.expected  # argparse names the type in some messages
+    return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
+# argparse types for the common kinds (a new flag: ``type=_seconds`` and so on).
+_seconds, _size, _hostport = _type(config.SECONDS), _type(config.SIZE), _type(config.HOSTPORT)
+
+
+class _Replaced(argparse.Action):
+    """A flag that no longer exists: using it is an error naming its replacement."""
+
+    def __init__(self, option_strings: list[str], dest: str, replacement: str = "", **kw: Any):
+        super().__init__(option_strings, dest, nargs=0, help=argparse.SUPPRESS, **kw)
+        self.replacement = replacement
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        parser.error(f"{self.option_strings[0]} was replaced by {self.replacement}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``afpa`` command."""
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
+    p = _Parser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)",
@@ -55,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="document root (default: current directory)")
     s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                    help="address to accept clients on (default: 127.0.0.1:8080)")
-    s.add_argument("--backend", metavar="URL",
+    s.add_argument("--backend", metavar="URL", type=_type(config.URL),
                    help="forward misses to this HTTP server, e.g. http://127.0.0.1:8081")
-    s.add_argument("--defer", metavar="URL",
+    s.add_argument("--defer", metavar="URL", type=_type(config.URL),
                    help="hand connections that miss to this local server (spliced)")
-    s.add_argument("--trust-forwarded", action="store_true",
-                   help="keep and append to incoming X-Forwarded-* (only behind a trusted proxy)")
+    s.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", metavar="CIDR",
+                   type=_type(config.PROXY),
+                   help="keep X-Forwarded-* and Forwarded from this peer address or network (repeatable; "
+                        "default: trust nobody and remove them)")
+    s.add_argument("--trust-forwarded", action=_Replaced, replacement="--trusted-proxy ADDRESS-OR-CIDR "
+                   "(repeatable): name the proxies whose X-Forwarded-* are kept")
     s.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate (chain) ...")
     s.add_argument("--tls-key", metavar="PEM", help="... and this private key")
     s.add_argument("--table", help="run this transition table instead of the shipped one")
@@ -74,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"larger bodies are not cached (default: {defaults.max_object_bytes >> 20}M)")
     s.add_argument("--revalidate-after", type=_seconds, metavar="SECONDS",
                    help=f"check a cached file on disk again after this long (default: {defaults.revalidate_after:g})")
-    s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS")
-    s.add_argument("--header-timeout", type=_seconds, metavar="SECONDS")
-    s.add_argument("--send-timeout", type=_seconds, metavar="SECONDS")
+    for flag, field in (("--idle-timeout", "idle_timeout"), ("--header-timeout", "header_timeout"),
+                        ("--send-timeout", "send_timeout"), ("--tls-handshake-timeout", "tls_handshake_timeout"),
+                        ("--backend-connect-timeout", "backend_connect_timeout"),
+                        ("--backend-first-byte-timeout", "backend_first_byte_timeout"),
+                        ("--backend-idle-timeout", "backend_idle_timeout")):
+        s.add_argument(flag, dest=field, type=_seconds, metavar="SECONDS",
+                       help=f"(default: {getattr(defaults, field):g}; config: {config.file_key(field)})")
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
@@ -178,10 +198,18 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     except ValueError as exc:
         print(f"afpa: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file named in the settings (access log, table) cannot be opened
+        print(f"afpa: {_os_error(exc)}", file=sys.stderr)
+        return 1
     try:
-        server.start()
+        server.start()  # builds the TLS contexts (reads and checks every TLS file) and listens
     except CannotListenError as exc:
+        server.stop()
         print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        server.stop()
+        print(f"afpa: {exc}", file=sys.stderr)
         return 1
     try:
         lines = server.describe()
@@ -198,16 +226,24 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _os_error(exc: OSError) -> str:
+    """``<file>: <problem>`` for an OSError (one line)."""
+    problem = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
+    return f"{exc.filename}: {problem}" if exc.filename else problem
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from a config file (if any) overridden by command-line options."""
-    kwargs = load_config(args.config) if getattr(args, "config", None) else {}
+    """Settings from a config file (if any) overridden by command-line options.
+
+    Raises ValueError with a one-line message naming the option or the config
+    file and key at fault."""
+    path = getattr(args, "config", None)
+    kwargs = load_config(path) if path else {}
     given = vars(args)
-    for name in ("root", "listen", "backend", "defer", "table", "admin", "access_log", "cache_bytes", "max_object_bytes",
-                 "revalidate_after", "idle_timeout", "header_timeout", "send_timeout"):
-        if name in given:
-            kwargs[name] = given[name]
-    if given.get("trust_forwarded"):
-        kwargs["trust_forwarded"] = True
+    fields = attrs.fields_dict(Settings)
+    from_cli = {name for name in given if name in fields}
+    for name in from_cli:
+        kwargs[name] = given[name]
     if ("tls_cert" in given) != ("tls_key" in given):
         raise ValueError("--tls-cert and --tls-key go together")
     if "tls_cert" in given:
@@ -216,7 +252,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if kwargs.get("backend") and kwargs.get("defer"):
         raise ValueError("choose --backend or --defer for the default route, not both "
                          "(rules in a config file can mix them)")
-    return Settings(**kwargs)
+    try:
+        return Settings(**kwargs)
+    except SettingError as exc:
+        if exc.field in from_cli:
+            where = "--" + {"trusted_proxies": "trusted-proxy", "cache_bytes": "cache-size",
+                            "max_object_bytes": "max-object-size"}.get(exc.field, exc.field.replace("_", "-"))
+        else:
+            where = f"{path}: {config.file_key(exc.field) or exc.field}" if path else exc.field
+        raise ValueError(f"{where}: {exc.problem}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,28 @@
-"""Server settings: one attrs class with the embedded defaults.
+"""Server settings: one attrs class with the embedded defaults, and the one place
+every setting is checked.
 
 ``afpa serve`` with no options runs on exactly these values, so every default
 here is one an operator could deploy.
+
+Every setting has a :class:`Kind` (what values it accepts).  The same kind checks
+a value from a config file (:func:`load_config`), from the command line (the
+``afpa`` parser converts text with :meth:`Kind.from_text`) and from code
+(``Settings(...)`` checks every field in ``__attrs_post_init__``), so a value is
+accepted or refused the same way wherever it comes from.
+
+Adding a config key is one line in ``_FILE_KEYS``: ``"section.key": ("field", KIND)``
+(plus the field itself on :class:`Settings`).  The field is then checked from
+every source; a command-line flag, if wanted, is ``type=kind.from_text``.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import math
 import re
 import tomllib
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -18,9 +33,9 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def parse_size(text: str | int) -> int:
     """``"256M"`` -> 268435456.  Units are binary (k = 1024); plain digits are bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    m = _SIZE.match(text)
+    m = _SIZE.match(text) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"not a size: {text!r} (examples: 65536, 64k, 256M, 1G)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
@@ -42,9 +57,180 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     return host or default_host, int(port)
 
 
+# -- kinds of values ----------------------------------------------------------
+
+class SettingError(ValueError):
+    """A setting has a value its kind refuses; ``field`` names the Settings field."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+               dict: "a table", tuple: "an array"}
+
+
+@attrs.frozen
+class Kind:
+    """What a setting accepts.  ``check`` takes a typed value (as TOML or code gives
+    it) and returns it normalised, or raises ValueError/TypeError (optionally with
+    a detail); ``text`` turns a command-line string into such a typed value."""
+
+    expected: str
+    check: Callable[[Any], Any]
+    text: Callable[[str], Any] = str
+
+    def __call__(self, value: Any) -> Any:
+        """The normalised value; ValueError ``expected ..., got ...`` otherwise."""
+        try:
+            return self.check(value)
+        except (TypeError, ValueError) as exc:
+            raise self._refused(value, repr(value), exc) from None
+
+    def from_text(self, text: str) -> Any:
+        """A command-line value (``argparse`` ``type=``)."""
+        try:
+            return self.check(self.text(text))
+        except (TypeError, ValueError) as exc:
+            raise self._refused(text, repr(text), exc) from None
+
+    def _refused(self, value: Any, got: str, exc: Exception) -> ValueError:
+        if isinstance(exc, _Detail):
+            return ValueError(str(exc))  # names the value itself
+        if isinstance(exc, TypeError) and type(value) in _TYPE_NAMES:
+            got += f" ({_TYPE_NAMES[type(value)]})"  # "false" looks like a boolean; say it is not
+        return ValueError(f"expected {self.expected}, got {got}")
+
+
+class _Detail(ValueError):
+    """A refusal that says more than ``expected ..., got ...`` (and names the value)."""
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    return value
+
+
+def _positive_seconds(value: Any) -> float:
+    v = float(_number(value))
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError
+    return v
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        if value < minimum:
+            raise ValueError
+        return value
+    return check
+
+
+def _size(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError
+        n = parse_size(value)
+        if n < minimum:
+            raise ValueError
+        return n
+    return check
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    if not value.strip():
+        raise ValueError
+    return value
+
+
+def _hostport(value: Any) -> tuple[str, int]:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and _int(0)(value[1]) <= 65535:
+        return value
+    if not isinstance(value, str):
+        raise TypeError
+    return parse_hostport(value)
+
+
+def _url(value: Any) -> str:
+    text = _text(value).strip()
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme.lower() != "http":
+        raise _Detail(f"{text!r}: only http:// backends are supported")
+    if not (rest if sep else text).strip("/"):
+        raise ValueError
+    return text
+
+
+def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``"10.0.0.0/8"`` or ``"127.0.0.1"`` -> network; ValueError naming the entry."""
+    if not isinstance(text, str):
+        raise _Detail(f"{text!r} is not a string")
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise _Detail(f"{text!r} is not an IP address or CIDR") from None
+        raise _Detail(f"{text!r} has host bits set (did you mean {loose}?)") from None
+
+
+def _dot_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    for name in value:
+        if not name.startswith(".") or "/" in name or name in (".", ".."):
+            raise _Detail(f"{name!r} is not a path segment starting with a dot")
+    return tuple(value)
+
+
+def _proxies(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError
+    return tuple(str(proxy_network(v)) for v in value)
+
+
+PROXY = Kind("an IP address or CIDR (e.g. 10.0.0.0/8, ::1)", lambda v: str(proxy_network(v)))
+SECONDS = Kind("a positive number of seconds", _positive_seconds, float)
+SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
+POSITIVE_SIZE = Kind("a positive size in bytes (e.g. 8192, 64k)", _size(1))
+COUNT = Kind("a positive whole number", _int(1), int)
+COUNT0 = Kind("a whole number, 0 or more", _int(0), int)
+BOOL = Kind("true or false", _bool)
+TEXT = Kind("a non-empty string", _text)
+PATH = Kind("a file or directory path", _text)
+HOSTPORT = Kind("HOST:PORT (e.g. 127.0.0.1:8080)", _hostport)
+URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
+PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
+DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
+
+# Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
+# there means its strict kind (``"true"`` is not a boolean, ``"5"`` not a number).
+_SECONDS = SECONDS
+_STRICT: dict[Any, Kind] = {bool: BOOL, int: COUNT0, float: SECONDS, str: TEXT,
+                            parse_size: SIZE, parse_hostport: HOSTPORT}
+
+
 @attrs.define(slots=True)
 class Settings:
-    """Everything a server needs to know; defaults are the embedded configuration."""
+    """Everything a server needs to know; defaults are the embedded configuration.
+
+    Every field with a kind (see ``_FILE_KEYS``) is checked when the object is
+    made; an unacceptable value raises :class:`SettingError`.
+    """
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     tls_certs: tuple = ()               # afpa.tls.Certificate: TLS on tls_listen, else on listen
@@ -72,6 +258,7 @@ class Settings:
     idle_timeout: float = 60.0          # keep-alive connection with no request started
     header_timeout: float = 10.0        # from the first byte of a request to its end of head
     send_timeout: float = 60.0          # a response making no progress to a stalled client
+    tls_handshake_timeout: float = 10.0  # from accept to a completed TLS handshake
     keepalive_requests: int = 10000     # then the connection is closed after the response
 
     # Disk helper threads (Flash's AMPED helpers)
@@ -81,7 +268,9 @@ class Settings:
     backend: str | None = None          # --backend URL: default route forwards there
     defer: str | None = None            # --defer URL: default route hands connections there
     routes: tuple = ()                  # routing.router.Route rules from a config file
-    trust_forwarded: bool = False       # keep (and append to) incoming X-Forwarded-*
+    # Peers (addresses or CIDRs) whose X-Forwarded-* / Forwarded fields are kept;
+    # from anyone else they are removed.  Empty: trust nobody.
+    trusted_proxies: tuple[str, ...] = ()
     dotfiles_allow: tuple[str, ...] = ()  # dot-segment names a docroot may serve, e.g. ".well-known"
 
     # Backends
@@ -99,43 +288,93 @@ class Settings:
     backend_queue_timeout: float = 10.0  # longest wait for a connection; then 503
 
 
-def _dot_names(value: Any) -> tuple[str, ...]:
-    """``[".well-known"]`` -> a tuple of path segment names that start with a dot."""
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError("must be a list of strings, e.g. [\".well-known\"]")
-    for name in value:
-        if not name.startswith(".") or "/" in name or name in (".", ".."):
-            raise ValueError(f"{name!r} is not a path segment starting with a dot")
-    return tuple(value)
+    def __attrs_post_init__(self) -> None:
+        validate(self)
 
 
-# Config file keys -> (Settings field, converter).  Sections flatten into fields.
-_SECONDS = float
+# Fields that may stay None (not set).
+_DEFAULT_NONE = frozenset(a.name for a in attrs.fields(Settings) if a.default is None)
+
+# Config file keys -> (Settings field, kind).  Sections flatten into fields.
 _FILE_KEYS: dict[str, tuple[str, Any]] = {
-    "listen": ("listen", parse_hostport), "admin": ("admin", parse_hostport),
-    "access_log": ("access_log", str), "root": ("root", str), "table": ("table", str), "backend_table": ("backend_table", str),
-    "backend": ("backend", str), "defer": ("defer", str), "trust_forwarded": ("trust_forwarded", bool),
-    "cache.size": ("cache_bytes", parse_size), "cache.max_object_size": ("max_object_bytes", parse_size),
-    "cache.revalidate_after": ("revalidate_after", _SECONDS),
-    "limits.request_line": ("max_request_line", parse_size),
-    "limits.header_block": ("max_header_block", parse_size),
-    "limits.headers": ("max_headers", int), "limits.discard_body": ("max_discard_body", parse_size),
-    "limits.keepalive_requests": ("keepalive_requests", int),
-    "limits.buffer_body": ("buffer_body", parse_size),
-    "timeouts.idle": ("idle_timeout", _SECONDS), "timeouts.header": ("header_timeout", _SECONDS),
-    "timeouts.send": ("send_timeout", _SECONDS),
-    "timeouts.backend_connect": ("backend_connect_timeout", _SECONDS),
-    "timeouts.backend_first_byte": ("backend_first_byte_timeout", _SECONDS),
-    "timeouts.backend_idle": ("backend_idle_timeout", _SECONDS),
-    "timeouts.tunnel_idle": ("tunnel_idle_timeout", _SECONDS),
-    "backends.max_idle": ("backend_max_idle", int),
-    "backends.pool_idle_timeout": ("backend_pool_idle_timeout", _SECONDS),
-    "backends.max_connections": ("backend_max_connections", int),
-    "backends.max_queue": ("backend_max_queue", int),
-    "backends.queue_timeout": ("backend_queue_timeout", _SECONDS),
-    "tls.listen": ("tls_listen", parse_hostport),
-    "dotfiles_allow": ("dotfiles_allow", _dot_names),
+    "listen": ("listen", HOSTPORT),
+    "admin": ("admin", HOSTPORT),
+    "access_log": ("access_log", PATH),
+    "root": ("root", PATH),
+    "table": ("table", PATH),
+    "backend_table": ("backend_table", PATH),
+    "backend": ("backend", URL),
+    "defer": ("defer", URL),
+    "trusted_proxies": ("trusted_proxies", PROXIES),
+    "cache.size": ("cache_bytes", SIZE),
+    "cache.max_object_size": ("max_object_bytes", SIZE),
+    "cache.revalidate_after": ("revalidate_after", SECONDS),
+    "limits.request_line": ("max_request_line", POSITIVE_SIZE),
+    "limits.header_block": ("max_header_block", POSITIVE_SIZE),
+    "limits.headers": ("max_headers", COUNT),
+    "limits.discard_body": ("max_discard_body", SIZE),
+    "limits.keepalive_requests": ("keepalive_requests", COUNT),
+    "limits.buffer_body": ("buffer_body", SIZE),
+    "timeouts.idle": ("idle_timeout", SECONDS),
+    "timeouts.header": ("header_timeout", SECONDS),
+    "timeouts.send": ("send_timeout", SECONDS),
+    "timeouts.tls_handshake": ("tls_handshake_timeout", SECONDS),
+    "timeouts.backend_connect": ("backend_connect_timeout", SECONDS),
+    "timeouts.backend_first_byte": ("backend_first_byte_timeout", SECONDS),
+    "timeouts.backend_idle": ("backend_idle_timeout", SECONDS),
+    "timeouts.tunnel_idle": ("tunnel_idle_timeout", SECONDS),
+    "backends.max_idle": ("backend_max_idle", COUNT0),
+    "backends.pool_idle_timeout": ("backend_pool_idle_timeout", SECONDS),
+    "backends.max_connections": ("backend_max_connections", COUNT),
+    "backends.max_queue": ("backend_max_queue", COUNT0),
+    "backends.queue_timeout": ("backend_queue_timeout", SECONDS),
+    "tls.listen": ("tls_listen", HOSTPORT),
+    "dotfiles_allow": ("dotfiles_allow", DOT_NAMES),
 }
+
+# Fields without a config key that are still checked when Settings are made.
+_OTHER_KINDS: dict[str, Kind] = {"helper_threads": COUNT, "module": TEXT}
+
+# Keys that used to exist: using one is an error that says what replaced it.
+_REPLACED_KEYS = {
+    "trust_forwarded": "replaced by trusted_proxies = [\"ADDRESS or CIDR\", ...]: the proxies whose "
+                       "X-Forwarded-* fields are kept (everyone else's are removed)",
+}
+
+
+def _kind(convert: Any) -> Kind:
+    return convert if isinstance(convert, Kind) else _STRICT.get(convert, Kind("a valid value", convert))
+
+
+def field_kinds() -> dict[str, Kind]:
+    """Settings field -> the kind that checks it."""
+    kinds = {field: _kind(convert) for field, convert in _FILE_KEYS.values()}
+    kinds.update(_OTHER_KINDS)
+    return kinds
+
+
+def file_key(field: str) -> str | None:
+    """The config file key of a Settings field (None if it has none)."""
+    for key, (name, _) in _FILE_KEYS.items():
+        if name == field:
+            return key
+    return None
+
+
+def validate(settings: Settings) -> None:
+    """Check (and normalise) every field that has a kind; raise :class:`SettingError`.
+
+    A field whose default is None (not set) may stay None."""
+    for field, kind in field_kinds().items():
+        if not hasattr(settings, field):
+            continue  # a file key that is not a field (backend_table)
+        value = getattr(settings, field)
+        if value is None and field in _DEFAULT_NONE:
+            continue
+        try:
+            setattr(settings, field, kind(value))
+        except ValueError as exc:
+            raise SettingError(field, str(exc)) from None
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -148,11 +387,20 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _unknown(path: str, key: str) -> ValueError:
+    if key in _REPLACED_KEYS:
+        return ValueError(f"{path}: {key}: {_REPLACED_KEYS[key]}")
+    close = difflib.get_close_matches(key, list(_FILE_KEYS), n=1)
+    hint = (f"did you mean {close[0]!r}?" if close
+            else f"known: {', '.join(sorted(_FILE_KEYS))}, [[route]], [[tls.certificate]]")
+    return ValueError(f"{path}: unknown key {key!r} ({hint})")
+
+
 def load_config(path: str) -> dict[str, Any]:
     """Read a TOML config file into Settings keyword arguments.
 
-    Raises ValueError naming the file and key for anything unknown or invalid,
-    so a typo never silently falls back to a default.
+    Raises ValueError ``<file>: <key>: <problem>`` for anything unknown or of the
+    wrong type, so a typo never silently falls back to a default.
     """
     try:
         with open(path, "rb") as f:
@@ -164,23 +412,27 @@ def load_config(path: str) -> dict[str, Any]:
     routes = data.pop("route", [])
     certs = data.get("tls", {}).pop("certificate", []) if isinstance(data.get("tls"), dict) else []
     if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
-        raise ValueError(f"{path}: 'route' must be an array of tables ([[route]])")
+        raise ValueError(f"{path}: route: must be an array of tables ([[route]])")
     kwargs: dict[str, Any] = {"routes": tuple(routes)}
     for key, value in _flatten(data).items():
         if key not in _FILE_KEYS:
-            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [[route]], "
-                             "[[tls.certificate]])")
+            raise _unknown(path, key)
         field, convert = _FILE_KEYS[key]
         try:
-            kwargs[field] = convert(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {key}: {exc}") from exc
+            kwargs[field] = _kind(convert)(value)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {key}: {exc}") from None
     if "backend_table" in kwargs:
         kwargs["companion_tables"] = {"http-backend": kwargs.pop("backend_table")}
     if certs:
         from afpa.tls import Certificate
-        try:
-            kwargs["tls_certs"] = tuple(Certificate(c["cert"], c["key"]) for c in certs)
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: every [[tls.certificate]] needs cert and key") from exc
+        if not isinstance(certs, list):
+            raise ValueError(f"{path}: tls.certificate: must be an array of tables ([[tls.certificate]])")
+        out = []
+        for i, c in enumerate(certs, 1):
+            if (not isinstance(c, dict) or set(c) != {"cert", "key"}
+                    or not all(isinstance(v, str) and v for v in c.values())):
+                raise ValueError(f"{path}: tls.certificate {i}: needs exactly cert and key (PEM file paths)")
+            out.append(Certificate(c["cert"], c["key"]))
+        kwargs["tls_certs"] = tuple(out)
     return kwargs

@@ -31,9 +31,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from afpa import sendengine
 from afpa.modules import UnmetNeed
@@ -175,6 +177,7 @@ class Driver:
         raise NotImplementedError
 
 
+@implementer(IHandshakeListener)
 class MachineProtocol(Protocol, Driver):
     """One client connection, driven by the machine that was current when it was
     accepted.
@@ -212,8 +215,21 @@ class MachineProtocol(Protocol, Driver):
             conn.sock = sock
         if hasattr(t, "setTcpNoDelay"):
             t.setTcpNoDelay(True)
-        conn.deadline = self.seconds() + server.settings.idle_timeout
+        if conn.tls:
+            # Until the handshake completes (handshakeCompleted) only its own,
+            # short deadline applies: a peer that never finishes it is closed.
+            conn.deadline_kind = "handshake"
+            conn.deadline = self.seconds() + server.settings.tls_handshake_timeout
+        else:
+            conn.deadline = self.seconds() + server.settings.idle_timeout
         server.connection_opened(self)
+
+    def handshakeCompleted(self) -> None:
+        """TLS only (IHandshakeListener): the handshake is done; the idle deadline starts."""
+        conn = self.conn
+        if conn is not None and conn.deadline_kind == "handshake":
+            conn.deadline_kind = "idle"
+            conn.deadline = self.seconds() + self.server.settings.idle_timeout
 
     def dataReceived(self, data: bytes) -> None:
         conn = self.conn
@@ -346,7 +362,9 @@ class MachineProtocol(Protocol, Driver):
             conn.on_timeout()
         elif kind == "header":
             self.abort_request(408)
-        elif kind == "send":
+        elif kind in ("send", "handshake"):
+            # Nothing useful can be said to either; a TLS transport would first
+            # try a polite shutdown a half-done handshake cannot carry.
             conn.closed = True
             self.transport.abortConnection()
             self.server.connection_closed(self)

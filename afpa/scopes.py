@@ -18,6 +18,7 @@ import attrs
 from afpa.cache import CacheStore
 from afpa.config import Settings
 from afpa.helpers import Helpers
+from afpa.trust import TrustedProxies
 
 
 @attrs.define(slots=True, eq=False)
@@ -29,6 +30,7 @@ class Runtime:
     cache: CacheStore
     helpers: Helpers
     machines: dict = attrs.field(factory=dict)  # companion machines by name
+    trusted_proxies: TrustedProxies = attrs.field(factory=TrustedProxies)  # from settings.trusted_proxies
 
 
 @attrs.define(slots=True, eq=False)

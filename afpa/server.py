@@ -25,6 +25,7 @@ from afpa.intrinsics import default_registry
 from afpa.metrics import RequestStats
 from afpa.modules import Registry
 from afpa.scopes import Runtime
+from afpa.trust import TrustedProxies
 
 log = Logger(namespace="afpa.server")
 
@@ -68,7 +69,8 @@ class Server:
         self.runtime = Runtime(
             reactor=reactor, settings=settings,
             cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
-            helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions)
+            helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions,
+            trusted_proxies=TrustedProxies(settings.trusted_proxies))
         self.g = self.machine.module.make_global(settings, self.runtime)
         self.access_log: AccessLog | None = None
         if settings.access_log:
@@ -138,7 +140,8 @@ class Server:
     def start_sweep(self) -> None:
         """Run :meth:`sweep` periodically (often enough for the shortest timeout)."""
         s = self.settings
-        interval = min(1.0, max(0.05, min(s.idle_timeout, s.header_timeout, s.send_timeout) / 4))
+        shortest = min(s.idle_timeout, s.header_timeout, s.send_timeout, s.tls_handshake_timeout)
+        interval = min(1.0, max(0.05, shortest / 4))
         self._sweeper.start(interval, now=False)
 
     def stop(self) -> None:

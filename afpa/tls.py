@@ -159,10 +159,29 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> object:
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+def _read_pem(path: str, what: str) -> bytes:
+    """The bytes of a TLS file, or ValueError ``<path>: <what>: <problem>`` (one line)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        problem = "is a directory, not a PEM file"
+    except FileNotFoundError:
+        problem = "no such file"
+    except PermissionError:
+        problem = "permission denied (afpa must be able to read it)"
+    except OSError as e:
+        problem = f"cannot read: {e.strerror or e}"
+    raise ValueError(f"{path}: {what}: {problem}")
+
+
 def _build_context(cert: Certificate) -> SSL.Context:
-    for path in (cert.cert, cert.key):
+    # Read both files first so every mistake is reported by what it is (a
+    # directory, missing, unreadable) before OpenSSL sees them.
+    for path, what in ((cert.cert, "TLS certificate"), (cert.key, "TLS private key")):
+        _read_pem(path, what)
         if not os.path.isfile(path):
-            raise ValueError(f"TLS file not found: {path}")
+            raise ValueError(f"{path}: {what}: not a regular file")
 
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -178,7 +197,7 @@ def _build_context(cert: Certificate) -> SSL.Context:
     try:
         ctx.use_certificate_chain_file(cert.cert)
     except (SSL.Error, OSError) as e:
-        raise ValueError(f"cannot load TLS certificate {cert.cert}: {_reason(e)}") from e
+        raise ValueError(f"{cert.cert}: TLS certificate: cannot load: {_reason(e)}") from e
     _check_key(cert.key)
     try:
         # OpenSSL compares the key with the certificate already loaded, so a
@@ -187,8 +206,7 @@ def _build_context(cert: Certificate) -> SSL.Context:
         ctx.check_privatekey()
     except (SSL.Error, OSError) as e:
         raise ValueError(
-            f"TLS private key {cert.key} does not match certificate {cert.cert} "
-            f"({_reason(e)})"
+            f"{cert.key}: TLS private key does not match the certificate {cert.cert} ({_reason(e)})"
         ) from e
     return ctx
 
@@ -197,32 +215,24 @@ def _check_key(path: str) -> None:
     # Parse the key ourselves first: OpenSSL would stop and prompt on the
     # terminal for a passphrase if the key is encrypted, and its parse errors
     # do not say much.
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read TLS private key {path}: {e.strerror or e}") from e
+    data = _read_pem(path, "TLS private key")
     try:
         serialization.load_pem_private_key(data, password=None)
     except TypeError as e:
         raise ValueError(
-            f"TLS private key {path} is encrypted; a passphrase-free key is required"
+            f"{path}: TLS private key is encrypted; a passphrase-free key is required"
         ) from e
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ValueError(f"TLS private key {path} is not a PEM private key") from e
+        raise ValueError(f"{path}: TLS private key: not a PEM private key") from e
 
 
 def _load_leaf(path: str) -> x509.Certificate:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read TLS certificate {path}: {e.strerror or e}") from e
+    data = _read_pem(path, "TLS certificate")
     try:
         # The first certificate in a chain file is the leaf.
         return x509.load_pem_x509_certificates(data)[0]
     except ValueError as e:
-        raise ValueError(f"TLS certificate {path} is not a PEM certificate") from e
+        raise ValueError(f"{path}: TLS certificate: not a PEM certificate") from e
 
 
 def _reason(error: Exception) -> str:

@@ -103,7 +103,7 @@ def build_router(settings: Any) -> Router:
     elif settings.backend:
         default = Route("remote", backends=(Backend.parse(settings.backend),))
     else:
-        default = Route("docroot", root=_docroot(settings.root, "document root"))
+        default = Route("docroot", root=_docroot(settings.root, "root"))
     rules = tuple(route_from_rule(rule, f"route {i + 1}", settings.root)
                   for i, rule in enumerate(settings.routes))
     return Router(rules, default)

@@ -7,8 +7,12 @@
   (by afpa, not copied) so the backend may agree to switch.
 - ``Via: 1.1 afpa`` is appended both ways.
 - ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set toward the backend.
-  Incoming ones are dropped unless the operator trusts the clients in front of
-  afpa (``trust_forwarded``), in which case afpa appends to them.
+  What the peer says about the client is believed only when the peer is a
+  trusted proxy (``trusted_proxies``): then its ``X-Forwarded-*`` and
+  ``Forwarded`` are kept and the peer is appended to ``X-Forwarded-For`` once.
+  From anyone else every field that claims a client address or scheme
+  (:data:`CLIENT_CLAIMS`, any ``X-Forwarded-*``) is removed first, so a backend
+  never sees a value the client made up.
 
 And which backend responses may be stored (:func:`freshness`), conservatively:
 what is stored must never be wrong, so anything not plainly cacheable passes
@@ -26,7 +30,11 @@ from protocols.http.errors import REASONS
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Fields in which a peer claims who the client is (besides X-Forwarded-*): kept
+# only from a trusted proxy.  Backends and their frameworks read all of these.
+CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-connecting-ip",
+                           b"x-client-ip", b"x-cluster-client-ip", b"fastly-client-ip",
+                           b"x-original-forwarded-for", b"x-originating-ip", b"client-ip"})
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
 REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
 # Set by afpa toward the client.
@@ -59,39 +67,48 @@ def connection_tokens(msg: Any) -> set[bytes]:
     return out
 
 
-def _end_to_end(msg: Any, also_drop: frozenset[bytes]) -> tuple[list[bytes], list[bytes]]:
+def _end_to_end(msg: Any, also_drop: frozenset[bytes],
+                drop_prefixes: tuple[bytes, ...] = (b"proxy-",)) -> tuple[list[bytes], list[bytes]]:
     """(header lines of ``msg`` to forward, its existing Via values)."""
     named = connection_tokens(msg)
     lines, via = [], []
     for lname, (name, value) in zip(msg.lnames, msg.headers):
         if lname == b"via":
             via.append(value)
-        if lname in also_drop or lname in named or lname in HOP_BY_HOP or lname.startswith(b"proxy-"):
+        if lname in also_drop or lname in named or lname in HOP_BY_HOP or lname.startswith(drop_prefixes):
             continue
         lines.append(name + b": " + value + b"\r\n")
     return lines, via
 
 
-def request_head(req: Any, client_ip: str, tls: bool, trust_forwarded: bool, *,
+_UNTRUSTED_DROP = REQUEST_REPLACED | CLIENT_CLAIMS
+_TRUSTED_DROP = REQUEST_REPLACED | {b"x-forwarded-for"}  # rewritten as one line below
+
+
+def request_head(req: Any, client_ip: str, tls: bool, trusted_peer: bool, *,
                  body: str, upgrade: bytes | None = None) -> bytes:
-    """The request head afpa sends to a backend.  ``body``: ``"none"``,
-    ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``:
-    the protocol to ask the backend to switch to (see :func:`websocket_upgrade`)."""
-    drop = REQUEST_REPLACED if trust_forwarded else REQUEST_REPLACED | FORWARDED
-    lines, via = _end_to_end(req, drop)
+    """The request head afpa sends to a backend.
+
+    ``client_ip`` is the peer's address; ``trusted_peer`` whether it is a trusted
+    proxy (see :class:`afpa.trust.TrustedProxies`).  ``body``: ``"none"``,
+    ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``: the
+    protocol to ask the backend to switch to (see :func:`websocket_upgrade`)."""
+    if trusted_peer:
+        lines, via = _end_to_end(req, _TRUSTED_DROP)
+    else:
+        lines, via = _end_to_end(req, _UNTRUSTED_DROP, (b"proxy-", b"x-forwarded-"))
     out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
     if upgrade is not None:
         out.append(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")
     out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
     xff = client_ip.encode()
-    if trust_forwarded:
+    seen: Any = ()
+    if trusted_peer:
+        # The proxy's chain, then the proxy itself: exactly one entry per hop.
         prior = [v for n, (_, v) in zip(req.lnames, req.headers) if n == b"x-forwarded-for"]
         if prior:
             xff = b", ".join([*prior, xff])
-        # Keep a trusted proxy's Proto/Host (they were forwarded above).
-        seen = set(req.lnames)
-    else:
-        seen = set()
+        seen = req.lnames  # its X-Forwarded-Proto/-Host were kept above
     out.append(b"X-Forwarded-For: " + xff + b"\r\n")
     if b"x-forwarded-proto" not in seen:
         out.append(b"X-Forwarded-Proto: " + (b"https" if tls else b"http") + b"\r\n")

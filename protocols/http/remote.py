@@ -417,7 +417,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     client_ip = cconn.peer_host
     if creq.upgrade is not None:
         ex.upgrade = forward.websocket_upgrade(creq)
-    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.settings.trust_forwarded,
+    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
                                                  body=framing, upgrade=ex.upgrade)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:

@@ -56,6 +56,7 @@ class HttpGlobal:
     pools: Pools
     backend_machine: Any
     dates: DateCache
+    trusted: Any  # afpa.trust.TrustedProxies: peers whose forwarding fields are believed
 
     def metrics(self) -> Iterator[Metric]:
         """Backend pool metrics for /metrics (one label value per configured backend)."""
@@ -110,4 +111,5 @@ class HttpGlobal:
                       max_queue=settings.backend_max_queue)
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
-                   backend_machine=runtime.machines.get("http-backend"), dates=DateCache())
+                   backend_machine=runtime.machines.get("http-backend"), dates=DateCache(),
+                   trusted=runtime.trusted_proxies)

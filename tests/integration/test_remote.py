@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from tests.conftest import REPO
 from tests.httpclient import parse_responses
 from tests.integration.backends import RawBackend, response
 from tests.integration.test_serve import exchange, get, rss_sampler
@@ -76,10 +79,12 @@ def test_headers_rewritten_both_ways(afpa_process, backend):
     p = afpa_process("--backend", b.url)
     status, h, _ = one(p.port, get("/h", "Connection: X-Client-Hop", "X-Client-Hop: 1", "Keep-Alive: 300",
                                    "X-Forwarded-For: 6.6.6.6", "Proxy-Authorization: Basic x", "TE: trailers",
-                                   "Via: 1.0 upstream"))
+                                   "Via: 1.0 upstream", "Forwarded: for=6.6.6.6", "X-Real-IP: 6.6.6.6",
+                                   "True-Client-IP: 6.6.6.6", "X-Forwarded-Proto: https"))
     assert status == 200 and "x-hop" not in h and "keep-alive" not in h and h["x-end"] == "kept"
     sent = b.requests[0].decode().lower()
-    for gone in ("x-client-hop", "keep-alive", "proxy-authorization", "te: trailers", "6.6.6.6"):
+    for gone in ("x-client-hop", "keep-alive", "proxy-authorization", "te: trailers", "6.6.6.6", "forwarded:",
+                 "x-real-ip", "true-client-ip", "x-forwarded-proto: https"):
         assert gone not in sent
     assert "x-forwarded-for: 127.0.0.1" in sent
     assert "x-forwarded-proto: http" in sent and "x-forwarded-host: 127.0.0.1" in sent
@@ -88,10 +93,11 @@ def test_headers_rewritten_both_ways(afpa_process, backend):
 
 def test_trusted_forwarded_headers_are_appended(afpa_process, backend):
     b = backend(lambda head, body: response(b"x"))
-    p = afpa_process("--backend", b.url, "--trust-forwarded")
-    one(p.port, get("/", "X-Forwarded-For: 10.1.2.3", "X-Forwarded-Proto: https"))
+    p = afpa_process("--backend", b.url, "--trusted-proxy", "127.0.0.0/8")
+    one(p.port, get("/", "X-Forwarded-For: 10.1.2.3", "X-Forwarded-Proto: https", "X-Real-IP: 10.1.2.3"))
     sent = b.requests[0].decode().lower()
-    assert "x-forwarded-for: 10.1.2.3, 127.0.0.1" in sent and "x-forwarded-proto: https" in sent
+    assert sent.count("x-forwarded-for:") == 1 and "x-forwarded-for: 10.1.2.3, 127.0.0.1\r\n" in sent
+    assert "x-forwarded-proto: https" in sent and "x-real-ip: 10.1.2.3" in sent
 
 
 def test_connect_refused_502(afpa_process):
@@ -459,6 +465,46 @@ def test_tls_termination(afpa_process, backend, tmp_path):
         [(status, h, body)] = parse_responses(data)
         assert h["cache-status"] == expected
     assert b"x-forwarded-proto: https" in b.requests[0].lower()
+
+
+@pytest.mark.parametrize("mistake,message", [
+    ("key-is-dir", "{dir}: TLS private key: is a directory, not a PEM file"),
+    ("missing-cert", "{dir}/missing.crt: TLS certificate: no such file"),
+    ("cert-not-pem", "{dir}/junk.pem: TLS certificate: not a PEM certificate"),
+    ("key-not-pem", "{dir}/junk.pem: TLS private key: not a PEM private key"),
+    ("mismatched-key", "{dir}/other.test.key: TLS private key does not match the certificate"),
+])
+def test_tls_file_mistakes_are_one_line(tmp_path, mistake, message):
+    cert, key = make_cert(tmp_path, "afpa.test")
+    _, other_key = make_cert(tmp_path, "other.test")
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"not a certificate\n")
+    cert, key = {"key-is-dir": (cert, tmp_path), "missing-cert": (tmp_path / "missing.crt", key),
+                 "cert-not-pem": (junk, key), "key-not-pem": (cert, junk),
+                 "mismatched-key": (cert, other_key)}[mistake]
+    res = subprocess.run([sys.executable, "-m", "afpa", "serve", "--listen", "127.0.0.1:0",
+                          "--tls-cert", str(cert), "--tls-key", str(key)],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("afpa: " + message.format(dir=tmp_path)), res.stderr
+
+
+def test_tls_handshake_timeout_closes_a_silent_client(afpa_process, tmp_path):
+    cert, key = make_cert(tmp_path, "afpa.test")
+    p = afpa_process("--tls-cert", str(cert), "--tls-key", str(key), "--tls-handshake-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+        s.sendall(b"\x16\x03\x01")  # the start of a ClientHello, never finished
+        try:
+            assert s.recv(4096) == b""  # closed by afpa (the socket timeout bounds the wait)
+        except ConnectionResetError:
+            pass  # an abort may arrive as a reset: closed all the same
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cert)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="afpa.test") as s:
+            s.sendall(get("/hello.txt"))
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.parametrize("route", ["defer", "backend"])

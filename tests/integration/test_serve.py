@@ -67,6 +67,26 @@ def test_miss_then_hit_and_metrics(afpa_process):
     assert dot.startswith(b'digraph "http"')
 
 
+def test_admin_indexes_and_server_header(afpa_process):
+    p = afpa_process()
+    admin = f"http://127.0.0.1:{p.admin_port}"
+    with urllib.request.urlopen(admin + "/", timeout=5) as r:
+        root = r.read().decode()
+        assert r.headers["Server"] == "afpa"
+    assert all(f'href="{link}"' in root for link in ("/metrics", "/healthz", "/tables/"))
+    with urllib.request.urlopen(admin + "/tables/", timeout=5) as r:
+        index = r.read().decode()
+        assert r.status == 200 and r.headers["Server"] == "afpa"
+    for machine in ("http", "http-backend"):
+        for ext in ("toml", "dot"):
+            assert f'href="/tables/{machine}.{ext}"' in index
+            with urllib.request.urlopen(f"{admin}/tables/{machine}.{ext}", timeout=5) as r:
+                assert r.status == 200 and r.read()
+    for path in ("/metrics", "/healthz"):
+        with urllib.request.urlopen(admin + path, timeout=5) as r:
+            assert r.headers["Server"] == "afpa"
+
+
 def test_keep_alive_pipelining_head_and_304(afpa_process):
     p = afpa_process()
     raw = exchange(p.port, get("/hello.txt") + get("/page.html") + get("/dir/") + get("/hello.txt"), expect=4)

@@ -7,6 +7,7 @@ import os
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.testing import StringTransport
 from prometheus_client import CollectorRegistry, generate_latest
 
 from afpa import tables
@@ -175,6 +176,38 @@ def test_idle_timeout_closes_quietly(mem):
     assert not t.disconnecting
     mem.clock.advance(2)
     assert t.disconnecting and t.value() == answered
+
+
+def tls_connect(mem):
+    # A TLS listener's connection as the engine sees it: Twisted's TLS wrapper
+    # calls handshakeCompleted() once the handshake is done.
+    proto = mem.server.factory(tls=True).buildProtocol(None)
+    t = StringTransport()
+    proto.makeConnection(t)
+    return proto, t
+
+
+def test_tls_handshake_never_completed_is_closed(mem):
+    assert mem.settings.tls_handshake_timeout < mem.settings.idle_timeout
+    _, t = tls_connect(mem)
+    mem.server.start_sweep()
+    mem.clock.advance(mem.settings.tls_handshake_timeout + 1)
+    assert t.disconnecting and t.value() == b""
+    assert not mem.server.connections
+
+
+def test_tls_handshake_completed_then_idle_timeout_applies(mem):
+    proto, t = tls_connect(mem)
+    mem.server.start_sweep()
+    mem.clock.advance(1)
+    proto.handshakeCompleted()
+    mem.clock.advance(mem.settings.tls_handshake_timeout + 1)
+    assert not t.disconnecting
+    proto.dataReceived(get("/hello.txt"))
+    [(status, _, _)] = parse_responses(t.value())
+    assert status == 200 and not t.disconnecting
+    mem.clock.advance(mem.settings.idle_timeout + 1)
+    assert t.disconnecting
 
 
 def test_stale_object_revalidated_then_refetched(mem, docroot):

@@ -96,7 +96,7 @@ def test_parser_sets_normalised_path_and_target_query_untouched():
 
 def test_backend_receives_the_normalised_target():
     req = parsed(b"GET /api/../v1/%7Eme?x=%2e HTTP/1.1\r\nHost: h\r\n\r\n")
-    head = forward.request_head(req, "10.0.0.7", tls=False, trust_forwarded=False, body="none")
+    head = forward.request_head(req, "10.0.0.7", tls=False, trusted_peer=False, body="none")
     assert head.startswith(b"GET /v1/~me?x=%2e HTTP/1.1\r\n")
 
 
@@ -198,8 +198,8 @@ def test_dotfiles_allow_in_config(tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text('dotfiles_allow = [".well-known"]\n')
     assert load_config(str(cfg))["dotfiles_allow"] == (".well-known",)
-    for text, message in (('dotfiles_allow = ".well-known"', "must be a list of strings"),
-                          ("dotfiles_allow = [1]", "must be a list of strings"),
+    for text, message in (('dotfiles_allow = ".well-known"', "expected a list of path segment names starting with a dot"),
+                          ("dotfiles_allow = [1]", "expected a list of path segment names starting with a dot"),
                           ('dotfiles_allow = ["well-known"]', "not a path segment starting with a dot"),
                           ('dotfiles_allow = [".a/b"]', "not a path segment starting with a dot")):
         cfg.write_text(text + "\n")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
 
 from afpa import graph, tables
 from afpa.config import Settings, load_config, parse_hostport, parse_size
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS")
     s.add_argument("--header-timeout", type=_seconds, metavar="SECONDS")
     s.add_argument("--send-timeout", type=_seconds, metavar="SECONDS")
+    s.add_argument("--drain-timeout", type=_seconds, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, let requests in flight finish for up to this long "
+                        f"(default: {defaults.drain_timeout:g}); a second signal stops at once")
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
@@ -190,12 +196,71 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
         raise
     for line in lines:
         print(f"afpa: {line}", file=sys.stderr, flush=True)
-    if server.access_log is not None:
-        import signal
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.access_log.reopen))
+    _install_signal_handlers(reactor, server)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
-    reactor.run()
+    # Twisted's own handlers would stop the reactor on the first SIGTERM/SIGINT;
+    # ours drain first (see _Shutdown).  A handler only queues work for the reactor.
+    reactor.run(installSignalHandlers=False)
     return 0
+
+
+class _Shutdown:
+    """SIGTERM/SIGINT: the first drains the server (``timeouts.drain``), then stops
+    the reactor; a second one stops it at once, cutting what is still open."""
+
+    def __init__(self, reactor: Any, server: Any):
+        self.reactor = reactor
+        self.server = server
+        self.requested = False
+        self.log = Logger(namespace="afpa")
+
+    def signal(self, signame: str) -> None:
+        """Called in the reactor thread for each SIGTERM/SIGINT."""
+        if self.requested:
+            self.log.warn("{signal} again: stopping now, cutting {n} connection(s)",
+                          signal=signame, n=len(self.server.live))
+            self._stop()
+            return
+        self.requested = True
+        timeout = self.server.settings.drain_timeout
+        self.log.info("{signal}: draining {n} connection(s) (up to {t:g} s; a second signal stops at once)",
+                      signal=signame, n=len(self.server.live), t=timeout)
+        self.server.drain(timeout).addCallback(self._drained)
+
+    def _drained(self, cut: int) -> None:
+        if cut:
+            self.log.warn("drain timeout: cut {n} connection(s) still open; stopping", n=cut)
+        else:
+            self.log.info("drained: every connection finished; stopping")
+        self._stop()
+
+    def _stop(self) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping
+
+
+def _hangup(server: Any) -> None:
+    """SIGHUP: reopen the access log, never die.  (Issue 9: a configuration
+    reload will start here, reusing ``server.drain`` for the old listeners.)"""
+    log = Logger(namespace="afpa")
+    if server.reopen_logs():
+        log.info("SIGHUP: access log reopened")
+    else:
+        log.info("SIGHUP: no access log configured, nothing to reopen")
+
+
+def _install_signal_handlers(reactor: Any, server: Any) -> None:
+    import signal
+
+    shutdown = _Shutdown(reactor, server)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(signum).name
+        signal.signal(signum, lambda _n, _f, name=name: reactor.callFromThread(shutdown.signal, name))
+    signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(_hangup, server))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -203,7 +268,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     kwargs = load_config(args.config) if getattr(args, "config", None) else {}
     given = vars(args)
     for name in ("root", "listen", "backend", "defer", "table", "admin", "access_log", "cache_bytes", "max_object_bytes",
-                 "revalidate_after", "idle_timeout", "header_timeout", "send_timeout"):
+                 "revalidate_after", "idle_timeout", "header_timeout", "send_timeout", "drain_timeout"):
         if name in given:
             kwargs[name] = given[name]
     if given.get("trust_forwarded"):

@@ -72,6 +72,7 @@ class Settings:
     header_timeout: float = 10.0        # from the first byte of a request to its end of head
     send_timeout: float = 60.0          # a response making no progress to a stalled client
     keepalive_requests: int = 10000     # then the connection is closed after the response
+    drain_timeout: float = 30.0         # on SIGTERM/SIGINT: in-flight work gets this long, then is cut
 
     # Disk helper threads (Flash's AMPED helpers)
     helper_threads: int = 8
@@ -104,7 +105,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "limits.headers": ("max_headers", int), "limits.discard_body": ("max_discard_body", parse_size),
     "limits.keepalive_requests": ("keepalive_requests", int),
     "timeouts.idle": ("idle_timeout", _SECONDS), "timeouts.header": ("header_timeout", _SECONDS),
-    "timeouts.send": ("send_timeout", _SECONDS),
+    "timeouts.send": ("send_timeout", _SECONDS), "timeouts.drain": ("drain_timeout", _SECONDS),
     "timeouts.backend_connect": ("backend_connect_timeout", _SECONDS),
     "timeouts.backend_first_byte": ("backend_first_byte_timeout", _SECONDS),
     "timeouts.backend_idle": ("backend_idle_timeout", _SECONDS),

@@ -163,3 +163,35 @@ def test_sighup_never_kills(afpa_process):
     assert p.proc.poll() is None
     err = p.stop()
     assert "nothing to reopen" in err
+
+
+def test_spliced_connection_carries_on_until_the_drain_deadline(afpa_process):
+    def tunnel(head, body):
+        def echo(c):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+            c.settimeout(30)
+            try:
+                while data := c.recv(100):
+                    c.sendall(data)
+            except OSError:
+                pass
+        return echo
+    b = RawBackend(tunnel)
+    try:
+        p = afpa_process("--defer", b.url, "--drain-timeout", "1")
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            s.sendall(get("/t", "Upgrade: x", "Connection: Upgrade"))
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += s.recv(4096)
+            assert raw.startswith(b"HTTP/1.1 101")
+            p.proc.send_signal(signal.SIGTERM)
+            wait_refused(p.port)
+            s.sendall(b"ping")  # the tunnel still carries traffic while draining
+            assert s.recv(4) == b"ping"
+            while s.recv(4096):  # until afpa closes it at the deadline
+                pass
+        status, err = finish(p, timeout=30)
+        assert status == 0 and "cut 1 connection(s)" in err
+    finally:
+        b.close()

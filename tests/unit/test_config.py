@@ -50,3 +50,13 @@ def test_command_line_overrides_config(tmp_path):
         settings_from_args(build_parser().parse_args(["serve", "--backend", "http://a:1", "--defer", "http://a:2"]))
     with pytest.raises(ValueError):
         settings_from_args(build_parser().parse_args(["serve", "--tls-cert", "x.pem"]))
+
+
+def test_drain_timeout_from_config_and_command_line(tmp_path):
+    assert Settings().drain_timeout == 30
+    assert Settings(**load_config(str(REPO / "examples" / "afpa.toml"))).drain_timeout == 30
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text("[timeouts]\ndrain = 2.5\n")
+    assert settings_from_args(build_parser().parse_args(["serve", "--config", str(cfg)])).drain_timeout == 2.5
+    args = build_parser().parse_args(["serve", "--config", str(cfg), "--drain-timeout", "7"])
+    assert settings_from_args(args).drain_timeout == 7

@@ -212,14 +212,17 @@ class _Shutdown:
         self.reactor = reactor
         self.server = server
         self.requested = False
+        self.forced = False
         self.log = Logger(namespace="afpa")
 
     def signal(self, signame: str) -> None:
         """Called in the reactor thread for each SIGTERM/SIGINT."""
         if self.requested:
-            self.log.warn("{signal} again: stopping now, cutting {n} connection(s)",
-                          signal=signame, n=len(self.server.live))
-            self._stop()
+            if not self.forced:
+                self.forced = True
+                self.log.warn("{signal} again: stopping now, cutting {n} connection(s)",
+                              signal=signame, n=len(self.server.live))
+                self._stop()
             return
         self.requested = True
         timeout = self.server.settings.drain_timeout
@@ -228,6 +231,8 @@ class _Shutdown:
         self.server.drain(timeout).addCallback(self._drained)
 
     def _drained(self, cut: int) -> None:
+        if self.forced:
+            return  # cut short by a second signal, which said so
         if cut:
             self.log.warn("drain timeout: cut {n} connection(s) still open; stopping", n=cut)
         else:

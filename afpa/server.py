@@ -161,6 +161,10 @@ class Server:
         self._stop_listening(admin=True)
         for proto in list(self.connections):
             proto.transport.loseConnection()
+        if self._drain_waiters:  # a drain cut short: what is left is cut now
+            cut = len(self.live)
+            self.live.clear()
+            self._drain_done(cut)
         self.runtime.helpers.stop()
         if self.access_log is not None:
             self.access_log.close()
@@ -181,8 +185,10 @@ class Server:
         or the deadline.
 
         The Deferred fires, once no client connection is left, with the number
-        of connections cut at the deadline (0 when everything finished).  Calling
-        it again while draining returns another Deferred for the same drain.
+        of connections cut at the deadline or by :meth:`stop` (0 when everything
+        finished).  Calling it again while draining returns another Deferred for
+        the same drain.  Only listeners still in ``self.ports`` are closed, so a
+        caller handing a listener on to another server removes it from there first.
         """
         d: Deferred = Deferred()
         self._drain_waiters.append(d)

@@ -91,3 +91,14 @@ def test_drain_with_nothing_open_fires_at_once(docroot):
     mem.server.drain(30).addCallback(fired.append)
     assert fired == [0]
     assert not mem.clock.getDelayedCalls()  # no deadline timer left behind
+
+
+def test_stop_cuts_a_drain_short(docroot):
+    mem = MemoryServer(str(docroot))
+    slow, slow_t = mem.connect()
+    slow.dataReceived(b"GET /hello.txt HTTP/1.1\r\n")
+    fired = []
+    mem.server.drain(30).addCallback(fired.append)
+    mem.server.stop()  # a second signal
+    assert fired == [1] and slow_t.disconnecting
+    assert not mem.clock.getDelayedCalls()

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from twisted.logger import Logger
+
 import attrs
 
 from afpa import config, graph, tables
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("--send-timeout", "send_timeout"), ("--tls-handshake-timeout", "tls_handshake_timeout"),
                         ("--backend-connect-timeout", "backend_connect_timeout"),
                         ("--backend-first-byte-timeout", "backend_first_byte_timeout"),
-                        ("--backend-idle-timeout", "backend_idle_timeout")):
+                        ("--backend-idle-timeout", "backend_idle_timeout"),
+                        ("--drain-timeout", "drain_timeout")):
         s.add_argument(flag, dest=field, type=_seconds, metavar="SECONDS",
                        help=f"(default: {getattr(defaults, field):g}; config: {config.file_key(field)})")
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
@@ -218,11 +221,11 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
         raise
     for line in lines:
         print(f"afpa: {line}", file=sys.stderr, flush=True)
-    if server.access_log is not None:
-        import signal
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.access_log.reopen))
+    _install_signal_handlers(reactor, server)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
-    reactor.run()
+    # Twisted's own handlers would stop the reactor on the first SIGTERM/SIGINT;
+    # ours drain first (see _Shutdown).  A handler only queues work for the reactor.
+    reactor.run(installSignalHandlers=False)
     return 0
 
 
@@ -230,6 +233,70 @@ def _os_error(exc: OSError) -> str:
     """``<file>: <problem>`` for an OSError (one line)."""
     problem = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
     return f"{exc.filename}: {problem}" if exc.filename else problem
+
+
+class _Shutdown:
+    """SIGTERM/SIGINT: the first drains the server (``timeouts.drain``), then stops
+    the reactor; a second one stops it at once, cutting what is still open."""
+
+    def __init__(self, reactor: Any, server: Any):
+        self.reactor = reactor
+        self.server = server
+        self.requested = False
+        self.forced = False
+        self.log = Logger(namespace="afpa")
+
+    def signal(self, signame: str) -> None:
+        """Called in the reactor thread for each SIGTERM/SIGINT."""
+        if self.requested:
+            if not self.forced:
+                self.forced = True
+                self.log.warn("{signal} again: stopping now, cutting {n} connection(s)",
+                              signal=signame, n=len(self.server.live))
+                self._stop()
+            return
+        self.requested = True
+        timeout = self.server.settings.drain_timeout
+        self.log.info("{signal}: draining {n} connection(s) (up to {t:g} s; a second signal stops at once)",
+                      signal=signame, n=len(self.server.live), t=timeout)
+        self.server.drain(timeout).addCallback(self._drained)
+
+    def _drained(self, cut: int) -> None:
+        if self.forced:
+            return  # cut short by a second signal, which said so
+        if cut:
+            self.log.warn("drain timeout: cut {n} connection(s) still open; stopping", n=cut)
+        else:
+            self.log.info("drained: every connection finished; stopping")
+        self._stop()
+
+    def _stop(self) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping
+
+
+def _hangup(server: Any) -> None:
+    """SIGHUP: reopen the access log, never die.  (Issue 9: a configuration
+    reload will start here, reusing ``server.drain`` for the old listeners.)"""
+    log = Logger(namespace="afpa")
+    if server.reopen_logs():
+        log.info("SIGHUP: access log reopened")
+    else:
+        log.info("SIGHUP: no access log configured, nothing to reopen")
+
+
+def _install_signal_handlers(reactor: Any, server: Any) -> None:
+    import signal
+
+    shutdown = _Shutdown(reactor, server)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(signum).name
+        signal.signal(signum, lambda _n, _f, name=name: reactor.callFromThread(shutdown.signal, name))
+    signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(_hangup, server))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

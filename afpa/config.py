@@ -260,6 +260,7 @@ class Settings:
     send_timeout: float = 60.0          # a response making no progress to a stalled client
     tls_handshake_timeout: float = 10.0  # from accept to a completed TLS handshake
     keepalive_requests: int = 10000     # then the connection is closed after the response
+    drain_timeout: float = 30.0         # on SIGTERM/SIGINT: in-flight work gets this long, then is cut
 
     # Disk helper threads (Flash's AMPED helpers)
     helper_threads: int = 8
@@ -318,6 +319,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "timeouts.idle": ("idle_timeout", SECONDS),
     "timeouts.header": ("header_timeout", SECONDS),
     "timeouts.send": ("send_timeout", SECONDS),
+    "timeouts.drain": ("drain_timeout", SECONDS),
     "timeouts.tls_handshake": ("tls_handshake_timeout", SECONDS),
     "timeouts.backend_connect": ("backend_connect_timeout", SECONDS),
     "timeouts.backend_first_byte": ("backend_first_byte_timeout", SECONDS),

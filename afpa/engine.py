@@ -250,14 +250,15 @@ class MachineProtocol(Protocol, Driver):
 
     def connectionLost(self, reason: Failure = None) -> None:
         conn = self.conn
-        if conn is None or conn.closed:
-            return
-        conn.closed = True
-        if conn.on_lost is not None:
-            conn.on_lost(reason)
-        if conn.req is not None:
-            release(conn.req)
-        self.server.connection_closed(self)
+        if conn is not None and not conn.closed:
+            conn.closed = True
+            if conn.on_lost is not None:
+                conn.on_lost(reason)
+            if conn.req is not None:
+                release(conn.req)
+            self.server.connection_closed(self)
+        # Also after our own close: a drain waits until the last byte is out.
+        self.server.connection_lost(self)
 
     def pause_reading(self) -> None:
         """Stop reading from the client (its input is not being consumed)."""
@@ -306,7 +307,7 @@ class MachineProtocol(Protocol, Driver):
         conn.req = None
         conn.requests += 1
         machine = conn.machine
-        if close or conn.closed:
+        if close or conn.closed or self.server.draining:
             conn.state = machine.start
             self._close()
             return None
@@ -321,6 +322,20 @@ class MachineProtocol(Protocol, Driver):
 
     def failed(self) -> None:
         self.abort_request(500)
+
+    def drain(self) -> None:
+        """The server is shutting down: close now if the connection is between
+        requests, else let the request in flight finish and close after it (its
+        response says ``Connection: close`` unless its head is already out)."""
+        conn = self.conn
+        if conn.closed:
+            return
+        req = conn.req
+        if req is None or (not conn.busy and conn.state is conn.machine.start and conn.pending is None
+                           and conn.inpos >= len(conn.inbuf)):
+            self._close()
+        elif not req.sent_head:
+            req.close = True
 
     def _close(self) -> None:
         self.conn.closed = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -84,6 +85,13 @@ class Server:
         self.admin_port: Any = None
         self.stopped = False
         self.tls_ports: list[Any] = []
+        # Every accepted connection until its transport is gone (connections drops
+        # one as soon as it is closed, while its last bytes may still be queued).
+        self.live: set[MachineProtocol] = set()
+        self.draining = False
+        self._drain_waiters: list[Deferred] = []
+        self._drain_timer: Any = None
+        self._stopped_ports: set[int] = set()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
@@ -151,13 +159,78 @@ class Server:
         self.stopped = True
         if self._sweeper.running:
             self._sweeper.stop()
-        for p in self.ports:
-            p.stopListening()
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._stop_listening(admin=True)
         for proto in list(self.connections):
             proto.transport.loseConnection()
+        if self._drain_waiters:  # a drain cut short: what is left is cut now
+            cut = len(self.live)
+            self.live.clear()
+            self._drain_done(cut)
         self.runtime.helpers.stop()
         if self.access_log is not None:
             self.access_log.close()
+
+    def _stop_listening(self, admin: bool) -> None:
+        for p in self.ports:
+            if (admin or p is not self.admin_port) and id(p) not in self._stopped_ports:
+                self._stopped_ports.add(id(p))
+                p.stopListening()
+
+    def drain(self, timeout: float) -> Deferred:
+        """Shut down gracefully: stop accepting (the admin listener stays), close
+        connections that are between requests at once, let every request in flight
+        finish (its connection closes after it, announcing ``Connection: close``
+        where the response head is not out yet), and cut whatever is left after
+        ``timeout`` seconds.  Spliced (deferred) connections carry opaque traffic
+        with no request boundary afpa can see, so they too run until they close
+        or the deadline.
+
+        The Deferred fires, once no client connection is left, with the number
+        of connections cut at the deadline or by :meth:`stop` (0 when everything
+        finished).  Calling it again while draining returns another Deferred for
+        the same drain.  Only listeners still in ``self.ports`` are closed, so a
+        caller handing a listener on to another server removes it from there first.
+        """
+        d: Deferred = Deferred()
+        self._drain_waiters.append(d)
+        if self.draining:
+            self._drain_check()
+            return d
+        self.draining = True
+        self._stop_listening(admin=False)
+        self._drain_timer = self.reactor.callLater(timeout, self._drain_deadline)
+        for proto in list(self.live):
+            proto.drain()
+        self._drain_check()
+        return d
+
+    def _drain_deadline(self) -> None:
+        left = list(self.live)
+        self.live.clear()
+        for proto in left:
+            # connectionLost follows and tidies up as for any lost client.
+            proto.transport.abortConnection()
+        self._drain_done(len(left))
+
+    def _drain_check(self) -> None:
+        if self.draining and not self.live:
+            if self._drain_timer is not None and self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_done(0)
+
+    def _drain_done(self, cut: int) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.callback(cut)
+
+    def reopen_logs(self) -> bool:
+        """Reopen the access log (after logrotate moved it); False if there is none."""
+        if self.access_log is None:
+            return False
+        self.access_log.reopen()
+        return True
 
     def machines(self) -> list[tables.Machine]:
         """Every machine whose counters are live: the client machine and its companions."""
@@ -168,11 +241,20 @@ class Server:
     def connection_opened(self, proto: MachineProtocol) -> None:
         """A connection was accepted."""
         self.connections.add(proto)
+        self.live.add(proto)
         self.connections_total += 1
+        if self.draining:  # accepted just before the listener closed
+            proto.drain()
 
     def connection_closed(self, proto: MachineProtocol) -> None:
         """A connection closed (idempotent)."""
         self.connections.discard(proto)
+
+    def connection_lost(self, proto: MachineProtocol) -> None:
+        """A connection's transport is gone (after :meth:`connection_closed`)."""
+        self.live.discard(proto)
+        if self.draining:
+            self._drain_check()
 
     def stats_for(self, machine: tables.Machine) -> RequestStats:
         """The request counters of a machine (by name, so they survive a reload)."""

@@ -86,12 +86,18 @@ class AfpaProcess:
         wait_port(self.admin_port, self.proc)
 
     def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
+        """SIGTERM (afpa drains: at once when idle); if work is still held after a
+        few seconds, a second SIGTERM stops it at once; SIGKILL as a last resort."""
+        for _ in range(2):
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            try:
+                _, err = self.proc.communicate(timeout=5)
+                return err.decode(errors="replace")
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        _, err = self.proc.communicate()
         return err.decode(errors="replace")
 
     def rss_kib(self) -> int:

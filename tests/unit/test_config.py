@@ -137,3 +137,13 @@ def test_a_key_added_with_a_plain_type_is_checked_strictly(tmp_path, monkeypatch
     cfg.write_text('[limits]\nhelper_threads = "4"\n')
     with pytest.raises(ValueError, match="limits.helper_threads: expected a whole number"):
         load_config(str(cfg))
+
+
+def test_drain_timeout_from_config_and_command_line(tmp_path):
+    assert Settings().drain_timeout == 30
+    assert Settings(**load_config(str(REPO / "examples" / "afpa.toml"))).drain_timeout == 30
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text("[timeouts]\ndrain = 2.5\n")
+    assert settings_from_args(build_parser().parse_args(["serve", "--config", str(cfg)])).drain_timeout == 2.5
+    args = build_parser().parse_args(["serve", "--config", str(cfg), "--drain-timeout", "7"])
+    assert settings_from_args(args).drain_timeout == 7

@@ -15,14 +15,14 @@ class RawBackend:
     chunked framing (strictly enough for tests).
     """
 
-    def __init__(self, respond):
+    def __init__(self, respond, port: int = 0):
         self.respond = respond
         self.requests: list[bytes] = []
         self.bodies: list[bytes] = []
         self.connections = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -66,6 +66,7 @@ class Settings:
     max_header_block: int = 64 << 10
     max_headers: int = 100
     max_discard_body: int = 1 << 20     # body bytes read and dropped to keep a connection
+    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain
 
     # Timeouts, seconds
     idle_timeout: float = 60.0          # keep-alive connection with no request started
@@ -102,6 +103,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "limits.request_line": ("max_request_line", parse_size),
     "limits.header_block": ("max_header_block", parse_size),
     "limits.headers": ("max_headers", int), "limits.discard_body": ("max_discard_body", parse_size),
+    "limits.output_buffer": ("output_buffer", parse_size),
     "limits.keepalive_requests": ("keepalive_requests", int),
     "timeouts.idle": ("idle_timeout", _SECONDS), "timeouts.header": ("header_timeout", _SECONDS),
     "timeouts.send": ("send_timeout", _SECONDS),

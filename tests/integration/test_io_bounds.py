@@ -1,0 +1,121 @@
+"""Connection I/O and memory bounds over real sockets (issue 11 items 3, 4, 5, 7)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.httpclient import parse_responses
+from tests.integration.backends import RawBackend, response
+from tests.integration.test_serve import exchange, get, rss_sampler
+
+pytestmark = pytest.mark.integration
+
+BAD = b"GET /bad HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+
+
+def read_all(s: socket.socket, timeout: float = 10.0) -> bytes:
+    s.settimeout(timeout)
+    raw = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        raw += chunk
+    return raw
+
+
+def slow_client(port: int, data: bytes) -> socket.socket:
+    """A client that sends ``data`` and then reads nothing (small receive buffer)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(data)
+    return s
+
+
+class Peak:
+    """The process's peak RSS while the block runs."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __enter__(self):
+        self.base = self.p.rss_kib()
+        self.stop, self.peak = threading.Event(), [0]
+        self.t = threading.Thread(target=rss_sampler,
+                                  args=(f"/proc/{self.p.proc.pid}/status", self.stop, self.peak))
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak[0] - self.base) / 1024
+
+
+def metric(p, name: str) -> float:
+    with socket.create_connection(("127.0.0.1", p.admin_port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        text = read_all(s).decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# -- item 3 ------------------------------------------------------------------
+
+def test_nothing_after_a_400_that_closes(afpa_process):
+    p = afpa_process()
+    with socket.create_connection(("127.0.0.1", p.port)) as s:
+        s.sendall(BAD + get("/hello.txt"))
+        s.sendall(get("/hello.txt"))
+        [(status, h, _)] = parse_responses(read_all(s))
+    assert status == 400 and h["connection"] == "close"
+
+
+def test_backend_sees_nothing_after_a_400_that_closes(afpa_process):
+    b = RawBackend(lambda head, body: response(b"x", "Cache-Control: max-age=60"))
+    try:
+        p = afpa_process("--backend", b.url)
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.sendall(BAD + get("/stored"))
+            s.sendall(get("/forwarded"))
+            [(status, _, _)] = parse_responses(read_all(s))
+        assert status == 400
+        [(status, h, _)] = parse_responses(exchange(p.port, get("/stored")))
+        assert h["cache-status"].startswith("afpa; fwd=miss")  # never stored before
+        assert len(b.requests) == 1 and b"/stored" in b.requests[0]
+    finally:
+        b.close()
+
+
+# -- item 4 ------------------------------------------------------------------
+
+def test_pipelining_to_a_client_that_never_reads_is_bounded(afpa_process, docroot):
+    (docroot / "60k.bin").write_bytes(os.urandom(60 * 1024))
+    p = afpa_process()
+    exchange(p.port, get("/60k.bin"))  # cached
+    with Peak(p) as peak:
+        s = slow_client(p.port, get("/60k.bin") * 2000)
+        try:
+            time.sleep(1.5)  # give the server time to (not) queue the answers
+            # Another client is served meanwhile.
+            [(status, h, body)] = parse_responses(exchange(p.port, get("/hello.txt")))
+            assert (status, body) == (200, b"hello world\n")
+            time.sleep(0.5)
+        finally:
+            s.close()
+    print("GROWTH", peak.growth_mib, peak.base)
+    assert peak.growth_mib < 60, f"RSS grew by {peak.growth_mib:.0f} MiB"

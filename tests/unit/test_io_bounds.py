@@ -1,0 +1,87 @@
+"""Connection I/O and memory bounds: nothing is read after a closing answer,
+queued output per client is bounded, the cache charges what it holds, and
+responses in flight stay within a budget."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
+
+from twisted.internet.testing import StringTransport
+
+from afpa.cache import CacheObject, CacheStore, fragments_of
+from tests.conftest import MemoryServer
+from tests.httpclient import parse_responses
+
+
+def get(path: str, host: str = "test") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+class QueueingTransport(StringTransport):
+    """A StringTransport that reports what it holds the way a TCP transport
+    does (``_tempDataLen``, ``dataBuffer``, ``offset``): nothing is taken by
+    the peer until the test calls :meth:`drain`."""
+
+    dataBuffer = b""
+    offset = 0
+
+    @property
+    def _tempDataLen(self) -> int:
+        return len(self.value())
+
+    def drain(self) -> bytes:
+        """The client reads everything; the transport asks its producer for more."""
+        out = self.value()
+        self.clear()
+        if self.producer is not None and not self.streaming:
+            self.producer.resumeProducing()
+        return out
+
+
+def connect(mem, transport_class=StringTransport):
+    proto = mem.server.factory().buildProtocol(None)
+    t = transport_class()
+    proto.makeConnection(t)
+    return proto, t
+
+
+# -- item 3: nothing after a closing answer ----------------------------------
+
+def test_nothing_is_acted_on_after_a_400_that_closes(mem):
+    proto, t = connect(mem)
+    proto.dataReceived(get("/hello.txt"))  # cached now
+    t.clear()
+    proto.dataReceived(b"GET /bad HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" + get("/hello.txt"))
+    proto.dataReceived(get("/hello.txt") + get("/page.html"))  # read before the close completes
+    [(status, h, _)] = parse_responses(t.value())
+    assert status == 400 and h["connection"] == "close"
+    assert t.disconnecting and t.producerState == "paused"  # reading stopped
+    assert "/page.html" not in str([k for k in mem.server.runtime.cache._index])
+
+
+# -- item 4: output queued for a client that does not read --------------------
+
+def test_pipelined_hits_wait_for_a_client_that_does_not_read(docroot):
+    data = os.urandom(60 * 1024)
+    (docroot / "60k.bin").write_bytes(data)
+    mem = MemoryServer(str(docroot), output_buffer=256 * 1024)
+    proto, t = connect(mem, QueueingTransport)
+    proto.dataReceived(get("/60k.bin"))
+    t.drain()
+    proto.dataReceived(get("/60k.bin") * 40)
+    # Answering stops once more than output_buffer is queued for the client.
+    assert 256 * 1024 < len(t.value()) <= 256 * 1024 + 2 * len(data)
+    assert proto.conn.busy
+    # Input that keeps coming is buffered, then no longer read.
+    proto.dataReceived(get("/60k.bin") * 2000)
+    assert proto.reading_paused and t.producerState == "paused"
+    got = []
+    for _ in range(5000):
+        got += parse_responses(t.drain())
+        if len(got) == 2040:
+            break
+    assert len(got) == 2040 and all(b == data for _, _, b in got)
+    assert not proto.conn.busy and not proto.reading_paused and t.producerState == "producing"
+    assert not t.disconnecting

@@ -85,3 +85,67 @@ def test_pipelined_hits_wait_for_a_client_that_does_not_read(docroot):
     assert len(got) == 2040 and all(b == data for _, _, b in got)
     assert not proto.conn.busy and not proto.reading_paused and t.producerState == "producing"
     assert not t.disconnecting
+
+
+# -- item 5: the cache budget bounds memory -----------------------------------
+
+def _held_by(build) -> tuple[int, object]:
+    """Bytes still allocated (tracemalloc) after ``build()`` returned, with its result kept."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = build()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, result
+    finally:
+        tracemalloc.stop()
+
+
+def test_cache_bytes_charge_long_keys_and_overhead():
+    budget = 1 << 20
+
+    def fill():
+        c = CacheStore(budget, 1 << 20)
+        for i in range(5000):
+            host = b"h%05d." % i + b"x" * 240
+            target = b"/%05d/" % i + b"t" * 2000
+            body = b"b" * 50
+            c.put(CacheObject((host, target), b"HTTP/1.1 200 OK\r\n" + b"f" * 180, fragments_of(body),
+                              len(body), 0.0, 10.0, b"HTTP/1.1 304 Not Modified\r\n", b'"e%d"' % i,
+                              1000, (1, 2, 3, 4)))
+        return c
+
+    held, c = _held_by(fill)
+    assert c.bytes <= budget and c.evicted > 0
+    # The true footprint of what the store keeps stays within its budget (plus
+    # a little for the index and heap themselves).
+    assert held <= budget * 1.1 + 64 * 1024, f"store holds {held} bytes for a budget of {budget}"
+
+
+def test_replaced_objects_are_not_kept_alive_by_the_store():
+    def churn():
+        c = CacheStore(1 << 20, 1 << 20)
+        for i in range(200):
+            for _ in range(3):  # a newer version replaces the stored one
+                c.put(CacheObject(("h", "/k%d" % i), b"H", fragments_of(os.urandom(4000)), 4000, 0.0, 1.0))
+        return c
+
+    held, c = _held_by(churn)
+    assert held <= c.bytes * 1.1 + 64 * 1024
+
+
+def test_overlong_host_is_refused_and_long_target_is_414(mem):
+    for data in (get("/hello.txt", host="a" * 300),
+                 b"GET http://" + b"a" * 300 + b"/hello.txt HTTP/1.1\r\nHost: a\r\n\r\n"):
+        proto, t = connect(mem)
+        proto.dataReceived(data)
+        [(status, _, body)] = parse_responses(t.value())
+        assert status == 400 and b"Host too long" in body
+    proto, t = connect(mem)
+    proto.dataReceived(get("/hello.txt", host="a" * 250 + ":8080"))
+    assert parse_responses(t.value())[0][0] == 200
+    proto, t = connect(mem)
+    proto.dataReceived(get("/" + "x" * (9 * 1024)))
+    assert parse_responses(t.value())[0][0] == 414
+    assert len(mem.server.runtime.cache) == 1

@@ -21,6 +21,7 @@ import errno
 import mimetypes
 import os
 import stat
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -45,6 +46,8 @@ class FileResult:
     identity: tuple = ()
     content_type: bytes = b"application/octet-stream"
     location: bytes = b""
+    reserved: int = 0     # in-flight bytes reserved for ``data`` (given back by the caller)
+    busy: bool = False    # small enough to cache, streamed because the in-flight budget was full
 
 
 def content_type(name: str) -> bytes:
@@ -83,10 +86,12 @@ def _inside(root: str, real: str) -> bool:
 
 
 def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
-                read_body: bool, stale_identity: tuple | None) -> FileResult:
+                read_body: bool, stale_identity: tuple | None, inflight: Any = None) -> FileResult:
     """Resolve, open and (if small enough and wanted) read the file for a request.
 
-    ``root`` must already be a real path.  Runs on a helper thread.
+    ``root`` must already be a real path.  Runs on a helper thread.  A file is
+    read whole only if ``inflight`` (the cache's in-flight budget: ``reserve``,
+    ``unreserve``) grants its size; otherwise it is left open to be streamed.
     """
     path = resolve(root, raw_path)
     if isinstance(path, FileResult):
@@ -107,7 +112,7 @@ def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
                 loc = raw_path + b"/" + (b"?" + query if query else b"")
                 return FileResult("redirect", 301, location=loc)
             index = open_target(root, raw_path + INDEX.encode(), query, max_object, read_body,
-                                stale_identity)
+                                stale_identity, inflight)
             if index.kind == "error" and index.status == 404:
                 return FileResult("error", 403, "directory has no index.html")
             return index
@@ -120,11 +125,21 @@ def open_target(root: str, raw_path: bytes, query: bytes, max_object: int,
             result.kind = "unchanged"
             return result
         if st.st_size <= max_object:
-            result.kind = "object"
-            if read_body:
-                result.data = _read_all(fd, st.st_size)
+            if not read_body:
+                result.kind = "object"
+                return result
+            if inflight is None or inflight.reserve(st.st_size):
+                result.kind = "object"
+                result.reserved = st.st_size if inflight is not None else 0
+                try:
+                    result.data = _read_all(fd, st.st_size)
+                except BaseException:
+                    if inflight is not None:
+                        inflight.unreserve(result.reserved)
+                    raise
                 result.size = len(result.data)
-            return result
+                return result
+            result.busy = True
         result.fd, fd = fd, -1
         return result
     except OSError as exc:

@@ -149,3 +149,45 @@ def test_overlong_host_is_refused_and_long_target_is_414(mem):
     proto.dataReceived(get("/" + "x" * (9 * 1024)))
     assert parse_responses(t.value())[0][0] == 414
     assert len(mem.server.runtime.cache) == 1
+
+
+# -- item 7: responses in flight stay within a budget --------------------------
+
+def test_in_flight_store_reservations():
+    c = CacheStore(1000, 1000)
+    assert c.reserve(600) and not c.reserve(500) and c.reserve(400)
+    c.unreserve(600)
+    assert c.inflight_bytes == 400
+    o = CacheObject("k", b"", fragments_of(os.urandom(100)), 100, 0.0, 1.0)
+    c.pin(o)
+    assert not c.put(o) and c.pinned_bytes == o.cost  # rejected, yet being sent: counted
+    c.release(o)
+    assert c.pinned_bytes == 0
+
+
+def test_slow_readers_of_distinct_files_stay_within_the_in_flight_budget(docroot):
+    files = {}
+    for i in range(20):
+        files[f"/f{i}.bin"] = os.urandom(200 * 1024)
+        (docroot / f"f{i}.bin").write_bytes(files[f"/f{i}.bin"])
+    budget = 1 << 20
+    mem = MemoryServer(str(docroot), cache_bytes=budget)
+    cache = mem.server.runtime.cache
+    clients = []
+    for path in files:  # twenty readers that take nothing yet
+        proto, t = connect(mem)
+        proto.dataReceived(get(path))
+        clients.append((path, t))
+        assert cache.pinned_bytes + cache.inflight_bytes <= budget
+        assert cache.bytes <= budget
+    busy = 0
+    for path, t in clients:
+        for _ in range(100):
+            if t.producer is None:
+                break
+            t.producer.resumeProducing()
+        [(status, h, body)] = parse_responses(t.value())
+        assert status == 200 and body == files[path]
+        busy += h["cache-status"].endswith("detail=busy")
+    assert busy >= 10  # past the budget, files were streamed instead of held whole
+    assert cache.pinned_bytes == cache.inflight_bytes == 0

@@ -297,12 +297,16 @@ class _FileSender(_Sender):
             if not self.bufs:
                 data, self.ready = self.ready, None
                 self.bufs = [data[i:i + FRAGMENT] for i in range(0, len(data), FRAGMENT)]
-                self._read()
             if self._drain():
+                # Read ahead only once the last fragment is due: a client that
+                # stalls holds one chunk here, not two.
+                if len(self.bufs) <= 1:
+                    self._read()
                 return  # the transport calls back when it has drained
         if self.offset >= self.body.size and not self.reading:
             self._end(self.outcome)
         else:
+            self._read()
             self.waiting = True  # a helper read is under way; _got resumes us
 
     def _release(self) -> None:

@@ -253,6 +253,7 @@ class Settings:
     max_headers: int = 100
     max_discard_body: int = 1 << 20     # body bytes read and dropped to keep a connection
     buffer_body: int = 64 << 10         # request bodies up to this are read before a backend is taken
+    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain
 
     # Timeouts, seconds
     idle_timeout: float = 60.0          # keep-alive connection with no request started
@@ -316,6 +317,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "limits.discard_body": ("max_discard_body", SIZE),
     "limits.keepalive_requests": ("keepalive_requests", COUNT),
     "limits.buffer_body": ("buffer_body", SIZE),
+    "limits.output_buffer": ("output_buffer", POSITIVE_SIZE),
     "timeouts.idle": ("idle_timeout", SECONDS),
     "timeouts.header": ("header_timeout", SECONDS),
     "timeouts.send": ("send_timeout", SECONDS),

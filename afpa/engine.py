@@ -233,6 +233,8 @@ class MachineProtocol(Protocol, Driver):
 
     def dataReceived(self, data: bytes) -> None:
         conn = self.conn
+        if conn.closed:
+            return  # an answer closed the connection: no later byte is acted on
         if conn.inpos >= len(conn.inbuf):
             conn.inbuf = data
             conn.scan = 0
@@ -338,7 +340,13 @@ class MachineProtocol(Protocol, Driver):
             req.close = True
 
     def _close(self) -> None:
-        self.conn.closed = True
+        conn = self.conn
+        conn.closed = True
+        # Nothing after a closing answer is read: stop reading now (the
+        # transport keeps flushing what was written) and drop unread input.
+        conn.inbuf, conn.inpos, conn.pending = b"", 0, None
+        self.reading_paused = True
+        self.transport.pauseProducing()
         self.transport.loseConnection()
         self.server.connection_closed(self)
 

@@ -89,6 +89,9 @@ class Collector:
         yield GaugeMetricFamily("afpa_cache_objects", "Objects in the cache", value=len(c))
         yield GaugeMetricFamily("afpa_cache_pinned_bytes", "Bytes of evicted objects still being sent",
                                 value=c.pinned_bytes)
+        yield GaugeMetricFamily("afpa_cache_inflight_bytes",
+                                "Bytes of responses held in memory on their way into the cache (read or being collected)",
+                                value=c.inflight_bytes)
         yield GaugeMetricFamily("afpa_cache_budget_bytes", "Configured cache byte budget", value=c.budget)
 
         reqs = CounterMetricFamily("afpa_requests", "Finished requests by response status class",

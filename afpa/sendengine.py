@@ -103,6 +103,7 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
         rest = push(conn, [req.head])
         if rest:
             conn.transport.writeSequence(rest)
+            return _backlogged(g, conn, done)
         return done
     if body.__class__ is CacheObject:
         frags = body.fragments
@@ -110,6 +111,7 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
             rest = push(conn, [req.head, *frags])
             if rest:
                 conn.transport.writeSequence(rest)
+                return _backlogged(g, conn, done)
             return done
         rest = push(conn, [req.head, *frags[:BATCH]])
         if not rest and len(frags) <= BATCH:
@@ -120,6 +122,34 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
     else:
         raise TypeError(f"the Send Engine cannot send a {type(body).__name__}")
     return sender.start()
+
+
+def _queue_of(t: Any) -> Any:
+    """The transport that buffers the bytes (TCP under TLS), or None if unknown."""
+    while not hasattr(t, "_tempDataLen"):
+        t = getattr(t, "transport", None)
+        if t is None:
+            return None
+    return t
+
+
+def queued(t: Any) -> int:
+    """Bytes written to transport ``t`` and not yet taken by the socket."""
+    q = _queue_of(t)
+    if q is None:
+        return 0
+    return q._tempDataLen + len(q.dataBuffer) - q.offset
+
+
+def _backlogged(g: Any, conn: Any, done: str) -> str | Deferred:
+    """Only reached when the socket did not take a whole response (never on a
+    hit the client keeps up with).  Past ``output_buffer`` queued bytes, the
+    request is not over until the transport has drained: the machine waits, so
+    no further pipelined request is answered and reading stops, and a client
+    that never reads cannot make us queue without bound."""
+    if queued(conn.transport) <= g.runtime.settings.output_buffer:
+        return done
+    return _Drain(g.runtime, conn, [], done, None).start()
 
 
 @implementer(IPullProducer)
@@ -176,6 +206,34 @@ class _Sender:
     def stopProducing(self) -> None:
         """The connection is gone."""
         self._end("aborted")
+
+
+class _Drain(_Sender):
+    """Waits for the transport holding a response to drain.  Registered on the
+    byte-queueing transport itself (under TLS too), whose buffer empties before
+    it calls ``resumeProducing``."""
+
+    def start(self) -> Deferred:
+        self._touch()
+        self.target = _queue_of(self.conn.transport) or self.conn.transport
+        self.target.registerProducer(self, False)
+        return self.finished
+
+    def resumeProducing(self) -> None:
+        # Called at registration (still queued: keep waiting) and once drained.
+        if not self.over and queued(self.target) <= self.runtime.settings.output_buffer:
+            self._end(self.outcome)
+
+    def _end(self, outcome: str) -> None:
+        if self.over:
+            return
+        self.over = True
+        if outcome != "aborted":
+            self.target.unregisterProducer()
+        self.finished.callback(outcome)
+
+    def _release(self) -> None:
+        pass
 
 
 class _MemorySender(_Sender):
@@ -246,12 +304,16 @@ class _FileSender(_Sender):
             if not self.bufs:
                 data, self.ready = self.ready, None
                 self.bufs = [data[i:i + FRAGMENT] for i in range(0, len(data), FRAGMENT)]
-                self._read()
             if self._drain():
+                # Read ahead only once the last fragment is due: a client that
+                # stalls holds one chunk here, not two.
+                if len(self.bufs) <= 1:
+                    self._read()
                 return  # the transport calls back when it has drained
         if self.offset >= self.body.size and not self.reading:
             self._end(self.outcome)
         else:
+            self._read()
             self.waiting = True  # a helper read is under way; _got resumes us
 
     def _release(self) -> None:

@@ -24,6 +24,7 @@ import errno
 import mimetypes
 import os
 import stat
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -48,6 +49,8 @@ class FileResult:
     identity: tuple = ()
     content_type: bytes = b"application/octet-stream"
     location: bytes = b""
+    reserved: int = 0     # in-flight bytes reserved for ``data`` (given back by the caller)
+    busy: bool = False    # small enough to cache, streamed because the in-flight budget was full
 
 
 def content_type(name: str) -> bytes:
@@ -83,11 +86,13 @@ def _inside(root: str, real: str) -> bool:
 
 def open_target(root: str, req_path: bytes, query: bytes, max_object: int,
                 read_body: bool, stale_identity: tuple | None,
-                dotfiles_allow: tuple[str, ...] = ()) -> FileResult:
+                dotfiles_allow: tuple[str, ...] = (), inflight: Any = None) -> FileResult:
     """Resolve, open and (if small enough and wanted) read the file for a
     request's normalised path.
 
-    ``root`` must already be a real path.  Runs on a helper thread.
+    ``root`` must already be a real path.  Runs on a helper thread.  A file is
+    read whole only if ``inflight`` (the cache's in-flight budget: ``reserve``,
+    ``unreserve``) grants its size; otherwise it is left open to be streamed.
     """
     path = resolve(root, req_path, dotfiles_allow)
     if isinstance(path, FileResult):
@@ -107,7 +112,7 @@ def open_target(root: str, req_path: bytes, query: bytes, max_object: int,
             if not req_path.endswith(b"/"):
                 return FileResult("redirect", 301, location=directory_location(req_path, query))
             index = open_target(root, req_path + INDEX.encode(), query, max_object, read_body,
-                                stale_identity, dotfiles_allow)
+                                stale_identity, dotfiles_allow, inflight)
             if index.kind == "error" and index.status == 404:
                 return FileResult("error", 403, "directory has no index.html")
             return index
@@ -120,11 +125,21 @@ def open_target(root: str, req_path: bytes, query: bytes, max_object: int,
             result.kind = "unchanged"
             return result
         if st.st_size <= max_object:
-            result.kind = "object"
-            if read_body:
-                result.data = _read_all(fd, st.st_size)
+            if not read_body:
+                result.kind = "object"
+                return result
+            if inflight is None or inflight.reserve(st.st_size):
+                result.kind = "object"
+                result.reserved = st.st_size if inflight is not None else 0
+                try:
+                    result.data = _read_all(fd, st.st_size)
+                except BaseException:
+                    if inflight is not None:
+                        inflight.unreserve(result.reserved)
+                    raise
                 result.size = len(result.data)
-            return result
+                return result
+            result.busy = True
         result.fd, fd = fd, -1
         return result
     except OSError as exc:

@@ -23,7 +23,8 @@ House rules, with the RFC text they implement:
 - Host: "A server MUST respond with a 400 ... to any HTTP/1.1 request message
   that lacks a Host header field and to any request message that contains more
   than one Host header field line or a Host header field with an invalid field
-  value" (RFC 9112 3.2).
+  value" (RFC 9112 3.2).  A Host longer than a DNS name (255 octets, RFC 1035)
+  plus a port is refused with 400: it is part of the cache key.
 - Content-Length and Transfer-Encoding together: 400 and close (RFC 9112 6.3),
   as is Transfer-Encoding in an HTTP/1.0 request and any Transfer-Encoding
   whose final coding is not ``chunked``.  Codings we do not implement: 501.
@@ -68,6 +69,9 @@ KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNEC
                            b"OPTIONS", b"TRACE", b"PATCH"})
 MAX_LEADING_CRLF = 8  # RFC 9112 2.2: ignore at least one empty line before a request
 MAX_CHUNK_LINE = 4096
+# A host name is at most 255 octets (RFC 1035 2.3.4), plus ":" and a port.  The
+# Host is part of the cache key, so a longer one is refused rather than stored.
+MAX_HOST = 255 + 6
 
 
 def _reject_partial(buf: bytes, start: int, scan: int, limits: Any) -> None:
@@ -190,6 +194,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     if host is not None and host not in _GOOD_HOSTS:
         if HOST.fullmatch(host) is None:
             raise HttpError(400, "invalid Host")
+        if len(host) > MAX_HOST:
+            raise HttpError(400, "Host too long")
         if len(_GOOD_HOSTS) < 1024:  # the same few Host values arrive again and again
             _GOOD_HOSTS.add(host)
 
@@ -236,6 +242,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         scheme, authority, rest = am.groups()
         if scheme.lower() not in (b"http", b"https") or not authority or HOST.fullmatch(authority) is None:
             raise HttpError(400, "invalid absolute-form target")
+        if len(authority) > MAX_HOST:
+            raise HttpError(400, "Host too long")
         # RFC 9112 3.2.2: the target's authority overrides Host.
         host = authority
         rest = rest or b"/"

@@ -118,6 +118,7 @@ class BackendExchange(Request):
     relaying: bool = False
     store: list | None = None
     store_size: int = 0
+    reserved: int = 0            # in-flight bytes reserved for ``store``
     lifetime: float = 0.0
     age: float = 0.0
 
@@ -146,7 +147,7 @@ class BackendExchange(Request):
     def abort_client(self) -> None:
         """Cut the client connection: a response that started cannot end cleanly."""
         self.result = "aborted"
-        self.store = None
+        self.drop_store()
         if not self.cconn.closed:
             self.cconn.transport.abortConnection()
 
@@ -185,8 +186,16 @@ class BackendExchange(Request):
         cconn.deadline = self.g.reactor.seconds() + seconds
         cconn.on_timeout = self.timeout
 
+    def drop_store(self) -> None:
+        """Stop collecting the response for the cache; give its bytes back."""
+        self.store = None
+        if self.reserved:
+            self.g.cache.unreserve(self.reserved)
+            self.reserved = 0
+
     def finish(self, close: bool) -> None:
         """The backend machine ended: tidy both connections."""
+        self.drop_store()
         cconn = self.cconn
         cconn.on_timeout = None
         if self.queued:
@@ -559,11 +568,20 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if (creq.key is not None and not bodiless and not ex.codings
             and ex.content_length <= g.settings.max_object_bytes):
         fresh = forward.freshness(creq, ex, now)
+    stored = b""
     if fresh is not None:
-        ex.lifetime, ex.age = fresh
-        ex.store = []
+        # The body is collected for the store only within the in-flight budget
+        # (a known length is reserved now, an unknown one as it arrives); past
+        # it the response is relayed without storing.
+        if ex.content_length > 0 and not g.cache.reserve(ex.content_length):
+            stored = b"; detail=busy"
+        else:
+            ex.reserved = max(ex.content_length, 0)
+            ex.lifetime, ex.age = fresh
+            ex.store = []
+            stored = b"; stored"
     cache_status = creq.cache_status or b"afpa; fwd=miss"
-    cache_status += b"; fwd-status=%d" % status + (b"; stored" if fresh is not None else b"")
+    cache_status += b"; fwd-status=%d" % status + stored
     creq.cache_status = cache_status
     ex.client_close = ex.client_close or creq.close
     head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n"]
@@ -613,9 +631,15 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     if pieces:
         if ex.store is not None:
             ex.store += pieces
-            ex.store_size += sum(len(p) for p in pieces)
+            n = sum(len(p) for p in pieces)
+            ex.store_size += n
             if ex.store_size > g.settings.max_object_bytes:
-                ex.store = None
+                ex.drop_store()
+            elif ex.content_length < 0:
+                if g.cache.reserve(n):
+                    ex.reserved += n
+                else:
+                    ex.drop_store()  # the in-flight budget is full: relay only
         ex.arm(g.settings.backend_idle_timeout)
     if finished:
         if ex.store is not None:
@@ -647,6 +671,7 @@ def _store(g: Any, ex: BackendExchange) -> None:
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
                       now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
                       int(lm) if lm is not None else None)
+    ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
     g.cache.put(obj)
 
 

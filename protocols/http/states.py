@@ -152,12 +152,14 @@ def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
     stale = req.stale
     d = g.helpers.run(files.open_target, req.route.root, req.path, req.query,
                       g.settings.max_object_bytes, method == b"GET",
-                      stale.identity if stale is not None else None, g.settings.dotfiles_allow)
+                      stale.identity if stale is not None else None, g.settings.dotfiles_allow, g.cache)
     d.addCallback(_file_ready, g, conn, req)
     return d
 
 
 def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
+    # From here the data is stored (charged to the budget) or sent (pinned).
+    g.cache.unreserve(result.reserved)
     if conn.closed:
         if result.fd >= 0:
             os.close(result.fd)
@@ -198,7 +200,8 @@ def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
         _answer(g, req, head, short_head, etag, int(result.mtime), None, now, None)
         return "ready"
     body = FileBody(result.fd, result.size)
-    req.cache_status = fwd + b"; detail=too-large"
+    # busy: the in-flight budget was full, so the file is streamed, not held whole.
+    req.cache_status = fwd + (b"; detail=busy" if result.busy else b"; detail=too-large")
     _answer(g, req, head, short_head, etag, int(result.mtime), body, now, None)
     if req.body is not body:
         body.close()

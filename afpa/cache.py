@@ -83,6 +83,8 @@ class CacheObject:
     etag: bytes | None = None
     last_modified: int | None = None
     identity: Any = None
+    meta: Any = None        # the protocol module's own caching facts; the store never reads them
+    tags: tuple = ()        # surrogate keys (purge by tag)
     hits: int = 0
     refs: int = 0
     evicted: bool = False

@@ -122,7 +122,7 @@ class Driver:
     def _resumed(self, state: Any, result: Any) -> None:
         conn = self.conn
         conn.busy = False
-        if conn.closed:
+        if self.gone():
             if conn.req is not None:
                 release(conn.req)
             return
@@ -153,6 +153,12 @@ class Driver:
         self.failed()
 
     # -- hooks ----------------------------------------------------------------
+
+    def gone(self) -> bool:
+        """Whether a parked machine has nobody left to answer and must not go on
+        (a client connection that closed).  A driver whose states handle a closed
+        connection themselves (an outbound exchange) says False."""
+        return self.conn.closed
 
     def new_request(self) -> Any:
         """A fresh request scope."""

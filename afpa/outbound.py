@@ -67,6 +67,11 @@ class Exchange(Driver):
 
     # -- driver hooks ---------------------------------------------------------
 
+    def gone(self) -> bool:
+        # A closed backend connection is an event the waiting state answers
+        # (retry, 502, truncated): the machine must run, or the client waits forever.
+        return self.ended
+
     def new_request(self) -> Any:
         return self.conn.req  # one request per exchange, made by the caller
 

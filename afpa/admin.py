@@ -35,10 +35,20 @@ class _Metrics(Resource):
 
 
 class _Health(Resource):
+    """``ok`` while serving; 503 once a drain began, so a load balancer that polls
+    it stops sending new clients before the listeners are gone."""
+
     isLeaf = True
+
+    def __init__(self, server: Any):
+        super().__init__()
+        self.afpa = server  # not "server": twisted.web sets that attribute itself
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
+        if self.afpa.draining:
+            request.setResponseCode(503)
+            return b"draining\n"
         return b"ok\n"
 
 
@@ -101,7 +111,7 @@ def admin_site(server: Any) -> Site:
     root = Resource()
     root.putChild(b"", _Root())
     root.putChild(b"metrics", _Metrics(server))
-    root.putChild(b"healthz", _Health())
+    root.putChild(b"healthz", _Health(server))
     root.putChild(b"tables", _Tables(server))
     site = AdminSite(root, timeout=TIMEOUT)
     site.noisy = False

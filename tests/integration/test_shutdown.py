@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -146,8 +147,10 @@ def test_second_sigterm_stops_at_once(afpa_process, held_backend):
         p.proc.send_signal(signal.SIGTERM)
         wait_refused(p.port)
         assert p.proc.poll() is None  # still draining: the request is held
-        health = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/healthz", timeout=10)
-        assert health.status == 200  # the admin listener stays up while draining
+        # The admin listener stays up while draining, and says so to load balancers.
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/healthz", timeout=10)
+        assert health.value.code == 503 and health.value.read() == b"draining\n"
         p.proc.send_signal(signal.SIGTERM)
         _, err = finish(p, timeout=10)
         assert not held_backend.gate.is_set()  # ended while the answer was still held

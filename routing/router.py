@@ -12,6 +12,7 @@ knows nothing of how requests are parsed: it sees a host and a path.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import attrs
@@ -67,6 +68,29 @@ def _docroot(root: str, where: str) -> str:
     return real
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%(..)")
+
+
+def _not_normal(prefix: str) -> str:
+    """Why a path prefix can never equal the start of a normalised request path
+    (empty: it can).  Request paths arrive with dot segments resolved, empty
+    segments collapsed and escapes of unreserved characters decoded."""
+    segments = prefix.split("/")[1:]
+    for i, seg in enumerate(segments):
+        if seg in (".", "..") or (seg == "" and i < len(segments) - 1):
+            return "has an empty, '.' or '..' segment"
+    for m in _ESCAPE.finditer(prefix):
+        code = m.group(1)
+        if code.upper() in ("2F", "5C", "00"):
+            return f"has %{code}, which a request path may not contain"
+        if not re.fullmatch(r"[0-9A-F]{2}", code):
+            return f"has %{code} (escapes are written with upper-case hex digits)"
+        if chr(int(code, 16)) in _UNRESERVED:
+            return f"has %{code} (write {chr(int(code, 16))!r} itself)"
+    return ""
+
+
 def route_from_rule(rule: dict[str, Any], where: str, default_root: str) -> Route:
     """Build a Route from one ``[[route]]`` table of a config file."""
     unknown = set(rule) - _RULE_KEYS
@@ -82,6 +106,10 @@ def route_from_rule(rule: dict[str, Any], where: str, default_root: str) -> Rout
         raise ValueError(f"{where}: 'host' must be a host name")
     if not isinstance(prefix, str) or not prefix.startswith("/"):
         raise ValueError(f"{where}: 'prefix' must start with '/'")
+    problem = _not_normal(prefix)
+    if problem:
+        raise ValueError(f"{where}: prefix {prefix!r} {problem}: requests are matched on their "
+                         "normalised path, so this prefix would never match")
     urls = rule.get("backends", [rule["backend"]] if "backend" in rule else [])
     if isinstance(urls, str):
         urls = [urls]

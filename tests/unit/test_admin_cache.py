@@ -159,3 +159,46 @@ def test_admin_token_sources(tmp_path):
         config.read_admin_token(Settings(admin_token_file=str(tmp_path / "missing")), {})
     with pytest.raises(ValueError, match="AFPA_ADMIN_TOKEN: the token must be one word"):
         config.read_admin_token(Settings(), {"AFPA_ADMIN_TOKEN": "two words but long enough"})
+
+
+def _raw(mem, data: bytes):
+    site = admin.admin_site(mem.server)
+    channel = site.buildProtocol(None)
+    t = StringTransport()
+    channel.makeConnection(t)
+    channel.dataReceived(data)
+    [(status, _, out)] = parse_responses(t.value())
+    return status, json.loads(out)
+
+
+def test_a_form_encoded_post_as_curl_sends_it_still_works(mem_token):
+    body = b'{"tags": ["css"]}'
+    status, result = _raw(mem_token, b"POST /cache/tag HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                          b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                          b"Content-Type: application/x-www-form-urlencoded\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert status == 200 and result["purged"] == 2
+
+
+def test_a_chunked_body_past_the_limit_is_dropped_and_answered_413(mem_token):
+    chunk = b"x" * 4096
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(admin.MAX_BODY // 4096 + 1))
+    status, result = _raw(mem_token, b"POST /cache/tag HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                          b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    assert status == 413 and "larger than 65536 bytes" in result["error"]
+
+
+def test_cache_ban_needs_a_prefix_or_a_regex(capsys):
+    from afpa import cli
+    assert cli.main(["cache", "ban", "--admin", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err == "afpa: cache ban: give a PREFIX or --regex RE (one of them)\n"
+    assert cli.main(["cache", "ban", "/x", "--regex", "y", "--admin", "127.0.0.1:1"]) == 1
+
+
+def test_cache_command_takes_admin_and_token_file_from_a_config(tmp_path, capsys):
+    from afpa import cli
+    conf = tmp_path / "afpa.toml"
+    conf.write_text(f'admin = "127.0.0.1:1"\nadmin_token_file = "{tmp_path / "nope"}"\n')
+    assert cli.main(["cache", "tag", "t", "--config", str(conf)]) == 1
+    assert capsys.readouterr().err == f"afpa: {tmp_path / 'nope'}: admin_token_file: cannot read: No such file or directory\n"

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import attrs
@@ -45,6 +46,11 @@ FRAGMENT = 64 * 1024
 # ETag/identity/floats).  Rounded up to leave room for a dead heap entry.
 OBJECT_OVERHEAD = 1024
 FRAGMENT_OVERHEAD = 48  # a bytes object's header (33) plus its slot in the tuple
+# Bytes charged per surrogate key (tag) of an object, beyond the tag's own
+# length: the tag's bytes header and tuple slot, and its share of the tag index
+# (a dict slot and a set, which is the whole set for a tag only one object has).
+# Measured with tracemalloc: about 330 bytes per unique tag on CPython 3.12.
+TAG_OVERHEAD = 384
 
 
 def key_bytes(key: Hashable) -> int:
@@ -93,7 +99,17 @@ class CacheObject:
 
     def __attrs_post_init__(self) -> None:
         self.cost = (len(self.head) + len(self.short_head) + self.size + key_bytes(self.key)
-                     + OBJECT_OVERHEAD + FRAGMENT_OVERHEAD * len(self.fragments))
+                     + OBJECT_OVERHEAD + FRAGMENT_OVERHEAD * len(self.fragments) + _tags_cost(self.tags))
+
+    def set_tags(self, tags: tuple) -> None:
+        """Give the object its surrogate keys (and charge them) before it is stored:
+        the store indexes an object's tags when it is put."""
+        self.cost += _tags_cost(tags) - _tags_cost(self.tags)
+        self.tags = tags
+
+
+def _tags_cost(tags: tuple) -> int:
+    return sum(TAG_OVERHEAD + key_bytes(t) for t in tags) if tags else 0
 
 
 class CacheStore:
@@ -108,6 +124,9 @@ class CacheStore:
         self._heap: list[tuple[float, int, Hashable, int]] = []
         self._seq = itertools.count()
         self._inflation = 0.0  # GDSF's L
+        # Tag -> keys of the stored objects that carry it; entries come and go with
+        # the objects (put/_unlink), so it never outgrows what it indexes.
+        self._tags: dict[Hashable, set[Hashable]] = {}
         self.bytes = 0
         self.pinned_bytes = 0
         self.inflight_bytes = 0
@@ -115,6 +134,7 @@ class CacheStore:
         # Reservations are made from helper threads too (a file read whole).
         self._inflight_lock = threading.Lock()
         self.hits = self.misses = self.stale = self.stored = self.evicted = self.rejected = 0
+        self.purged = {"purge": 0, "ban": 0, "tag": 0}  # objects affected, by operation
 
     def __len__(self) -> int:
         return len(self._index)
@@ -158,6 +178,8 @@ class CacheStore:
             pass
         self._index[obj.key] = obj
         self.bytes += obj.cost
+        for tag in obj.tags:
+            self._tags.setdefault(tag, set()).add(obj.key)
         self._push(obj)
         self.stored += 1
         return True
@@ -185,6 +207,12 @@ class CacheStore:
     def _unlink(self, obj: CacheObject) -> None:
         del self._index[obj.key]
         self.bytes -= obj.cost
+        for tag in obj.tags:
+            keys = self._tags.get(tag)
+            if keys is not None:
+                keys.discard(obj.key)
+                if not keys:
+                    del self._tags[tag]
         obj.evicted = True
         if obj.refs:
             self.pinned_bytes += obj.cost
@@ -200,6 +228,49 @@ class CacheStore:
         obj = self._index.get(key)
         if obj is not None:
             self._unlink(obj)
+
+    # -- invalidation (purge, ban, tags) ----------------------------------------
+
+    def purge(self, key: Hashable, *, soft: bool = False, now: float = 0.0) -> int:
+        """Purge what is stored under ``key``; returns how many objects that was.
+        ``soft``: mark it stale as of ``now`` and keep it (for revalidation and
+        grace) instead of removing it."""
+        n = self._invalidate(key, soft, now)
+        self.purged["purge"] += n
+        return n
+
+    def purge_where(self, predicate: Callable[[Hashable], bool], *, soft: bool = False,
+                    now: float = 0.0) -> int:
+        """Ban: purge every stored key for which ``predicate(key)`` is true (the
+        protocol module builds the predicate; keys are opaque here).  One pass
+        over the index."""
+        n = sum(self._invalidate(key, soft, now) for key in [k for k in self._index if predicate(k)])
+        self.purged["ban"] += n
+        return n
+
+    def purge_tag(self, tag: Hashable, *, soft: bool = False, now: float = 0.0) -> int:
+        """Purge every object stored with surrogate key ``tag``."""
+        n = sum(self._invalidate(key, soft, now) for key in list(self._tags.get(tag, ())))
+        self.purged["tag"] += n
+        return n
+
+    def _invalidate(self, key: Hashable, soft: bool, now: float) -> int:
+        # The one place purge, ban and tag purge reach stored objects: whatever a
+        # key holds (one object today; several variants later) is visited here.
+        obj = self._index.get(key)
+        if obj is None:
+            return 0
+        if soft:
+            # Just before now, so a lookup at this very instant already finds it
+            # stale while grace windows measured from fresh_until stay whole.
+            obj.fresh_until = min(obj.fresh_until, math.nextafter(now, -math.inf))
+        else:
+            self._unlink(obj)
+        return 1
+
+    def tagged(self, tag: Hashable) -> int:
+        """How many stored objects carry ``tag``."""
+        return len(self._tags.get(tag, ()))
 
     def pin(self, obj: CacheObject) -> None:
         """Mark ``obj`` as being sent."""

@@ -5,6 +5,9 @@
     afpa tables show NAME
     afpa tables check FILE...
     afpa tables graph FILE [--mermaid]
+    afpa cache purge URL [--soft]
+    afpa cache ban PREFIX | --regex RE [--host HOST] [--soft]
+    afpa cache tag TAG... [--soft]
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", help="run this transition table instead of the shipped one")
     s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                    help="serve /metrics, /healthz and /tables/ on this address")
+    s.add_argument("--admin-token-file", metavar="FILE",
+                   help="bearer token for admin writes (purge, ban, tag); else $AFPA_ADMIN_TOKEN; "
+                        "with neither, admin writes are refused")
     s.add_argument("--access-log", metavar="PATH",
                    help="one line per request ('-' for standard output); SIGHUP reopens it")
     s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",
@@ -112,7 +118,86 @@ def build_parser() -> argparse.ArgumentParser:
     g = tsub.add_parser("graph", help="draw a table as Graphviz DOT (or Mermaid)")
     g.add_argument("file")
     g.add_argument("--mermaid", action="store_true", help="print a Mermaid stateDiagram instead of DOT")
+
+    c = sub.add_parser("cache", help="purge cached objects through a running server's admin API")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    admin_opts = _Parser(add_help=False)
+    admin_opts.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
+                            help=f"the server's admin address (default: the --config file's admin, "
+                                 f"else {DEFAULT_ADMIN[0]}:{DEFAULT_ADMIN[1]})")
+    admin_opts.add_argument("--admin-token-file", metavar="FILE",
+                            help="file holding the admin token (default: the --config file's "
+                                 "admin_token_file, else $AFPA_ADMIN_TOKEN)")
+    admin_opts.add_argument("--config", help="take --admin and --admin-token-file from this config file")
+    admin_opts.add_argument("--soft", action="store_true",
+                            help="mark stale (kept for revalidation and grace) instead of removing")
+    cp = csub.add_parser("purge", parents=[admin_opts], help="purge one URL (http://host[:port]/path?query)")
+    cp.add_argument("url")
+    cb = csub.add_parser("ban", parents=[admin_opts], help="purge every URL whose path starts with PREFIX "
+                         "(or matches --regex)")
+    cb.add_argument("prefix", nargs="?", metavar="PREFIX")
+    cb.add_argument("--regex", metavar="RE", help="Python regular expression searched in the path and query")
+    cb.add_argument("--host", help="only URLs of this Host (as clients send it, port included)")
+    ct = csub.add_parser("tag", parents=[admin_opts], help="purge every object with these surrogate keys "
+                         "(Surrogate-Key / Cache-Tag)")
+    ct.add_argument("tags", nargs="+", metavar="TAG")
     return p
+
+
+DEFAULT_ADMIN = ("127.0.0.1", 9100)  # the address the README and examples/afpa.toml use
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """``afpa cache ...``: one POST to the admin API; prints its JSON answer."""
+    import http.client
+    import json
+
+    try:
+        from_file = load_config(args.config) if args.config else {}
+        admin = args.admin or from_file.get("admin") or DEFAULT_ADMIN
+        token_file = args.admin_token_file or from_file.get("admin_token_file")
+        token = config.read_admin_token(Settings(admin_token_file=token_file))
+    except (ValueError, SettingError) as exc:
+        print(f"afpa: {exc}", file=sys.stderr)
+        return 1
+    if args.cache_command == "purge":
+        body: dict[str, Any] = {"url": args.url}
+    elif args.cache_command == "ban":
+        if (args.prefix is None) == (args.regex is None):
+            print("afpa: cache ban: give a PREFIX or --regex RE (one of them)", file=sys.stderr)
+            return 1
+        body = {"prefix": args.prefix} if args.regex is None else {"regex": args.regex}
+        if args.host:
+            body["host"] = args.host
+    else:
+        body = {"tags": args.tags}
+    if args.soft:
+        body["soft"] = True
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = "Bearer " + token.decode("ascii")
+    host, port = admin
+    where = f"admin API at {host}:{port}"
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        try:
+            conn.request("POST", f"/cache/{args.cache_command}", json.dumps(body), headers)
+            resp = conn.getresponse()
+            data = resp.read(1 << 20)
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"afpa: cannot reach the {where}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    if resp.status != 200:
+        try:
+            problem = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError):
+            problem = data.decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else resp.reason
+        print(f"afpa: {where}: {resp.status}: {problem}", file=sys.stderr)
+        return 1
+    sys.stdout.write(data.decode("utf-8", "replace"))
+    return 0
 
 
 def _table_source(name_or_path: str) -> tuple[str, str]:
@@ -336,4 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     registry = default_registry()
     if args.command == "tables":
         return _tables(args, registry)
+    if args.command == "cache":
+        return _cache(args)
     return _serve(args, registry)

@@ -240,6 +240,9 @@ class Settings:
     companion_tables: dict = attrs.field(factory=dict)  # e.g. {"http-backend": path}
     module: str = "http"
     admin: tuple[str, int] | None = None
+    # Bearer token for the admin API's writes (purge, ban, tags): read from this
+    # file, else from $AFPA_ADMIN_TOKEN; neither: every write is refused.
+    admin_token_file: str | None = None
     access_log: str | None = None       # path, or "-" for standard output
 
     # Cache
@@ -301,6 +304,7 @@ _DEFAULT_NONE = frozenset(a.name for a in attrs.fields(Settings) if a.default is
 _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "listen": ("listen", HOSTPORT),
     "admin": ("admin", HOSTPORT),
+    "admin_token_file": ("admin_token_file", PATH),
     "access_log": ("access_log", PATH),
     "root": ("root", PATH),
     "table": ("table", PATH),
@@ -440,3 +444,44 @@ def load_config(path: str) -> dict[str, Any]:
             out.append(Certificate(c["cert"], c["key"]))
         kwargs["tls_certs"] = tuple(out)
     return kwargs
+
+
+ADMIN_TOKEN_ENV = "AFPA_ADMIN_TOKEN"
+MIN_TOKEN = 16  # characters; e.g. `openssl rand -hex 32` gives 64
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # what fits in "Authorization: Bearer <token>" as it is
+
+
+def read_admin_token(settings: Settings, environ: Any = None) -> bytes | None:
+    """The admin API's bearer token: the contents of ``admin_token_file``
+    (surrounding whitespace removed), else ``$AFPA_ADMIN_TOKEN``, else None (admin
+    writes refused).  Never from the command line, where every local user can
+    read it.  Raises ValueError ``<where>: <problem>`` for a token that cannot be read
+    or is too weak."""
+    if settings.admin_token_file is not None:
+        path = settings.admin_token_file
+        where = f"{path}: admin_token_file"
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(4097)
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read: {exc.strerror}") from None
+        try:
+            token = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: the token must be printable ASCII") from None
+    else:
+        import os
+        environ = os.environ if environ is None else environ
+        token = environ.get(ADMIN_TOKEN_ENV)
+        if token is None:
+            return None
+        where = ADMIN_TOKEN_ENV
+        token = token.strip()
+    if len(token) > 4096:
+        raise ValueError(f"{where}: the token is longer than 4096 characters")
+    if len(token) < MIN_TOKEN:
+        raise ValueError(f"{where}: the token is shorter than {MIN_TOKEN} characters "
+                         f"(make one with: openssl rand -hex 32)")
+    if _TOKEN.fullmatch(token) is None:
+        raise ValueError(f"{where}: the token must be one word of printable ASCII")
+    return token.encode("ascii")

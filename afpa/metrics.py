@@ -85,6 +85,11 @@ class Collector:
             ("rejected", c.rejected, "Objects too large to store"),
         ):
             yield CounterMetricFamily(f"afpa_cache_{name}", text, value=value)
+        purged = CounterMetricFamily("afpa_cache_purged", "Objects purged (or soft-purged) through the admin API",
+                                     labels=["how"])
+        for how, n in c.purged.items():
+            purged.add_metric([how], n)
+        yield purged
         yield GaugeMetricFamily("afpa_cache_bytes", "Bytes held by cached objects", value=c.bytes)
         yield GaugeMetricFamily("afpa_cache_objects", "Objects in the cache", value=len(c))
         yield GaugeMetricFamily("afpa_cache_pinned_bytes", "Bytes of evicted objects still being sent",

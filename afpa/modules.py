@@ -168,6 +168,11 @@ class ProtocolModule:
     - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error
       answer (HTTP: 500 when a state raised, 408 on a header timeout) or leave
       ``req.head`` empty when the protocol has none; the connection then closes.
+    - ``invalidation``: how the admin API's purge, ban and tag requests become
+      cache keys (the store's keys are the module's own), or None when the module
+      offers none.  An object with ``keys(spec) -> list``, ``predicate(spec) ->
+      callable(key) -> bool`` and ``tag(text) -> tag``; ``spec`` is the request's
+      JSON object, and a spec the module refuses raises ValueError (one line).
     """
 
     name: str
@@ -179,6 +184,7 @@ class ProtocolModule:
     companions: tuple[str, ...] = ()
     access_line: Callable[[Any, Any, float], str] | None = None
     facts: Mapping[str, str] = attrs.field(factory=dict)
+    invalidation: Any = None
 
 
 @attrs.define

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from afpa import tables
 from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
-from afpa.config import Settings
+from afpa.config import Settings, read_admin_token
 from afpa.engine import MachineProtocol
 from afpa.helpers import Helpers
 from afpa.intrinsics import default_registry
@@ -73,6 +73,7 @@ class Server:
             helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions,
             trusted_proxies=TrustedProxies(settings.trusted_proxies))
         self.g = self.machine.module.make_global(settings, self.runtime)
+        self.admin_token = read_admin_token(settings)  # None: admin writes are refused
         self.access_log: AccessLog | None = None
         if settings.access_log:
             if self.machine.module.access_line is None:
@@ -109,7 +110,9 @@ class Server:
         for port in self.ports:
             addr = port.getHost()
             if port is self.admin_port:
-                lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/")
+                writes = ("/cache/* writes need the admin token" if self.admin_token is not None
+                          else "writes refused: no admin token configured")
+                lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/ ({writes})")
             else:
                 scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")

@@ -38,7 +38,8 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
 REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
 # Set by afpa toward the client.
-RESPONSE_REPLACED = frozenset({b"content-length", b"via"})
+# Surrogate keys (purge by tag) are for afpa alone: never relayed or stored in a head.
+RESPONSE_REPLACED = frozenset({b"content-length", b"via", b"surrogate-key", b"cache-tag"})
 # Status codes cacheable by default (RFC 9110 15.1), when freshness is explicit.
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 VIA = b"1.1 afpa"

@@ -2,7 +2,7 @@
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
 from afpa.modules import ProtocolModule, collect
-from protocols.http import deferred, remote, states
+from protocols.http import deferred, invalidation, remote, states
 from protocols.http.scopes import HttpGlobal, HttpRequest
 
 FACTS = {
@@ -27,4 +27,5 @@ MODULE = ProtocolModule(
     fail=states.fail,
     access_line=states.access_line,
     facts=FACTS,
+    invalidation=invalidation,
 )

@@ -63,7 +63,7 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
-from protocols.http import forward
+from protocols.http import forward, invalidation
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import set_error
@@ -671,6 +671,7 @@ def _store(g: Any, ex: BackendExchange) -> None:
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
                       now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
                       int(lm) if lm is not None else None)
+    obj.set_tags(invalidation.tags_of(ex))
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
     g.cache.put(obj)
 

@@ -63,7 +63,7 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
-from protocols.http import forward
+from protocols.http import coalesce, forward
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import set_error
@@ -196,6 +196,8 @@ class BackendExchange(Request):
     def finish(self, close: bool) -> None:
         """The backend machine ended: tidy both connections."""
         self.drop_store()
+        if self.creq.flight is not None:
+            coalesce.leader_ended(self.g, self.creq)  # coalesced waiters try for themselves
         cconn = self.cconn
         cconn.on_timeout = None
         if self.queued:
@@ -598,6 +600,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     ex.out = [b"".join(head)]
     if ex.reader is not None:
         cconn.transport.registerProducer(conn.transport, True)
+    if creq.flight is not None and ex.store is None:
+        # Coalescing: nothing will be stored, so nobody waits for this answer.
+        coalesce.leader_uncacheable(g, creq, status, transient=fresh is not None)  # busy
 
 
 @state("complete", "need_more", "truncated", needs=("backend", "relaying"))
@@ -672,7 +677,9 @@ def _store(g: Any, ex: BackendExchange) -> None:
                       now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
                       int(lm) if lm is not None else None)
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
-    g.cache.put(obj)
+    stored = g.cache.put(obj)
+    if ex.creq.flight is not None:
+        coalesce.leader_stored(g, ex.creq, obj, stored)  # answer the coalesced waiters
 
 
 @state("closed", needs=("backend", "relaying"))

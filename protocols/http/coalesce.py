@@ -27,9 +27,9 @@ in ``remote.py``:
   a cut response, a leader whose client left): the waiters are released to try
   for themselves, as Varnish does.
 
-Only a GET with no ``Authorization``, ``Cache-Control`` or ``Pragma`` leads or
-waits: such requests are the ones whose answer any other plain request may
-share.  Everything here runs on a miss; the hit path never looks at it.
+Only a GET with no ``Authorization``, ``Cache-Control`` or ``Pragma`` (and no
+``Upgrade``) leads, and only such a GET or HEAD waits: such requests are the
+ones whose answer any other plain request may share.  Everything here runs on a miss; the hit path never looks at it.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Flights:
         """``collapsed`` when ``req`` should wait for a fetch in flight; else
         ``remote`` (leading a new flight when it may)."""
         key = req.key
-        if req.method != b"GET" and req.method != b"HEAD":
-            return "remote"
+        if (req.method != b"GET" and req.method != b"HEAD") or req.upgrade is not None:
+            return "remote"  # an upgrade's exchange lasts as long as its tunnel
         lnames = req.lnames or ()
         for name in _PRIVATE_FIELDS:
             if name in lnames:

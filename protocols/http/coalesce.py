@@ -55,6 +55,7 @@ class Flight:
     """One backend fetch in progress for a key, and the requests waiting for it."""
 
     key: Hashable
+    leader: Any                                 # the request whose backend exchange fetches it
     waiters: list = attrs.field(factory=list)   # Deferreds, fired with an object or None
 
 
@@ -86,7 +87,6 @@ class Flights:
         if flight is not None:
             if len(flight.waiters) >= self.max_waiters:
                 return "remote"
-            req.flight = flight
             return "collapsed"
         if self.uncacheable:
             until = self.uncacheable.get(hash(key))
@@ -96,8 +96,14 @@ class Flights:
                     return "remote"
                 del self.uncacheable[hash(key)]
         if req.method == b"GET" and self.max_waiters > 0:
-            req.flight = self.inflight[key] = Flight(key)
+            self.inflight[key] = Flight(key, req)
         return "remote"
+
+    def led_by(self, req: Any) -> Flight | None:
+        """The open flight ``req`` leads, if any (no request field: the hit path
+        builds no more than before)."""
+        flight = self.inflight.get(req.key)
+        return flight if flight is not None and flight.leader is req else None
 
     def close(self, flight: Flight, obj: Any) -> None:
         """The flight is over: wake every waiter with ``obj`` (None: go forward)."""
@@ -131,8 +137,9 @@ def leader_uncacheable(g: Any, creq: Any, status: int, transient: bool) -> None:
     """The leader's response head was relayed and will not be stored: release
     the waiters now; remember the key as not cacheable unless the reason was
     transient (5xx, 304, in-flight budget full)."""
-    flight = creq.flight
-    creq.flight = None
+    flight = g.flights.led_by(creq)
+    if flight is None:
+        return
     if not transient and status < 500 and status != 304:
         g.flights.remember_uncacheable(flight.key, g.reactor.seconds())
     g.flights.close(flight, None)
@@ -141,16 +148,18 @@ def leader_uncacheable(g: Any, creq: Any, status: int, transient: bool) -> None:
 def leader_stored(g: Any, creq: Any, obj: Any, stored: bool) -> None:
     """The leader's response is complete: answer the waiters from it when it
     was stored, else release them."""
-    flight = creq.flight
-    creq.flight = None
+    flight = g.flights.led_by(creq)
+    if flight is None:
+        return
     g.flights.close(flight, obj if stored else None)
 
 
 def leader_ended(g: Any, creq: Any) -> None:
     """The leader's exchange ended with the flight still open (failure, cut
     response, client gone): the waiters make their own requests."""
-    flight = creq.flight
-    creq.flight = None
+    flight = g.flights.led_by(creq)
+    if flight is None:
+        return
     g.flights.close(flight, None)
 
 
@@ -158,11 +167,13 @@ def leader_ended(g: Any, creq: Any) -> None:
 
 @state("hit", "released", "timeout", needs=("request", "route"),
        provides={"hit": ("response",)})
-def derive_collapsed_response(g: Any, conn: Any, req: Any) -> Deferred:
+def derive_collapsed_response(g: Any, conn: Any, req: Any) -> Deferred | str:
     """Wait for the fetch in flight for this key (``cache.coalesce_timeout`` at
     most): ``hit`` when it was stored (answered from it), ``released`` when it
     was not (forward this request yourself), ``timeout`` when it took too long."""
-    flight = req.flight
+    flight = g.flights.inflight.get(req.key)
+    if flight is None:  # reached without derive_miss_response's check (an edited table)
+        return _woken(None, g, conn, req)
     d: Deferred = Deferred()
     flight.waiters.append(d)
 
@@ -186,7 +197,6 @@ def derive_collapsed_response(g: Any, conn: Any, req: Any) -> Deferred:
 
 
 def _woken(result: Any, g: Any, conn: Any, req: Any) -> str:
-    req.flight = None
     if result is None or result is _TIMEOUT or conn.closed or _varies(result):
         # RFC 9211: collapsed=?0, this request had to make its own.
         req.cache_status = (req.cache_status or b"afpa; fwd=miss") + b"; collapsed=?0"

@@ -196,7 +196,7 @@ class BackendExchange(Request):
     def finish(self, close: bool) -> None:
         """The backend machine ended: tidy both connections."""
         self.drop_store()
-        if self.creq.flight is not None:
+        if self.g.flights.inflight:
             coalesce.leader_ended(self.g, self.creq)  # coalesced waiters try for themselves
         cconn = self.cconn
         cconn.on_timeout = None
@@ -600,7 +600,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     ex.out = [b"".join(head)]
     if ex.reader is not None:
         cconn.transport.registerProducer(conn.transport, True)
-    if creq.flight is not None and ex.store is None:
+    if ex.store is None and g.flights.inflight:
         # Coalescing: nothing will be stored, so nobody waits for this answer.
         coalesce.leader_uncacheable(g, creq, status, transient=fresh is not None)  # busy
 
@@ -678,7 +678,7 @@ def _store(g: Any, ex: BackendExchange) -> None:
                       int(lm) if lm is not None else None)
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
     stored = g.cache.put(obj)
-    if ex.creq.flight is not None:
+    if g.flights.inflight:
         coalesce.leader_stored(g, ex.creq, obj, stored)  # answer the coalesced waiters
 
 

@@ -42,7 +42,6 @@ class HttpRequest(Request):
     stale: Any = None            # the stale cached object being revalidated
     route: Route | None = None
     cache_status: bytes = b""
-    flight: Any = None           # coalesce.Flight this request leads or waits for
 
 
 @attrs.define(slots=True, eq=False)

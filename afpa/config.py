@@ -249,6 +249,10 @@ class Settings:
     cache_bytes: int = 256 << 20
     max_object_bytes: int = 8 << 20     # larger files stream from disk uncached
     revalidate_after: float = 2.0       # seconds before a cached file is stat()ed again
+    # Request coalescing: concurrent misses for one key wait for one backend fetch.
+    coalesce_timeout: float = 10.0      # longest wait for it; then the waiter forwards itself
+    coalesce_max_waiters: int = 1000    # per key; past it requests forward (0: no coalescing)
+    hit_for_miss: float = 120.0         # a key whose answer was not storable is not coalesced this long
 
     # Request limits (HTTP answers 414 / 431 / 413)
     max_request_line: int = 8 << 10
@@ -315,6 +319,9 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.size": ("cache_bytes", SIZE),
     "cache.max_object_size": ("max_object_bytes", SIZE),
     "cache.revalidate_after": ("revalidate_after", SECONDS),
+    "cache.coalesce_timeout": ("coalesce_timeout", SECONDS),
+    "cache.coalesce_max_waiters": ("coalesce_max_waiters", COUNT0),
+    "cache.hit_for_miss": ("hit_for_miss", SECONDS),
     "limits.request_line": ("max_request_line", POSITIVE_SIZE),
     "limits.header_block": ("max_header_block", POSITIVE_SIZE),
     "limits.headers": ("max_headers", COUNT),

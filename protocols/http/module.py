@@ -2,7 +2,7 @@
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
 from afpa.modules import ProtocolModule, collect
-from protocols.http import deferred, invalidation, remote, states
+from protocols.http import coalesce, deferred, invalidation, remote, states
 from protocols.http.scopes import HttpGlobal, HttpRequest
 
 FACTS = {
@@ -19,7 +19,7 @@ FACTS = {
 
 MODULE = ProtocolModule(
     name="http",
-    functions=collect([*states.FUNCTIONS, *remote.FUNCTIONS, *deferred.FUNCTIONS]),
+    functions=collect([*states.FUNCTIONS, *coalesce.FUNCTIONS, *remote.FUNCTIONS, *deferred.FUNCTIONS]),
     table="http.toml",
     companions=("http-backend",),
     make_global=HttpGlobal.build,

@@ -63,7 +63,7 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
-from protocols.http import forward, invalidation
+from protocols.http import coalesce, forward, invalidation
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import set_error
@@ -196,6 +196,8 @@ class BackendExchange(Request):
     def finish(self, close: bool) -> None:
         """The backend machine ended: tidy both connections."""
         self.drop_store()
+        if self.g.flights.inflight:
+            coalesce.leader_ended(self.g, self.creq)  # coalesced waiters try for themselves
         cconn = self.cconn
         cconn.on_timeout = None
         if self.queued:
@@ -598,6 +600,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     ex.out = [b"".join(head)]
     if ex.reader is not None:
         cconn.transport.registerProducer(conn.transport, True)
+    if ex.store is None and g.flights.inflight:
+        # Coalescing: nothing will be stored, so nobody waits for this answer.
+        coalesce.leader_uncacheable(g, creq, status, transient=fresh is not None)  # busy
 
 
 @state("complete", "need_more", "truncated", needs=("backend", "relaying"))
@@ -673,7 +678,9 @@ def _store(g: Any, ex: BackendExchange) -> None:
                       int(lm) if lm is not None else None)
     obj.set_tags(invalidation.tags_of(ex))
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
-    g.cache.put(obj)
+    stored = g.cache.put(obj)
+    if g.flights.inflight:
+        coalesce.leader_stored(g, ex.creq, obj, stored)  # answer the coalesced waiters
 
 
 @state("closed", needs=("backend", "relaying"))

@@ -9,6 +9,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from afpa.scopes import Request
+from protocols.http.coalesce import Flights
 from protocols.http.responses import DateCache
 from routing.pool import Pools
 from routing.router import Route, Router, build_router
@@ -57,6 +58,7 @@ class HttpGlobal:
     backend_machine: Any
     dates: DateCache
     trusted: Any  # afpa.trust.TrustedProxies: peers whose forwarding fields are believed
+    flights: Flights = attrs.field(factory=Flights)  # request coalescing and hit-for-miss
 
     def metrics(self) -> Iterator[Metric]:
         """Backend pool metrics for /metrics (one label value per configured backend)."""
@@ -87,10 +89,16 @@ class HttpGlobal:
         yield open_
         yield queued
         yield failures
+        yield CounterMetricFamily("afpa_cache_collapsed", "Requests answered from another request's "
+                                  "backend response (coalesced misses)", value=self.flights.collapsed)
+        yield CounterMetricFamily("afpa_cache_hit_for_miss", "Misses forwarded without coalescing because "
+                                  "the key was recently not cacheable", value=self.flights.hit_for_miss_total)
 
     def sweep(self, now: float) -> None:
-        """Periodic housekeeping (called by the server's sweep): idle backend connections."""
+        """Periodic housekeeping (called by the server's sweep): idle backend
+        connections, expired hit-for-miss entries."""
         self.pools.sweep(now)
+        self.flights.sweep(now)
 
     def describe(self) -> list[str]:
         """Where misses go, for the startup log."""
@@ -112,4 +120,6 @@ class HttpGlobal:
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
                    backend_machine=runtime.machines.get("http-backend"), dates=DateCache(),
-                   trusted=runtime.trusted_proxies)
+                   trusted=runtime.trusted_proxies,
+                   flights=Flights(hit_for_miss=settings.hit_for_miss,
+                                   max_waiters=settings.coalesce_max_waiters))

@@ -127,14 +127,20 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     return "hit"
 
 
-@state("docroot", "remote", "deferred", needs=("request",),
-       provides={"docroot": ("route",), "remote": ("route",), "deferred": ("route",)})
+@state("docroot", "remote", "deferred", "collapsed", needs=("request",),
+       provides={"docroot": ("route",), "remote": ("route",), "deferred": ("route",),
+                 "collapsed": ("route",)})
 def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     """Ask routing where a miss goes; the route's kind is the outcome.  An
     ``Upgrade`` request for a backend is forwarded like any other: the backend
-    machine splices only once the backend has agreed to switch (101)."""
+    machine splices only once the backend has agreed to switch (101).
+    ``collapsed``: a fetch for the same key is already in flight to the
+    backend; wait for it (see protocols/http/coalesce.py)."""
     route = req.route = g.router.choose(req.host, req.path)
-    return route.kind
+    kind = route.kind
+    if kind == "remote" and req.key is not None:
+        return g.flights.on_miss(req, g.reactor.seconds())
+    return kind
 
 
 @state("ready", needs=("request", "route"), provides={"ready": ("response",)})

@@ -74,3 +74,31 @@ def test_apache_stopped_502_then_recovery(apache, afpa_before_apache):
     apache.start()
     status, _, body = one(p.port, get("/static.txt"))
     assert (status, body) == (200, STATIC_BODY)
+
+
+SLOW_CACHEABLE_CGI = """#!/bin/sh
+sleep 0.5
+printf 'Content-Type: text/plain\\r\\n'
+printf 'Cache-Control: max-age=60\\r\\n'
+printf '\\r\\n'
+printf 'slow and cacheable\\n'
+"""
+
+
+def test_concurrent_misses_make_one_request_in_apaches_access_log(apache, afpa_before_apache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    script = apache.cgi_bin / "slow.sh"
+    script.write_text(SLOW_CACHEABLE_CGI)
+    script.chmod(0o755)
+    p = afpa_before_apache
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: one(p.port, get("/cgi-bin/slow.sh")), range(50)))
+    assert all((status, body) == (200, b"slow and cacheable\n") for status, _, body in results)
+    apache.wait_access_log(1, contains="/cgi-bin/slow.sh")
+    assert len(apache.access_log_lines(contains="/cgi-bin/slow.sh")) == 1
+    # An uncacheable answer (no-store) is never serialised: every miss reaches Apache.
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: one(p.port, get("/cgi-bin/dynamic.sh")), range(50)))
+    assert all(status == 200 for status, _, _ in results)
+    assert len(apache.wait_access_log(50, contains="/cgi-bin/dynamic.sh")) == 50

@@ -104,7 +104,9 @@ def test_reset_ends_close_delimited_body_as_truncated(docroot):
 
 
 def test_queue_hands_connections_over_in_order(docroot):
-    rig = Rig(docroot, backend_max_connections=1, backend_max_queue=1, backend_queue_timeout=5.0)
+    # Same URL from every client: coalescing off, so each one needs a connection.
+    rig = Rig(docroot, backend_max_connections=1, backend_max_queue=1, backend_queue_timeout=5.0,
+              coalesce_max_waiters=0)
     c1, t1 = rig.client()
     c1.dataReceived(GET)
     backend, bt = rig.accept()

@@ -312,7 +312,7 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
     explicit_source = cc is not None
     if cc is None:
         cc = parse_directives(fields.get(b"cache-control", ()))
-    d.date = parse_http_date(fields[b"date"][0]) if len(fields.get(b"date", ())) == 1 else None
+    d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
     d.age_value = age_value(fields.get(b"age"))
     vary = fields.get(b"vary")
     if vary is not None:
@@ -368,11 +368,11 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
             break
     if lifetime is None and not explicit_source and b"expires" in fields:
         expires = fields[b"expires"]
-        when = parse_http_date(expires[0]) if len(set(expires)) == 1 else None
+        when = parse_http_date(expires[0], now) if len(set(expires)) == 1 else None
         lifetime = max(0.0, when - date) if when is not None else 0.0  # invalid: already expired
     if lifetime is None:
         last_modified = fields.get(b"last-modified")
-        lm = parse_http_date(last_modified[0]) if last_modified else None
+        lm = parse_http_date(last_modified[0], now) if last_modified else None
         if (lm is not None and heuristic_fraction > 0
                 and (status in HEURISTIC_STATUS or b"public" in cc)):
             lifetime = min(max(0.0, date - lm) * heuristic_fraction, heuristic_max)

@@ -197,6 +197,20 @@ def _dot_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _fraction(value: Any) -> float:
+    v = float(_number(value))
+    if not 0.0 <= v <= 1.0:
+        raise ValueError
+    return v
+
+
+def _field_name(value: Any) -> str:
+    text = _text(value).strip()
+    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", text):
+        raise ValueError
+    return text
+
+
 def _proxies(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise TypeError
@@ -215,6 +229,8 @@ PATH = Kind("a file or directory path", _text)
 HOSTPORT = Kind("HOST:PORT (e.g. 127.0.0.1:8080)", _hostport)
 URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
 PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
+FRACTION = Kind("a number from 0 to 1 (e.g. 0.1)", _fraction, float)
+FIELD_NAME = Kind("an HTTP field name (e.g. Afpa-Cache-Control)", _field_name)
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
@@ -253,6 +269,11 @@ class Settings:
     coalesce_timeout: float = 10.0      # longest wait for it; then the waiter forwards itself
     coalesce_max_waiters: int = 1000    # per key; past it requests forward (0: no coalescing)
     hit_for_miss: float = 120.0         # a key whose answer was not storable is not coalesced this long
+    # Heuristic freshness (RFC 9111 4.2.2) for backend responses with only a
+    # Last-Modified: this fraction of their age, at most heuristic_max seconds.
+    heuristic_fraction: float = 0.1
+    heuristic_max: float = 86400.0
+    targeted_field: str = "Afpa-Cache-Control"  # cache-control meant for afpa alone (RFC 9213)
 
     # Request limits (HTTP answers 414 / 431 / 413)
     max_request_line: int = 8 << 10
@@ -322,6 +343,9 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.coalesce_timeout": ("coalesce_timeout", SECONDS),
     "cache.coalesce_max_waiters": ("coalesce_max_waiters", COUNT0),
     "cache.hit_for_miss": ("hit_for_miss", SECONDS),
+    "cache.heuristic_fraction": ("heuristic_fraction", FRACTION),
+    "cache.heuristic_max": ("heuristic_max", SECONDS),
+    "cache.targeted_field": ("targeted_field", FIELD_NAME),
     "limits.request_line": ("max_request_line", POSITIVE_SIZE),
     "limits.header_block": ("max_header_block", POSITIVE_SIZE),
     "limits.headers": ("max_headers", COUNT),

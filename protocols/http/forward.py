@@ -14,15 +14,12 @@
   (:data:`CLIENT_CLAIMS`, any ``X-Forwarded-*``) is removed first, so a backend
   never sees a value the client made up.
 
-And which backend responses may be stored (:func:`freshness`), conservatively:
-what is stored must never be wrong, so anything not plainly cacheable passes
-through untouched.
+Which backend responses may be stored is the caching policy's call
+(``protocols/http/cachepolicy.py``).
 """
 
 from __future__ import annotations
 
-import re
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from protocols.http.errors import REASONS
@@ -40,10 +37,7 @@ REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
 # Set by afpa toward the client.
 # Surrogate keys (purge by tag) are for afpa alone: never relayed or stored in a head.
 RESPONSE_REPLACED = frozenset({b"content-length", b"via", b"surrogate-key", b"cache-tag"})
-# Status codes cacheable by default (RFC 9110 15.1), when freshness is explicit.
-CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 VIA = b"1.1 afpa"
-_DIRECTIVE = re.compile(rb"\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*(?:=\s*(\"[^\"]*\"|[^,\s]*))?\s*(?:,|$)")
 
 
 def frame(pieces: list[bytes], chunked: bool, last: bool = False) -> list[bytes]:
@@ -138,9 +132,10 @@ def websocket_upgrade(req: Any) -> bytes | None:
     return None
 
 
-def response_lines(resp: Any) -> list[bytes]:
-    """The backend response's end-to-end header lines, plus Via."""
-    lines, via = _end_to_end(resp, RESPONSE_REPLACED)
+def response_lines(resp: Any, hide: frozenset[bytes] = frozenset()) -> list[bytes]:
+    """The backend response's end-to-end header lines, plus Via; fields named
+    (lower-case) in ``hide`` left out."""
+    lines, via = _end_to_end(resp, RESPONSE_REPLACED | hide if hide else RESPONSE_REPLACED)
     lines.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
     return lines
 
@@ -149,66 +144,3 @@ def status_line(resp: Any) -> bytes:
     """``HTTP/1.1 <status> <reason>`` as the backend gave it (reason normalised when empty)."""
     reason = resp.reason or REASONS.get(resp.status, "Unknown").encode()
     return b"HTTP/1.1 %d %s\r\n" % (resp.status, reason)
-
-
-def cache_control(msg: Any) -> dict[bytes, bytes]:
-    """Cache-Control directives (lower-case names) of a message."""
-    out: dict[bytes, bytes] = {}
-    for lname, (_, value) in zip(msg.lnames, msg.headers):
-        if lname == b"cache-control":
-            for m in _DIRECTIVE.finditer(value):
-                if m.group(1):
-                    out[m.group(1).lower()] = (m.group(2) or b"").strip(b'"')
-    return out
-
-
-def _date(value: bytes | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def freshness(req: Any, resp: Any, now: float) -> tuple[float, float] | None:
-    """(freshness lifetime, current age) when the response may be stored, else None.
-
-    Stored only for GET, a status cacheable by default, explicit freshness
-    (``s-maxage``, ``max-age`` or ``Expires``), and none of: ``no-store``,
-    ``private``, ``no-cache`` (would need revalidation on every use), request
-    ``no-store`` or ``Authorization``, ``Set-Cookie``, ``Vary`` (one variant per
-    key here), a body of unknown framing.
-    """
-    if req.method != b"GET" or resp.status not in CACHEABLE_STATUS:
-        return None
-    if b"authorization" in req.lnames or b"no-store" in cache_control(req):
-        return None
-    fields: dict[bytes, bytes] = {}
-    for lname, (_, value) in zip(resp.lnames, resp.headers):
-        if lname in (b"set-cookie", b"vary"):
-            return None
-        fields[lname] = value
-    cc = cache_control(resp)
-    if b"no-store" in cc or b"private" in cc or b"no-cache" in cc:
-        return None
-    lifetime = None
-    for directive in (b"s-maxage", b"max-age"):
-        if directive in cc:
-            value = cc[directive]
-            if not value.isdigit():
-                return None
-            lifetime = float(int(value))
-            break
-    if lifetime is None and b"expires" in fields:
-        expires = _date(fields[b"expires"])
-        if expires is None:
-            return None  # an invalid Expires means "already expired"
-        lifetime = expires - (_date(fields.get(b"date")) or now)
-    if lifetime is None or lifetime <= 0:
-        return None
-    age = fields.get(b"age", b"0")
-    current_age = float(int(age)) if age.isdigit() else 0.0
-    if current_age >= lifetime:
-        return None
-    return lifetime, current_age

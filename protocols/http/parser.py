@@ -147,6 +147,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     te = None
     keep_alive = version == 11
     expect = False
+    pragma = None
     lnames = []
     for name, value in fields:
         lname = name.lower()
@@ -186,7 +187,15 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.if_unmodified_since = value
         elif lname == b"upgrade":
             req.upgrade = value if req.upgrade is None else req.upgrade + b", " + value
+        elif lname == b"cache-control":
+            # Kept raw; evaluated by the cache lookup only when present.
+            req.cache_control = value if req.cache_control is None else req.cache_control + b", " + value
+        elif lname == b"pragma":
+            pragma = value
 
+    if pragma is not None and req.cache_control is None and b"no-cache" in pragma.lower():
+        # RFC 9111 5.4: Pragma: no-cache counts only without Cache-Control.
+        req.cache_control = b"no-cache"
     if hosts > 1:
         raise HttpError(400, "more than one Host")
     if hosts == 0 and version == 11:
@@ -272,7 +281,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
 _GOOD_HOSTS: set[bytes] = set()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
                       b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
-                      b"upgrade"})
+                      b"upgrade", b"cache-control", b"pragma"})
 
 
 def _diagnose_request_line(line: bytes) -> str:

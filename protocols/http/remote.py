@@ -63,16 +63,16 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
-from protocols.http import coalesce, forward, invalidation
+from protocols.http import cachepolicy, coalesce, forward, invalidation
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
-from protocols.http.responses import set_error
+from protocols.http.responses import http_date, set_error
 from protocols.http.states import settle_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
 _SHORT_HEAD_FIELDS = frozenset({b"etag", b"last-modified", b"cache-control", b"expires",
-                                b"content-location", b"vary", b"via"})
+                                b"content-location", b"vary", b"via", b"date"})
 
 
 @attrs.define(slots=True, eq=False)
@@ -119,8 +119,9 @@ class BackendExchange(Request):
     store: list | None = None
     store_size: int = 0
     reserved: int = 0            # in-flight bytes reserved for ``store``
-    lifetime: float = 0.0
-    age: float = 0.0
+    request_time: float = 0.0    # when the request head went to the backend (RFC 9111 4.2.3)
+    meta: Any = None             # cachepolicy.StoredMeta of a response being stored
+    strip: frozenset = frozenset()  # fields left out of the stored head (no-cache="f", private="f")
 
     # -- failure paths --------------------------------------------------------
 
@@ -428,6 +429,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     client_ip = cconn.peer_host
     if creq.upgrade is not None:
         ex.upgrade = forward.websocket_upgrade(creq)
+    ex.request_time = g.reactor.seconds()
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
                                                  body=framing, upgrade=ex.upgrade)])
     ex.arm(g.settings.backend_first_byte_timeout)
@@ -553,7 +555,10 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         ex.reader = UNTIL_CLOSE
         ex.keep_alive = False
     now = g.reactor.seconds()
-    lines = forward.response_lines(ex)
+    # Targeted cache-control fields (RFC 9213) are for afpa: never relayed.
+    targeted = _targeted(g.settings)
+    hide = frozenset(t for t in targeted if t in ex.lnames)
+    lines = forward.response_lines(ex, hide)
     if ex.content_length >= 0 and not (status == 304):
         lines.append(b"Content-Length: %d\r\n" % ex.content_length)
     elif not bodiless:
@@ -566,12 +571,14 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
             ex.client_close = True  # an HTTP/1.0 client learns the end from the close
     if b"date" not in ex.lnames:
         lines.append(g.dates.get(now))
-    fresh = None
-    if (creq.key is not None and not bodiless and not ex.codings
+    if creq.method != b"GET" and creq.method != b"HEAD":
+        _invalidate(g, ex, status)
+    meta = None
+    if (creq.key is not None and not ex.codings
             and ex.content_length <= g.settings.max_object_bytes):
-        fresh = forward.freshness(creq, ex, now)
+        meta = _decide(g, ex, status, now, targeted)
     stored = b""
-    if fresh is not None:
+    if meta is not None:
         # The body is collected for the store only within the in-flight budget
         # (a known length is reserved now, an unknown one as it arrives); past
         # it the response is relayed without storing.
@@ -579,7 +586,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
             stored = b"; detail=busy"
         else:
             ex.reserved = max(ex.content_length, 0)
-            ex.lifetime, ex.age = fresh
+            ex.meta = meta
             ex.store = []
             stored = b"; stored"
     cache_status = creq.cache_status or b"afpa; fwd=miss"
@@ -602,7 +609,54 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         cconn.transport.registerProducer(conn.transport, True)
     if ex.store is None and g.flights.inflight:
         # Coalescing: nothing will be stored, so nobody waits for this answer.
-        coalesce.leader_uncacheable(g, creq, status, transient=fresh is not None)  # busy
+        coalesce.leader_uncacheable(g, creq, status, transient=meta is not None)  # busy
+
+
+_TARGETED: dict[str, tuple[bytes, ...]] = {}
+
+
+def _targeted(settings: Any) -> tuple[bytes, ...]:
+    """The targeted cache-control fields afpa obeys, most specific first:
+    the operator's ``cache.targeted_field``, then ``CDN-Cache-Control``."""
+    name = settings.targeted_field
+    fields = _TARGETED.get(name)
+    if fields is None:
+        own = name.lower().encode("ascii")
+        fields = _TARGETED[name] = (own, b"cdn-cache-control") if own != b"cdn-cache-control" else (own,)
+    return fields
+
+
+def _decide(g: Any, ex: BackendExchange, status: int, now: float, targeted: tuple[bytes, ...]) -> Any:
+    """The StoredMeta of a response to store, or None (cachepolicy.decide says why)."""
+    creq, settings = ex.creq, g.settings
+    d = cachepolicy.decide(creq.method, creq.lnames, creq.headers, status, ex.lnames, ex.headers,
+                           now=now, heuristic_fraction=settings.heuristic_fraction,
+                           heuristic_max=settings.heuristic_max, targeted=targeted)
+    if not d.store:
+        return None
+    if d.vary is not None:
+        return None  # one variant per key until variants are stored (issue 7)
+    meta = cachepolicy.stored_meta(d, ex.request_time or now, now)
+    if (cachepolicy.fresh_until(meta) < now and not meta.no_cache
+            and b"etag" not in ex.lnames and b"last-modified" not in ex.lnames):
+        return None  # stale on arrival with nothing to revalidate it with: useless
+    ex.strip = d.strip | d.hide
+    return meta
+
+
+def _invalidate(g: Any, ex: BackendExchange, status: int) -> None:
+    """An unsafe method's non-error answer invalidates what it names (RFC 9111 4.4)."""
+    creq = ex.creq
+    location = content_location = None
+    for lname, (_, value) in zip(ex.lnames, ex.headers):
+        if lname == b"location":
+            location = value
+        elif lname == b"content-location":
+            content_location = value
+    scheme = b"https" if ex.cconn.tls else b"http"
+    for key in cachepolicy.invalidated(creq.method, status, creq.host, creq.target, scheme,
+                                       location, content_location):
+        g.cache.remove(key)
 
 
 @state("complete", "need_more", "truncated", needs=("backend", "relaying"))
@@ -659,23 +713,36 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 def _store(g: Any, ex: BackendExchange) -> None:
-    now = g.reactor.seconds()
+    """Store the relayed response.  Its head keeps the origin's ``Date`` (one is
+    added from the arrival time when it sent none, RFC 9110 6.6.1), so hits send
+    it unchanged; ``Age`` is computed per hit from ``stored_at``, which is when
+    the origin made the response by RFC 9111 4.2.3's reckoning."""
+    meta = ex.meta
     body = b"".join(ex.store)
     lines, short = [], []
-    for line in forward.response_lines(ex):
+    drop = ex.strip
+    for line in forward.response_lines(ex, drop):
         lname = line.split(b":", 1)[0].lower()
-        if lname in (b"date", b"age", b"content-length"):
+        if lname in (b"age", b"content-length"):
             continue
         lines.append(line)
         if lname in _SHORT_HEAD_FIELDS:
             short.append(line)
-    head = b"".join([forward.status_line(ex), *lines, b"Content-Length: %d\r\n" % len(body)])
+    if b"date" not in ex.lnames:
+        date = b"Date: " + http_date(meta.date) + b"\r\n"
+        lines.append(date)
+        short.append(date)
+    if ex.status != 204:  # a 204 has no Content-Length (RFC 9110 8.6)
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    head = b"".join([forward.status_line(ex), *lines])
     short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
     fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}
-    lm = forward._date(fields.get(b"last-modified"))
-    obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
-                      now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
-                      int(lm) if lm is not None else None)
+    lm = cachepolicy.parse_http_date(fields.get(b"last-modified"))
+    stored_at = meta.response_time - cachepolicy.corrected_initial_age(
+        meta.date, meta.age_value, meta.request_time, meta.response_time)
+    obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), stored_at,
+                      cachepolicy.fresh_until(meta), short_head, fields.get(b"etag"),
+                      int(lm) if lm is not None else None, meta=meta)
     obj.set_tags(invalidation.tags_of(ex))
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
     stored = g.cache.put(obj)

@@ -57,15 +57,17 @@ def object_heads(status: int, content_type: bytes, length: int, last_modified: f
     return head, status_line(304) + SERVER + validators
 
 
-def finish_head(g: Any, req: Any, head: bytes, now: float, age: int | None) -> bytes:
-    """Append the mutable fields and the blank line to an immutable head."""
+def finish_head(g: Any, req: Any, head: bytes, now: float, age: int | None, dated: bool = False) -> bytes:
+    """Append the mutable fields and the blank line to an immutable head.
+    ``dated``: the head carries its origin's Date already (a stored backend
+    response), so no fresh one is added."""
     if req.close:
         conn = b"Connection: close\r\n"
     elif req.version == 10:
         conn = b"Connection: keep-alive\r\n"
     else:
         conn = b""
-    return b"".join((head, g.dates.get(now), b"" if age is None else b"Age: %d\r\n" % age,
+    return b"".join((head, b"" if dated else g.dates.get(now), b"" if age is None else b"Age: %d\r\n" % age,
                      b"Cache-Status: ", req.cache_status, b"\r\n", conn, b"\r\n"))
 
 

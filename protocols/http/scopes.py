@@ -38,6 +38,7 @@ class HttpRequest(Request):
     scan_hint: int = 0
     raw_start: int = 0           # where this request's bytes start in conn.inbuf
     upgrade: bytes | None = None
+    cache_control: bytes | None = None  # request Cache-Control (or Pragma: no-cache), raw
     key: Any = None
     stale: Any = None            # the stale cached object being revalidated
     route: Route | None = None

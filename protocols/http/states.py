@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from afpa.cache import CacheObject, fragments_of
 from afpa.modules import state
 from afpa.sendengine import FileBody
-from protocols.http import conditional, files
+from protocols.http import cachepolicy, conditional, files
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
@@ -104,6 +104,8 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
         return "miss"
     key = req.key = (req.host, req.target)
     now = g.reactor.seconds()
+    if req.cache_control is not None:
+        return _directed_lookup(g, conn, req, key, now)
     obj = g.cache.get(key, now)
     if obj is None:
         req.cache_status = b"afpa; fwd=miss"
@@ -119,11 +121,46 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
             and req.if_unmodified_since is None):
         # The common hit: no validators to weigh, straight to the head.
         req.status = 200
-        req.head = finish_head(g, req, obj.head, now, int(now - obj.stored_at))
+        # stored_at is when the origin made it (RFC 9111 4.2.3), so this is its
+        # current age; a stored backend response (meta) keeps the origin's Date.
+        req.head = finish_head(g, req, obj.head, now, int(now - obj.stored_at), obj.meta is not None)
         req.body = obj if method == b"GET" else None
         return "hit"
     _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
-            int(now - obj.stored_at))
+            int(now - obj.stored_at), obj.meta is not None)
+    return "hit"
+
+
+def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
+    """The lookup for a request with its own Cache-Control (or Pragma: no-cache),
+    kept off the fast path (RFC 9111 5.2.1).  A stored response the directives
+    refuse is forwarded like a stale one (``fwd=request``); ``only-if-cached``
+    with nothing usable is answered 504."""
+    cc = cachepolicy.request_directives(req.cache_control)
+    obj = g.cache.get(key, now)
+    if obj is None:
+        use = cachepolicy.Usable(False, False, b"only-if-cached" in cc)
+    else:
+        meta = obj.meta
+        strict = meta is not None and (meta.must_revalidate or meta.no_cache)
+        use = cachepolicy.usable(cc, obj.fresh_until, now - obj.stored_at, strict, now)
+    if not use.use:
+        if use.only_if_cached:
+            req.cache_status = b"afpa; detail=only-if-cached"
+            settle_body(g, conn, req)
+            set_error(g, req, 504, "not in the cache (only-if-cached)")
+            return "hit"
+        if obj is None:
+            req.cache_status = b"afpa; fwd=miss"
+            return "miss"
+        req.stale = obj
+        req.cache_status = b"afpa; fwd=request" if use.forced else b"afpa; fwd=stale"
+        return "stale"
+    req.cache_status = b"afpa; hit; ttl=%d" % int(obj.fresh_until - now)
+    if conn.pending is not None:
+        settle_body(g, conn, req)
+    _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
+            int(now - obj.stored_at), obj.meta is not None)
     return "hit"
 
 
@@ -215,21 +252,23 @@ def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
 
 
 def _answer(g: Any, req: Any, head: bytes, short_head: bytes, etag: bytes | None,
-            last_modified: int | None, body: Any, now: float, age: int | None) -> None:
-    """Put the answer for a found object on ``req``: 200, 304 or 412, HEAD aware."""
+            last_modified: int | None, body: Any, now: float, age: int | None,
+            dated: bool = False) -> None:
+    """Put the answer for a found object on ``req``: 200, 304 or 412, HEAD aware.
+    ``dated``: its heads carry the origin's Date (see finish_head)."""
     if (req.if_none_match is not None or req.if_modified_since is not None
             or req.if_match is not None or req.if_unmodified_since is not None):
         cond = conditional.evaluate(req, etag, last_modified)
         if cond == 304:
             req.status = 304
-            req.head = finish_head(g, req, short_head, now, age)
+            req.head = finish_head(g, req, short_head, now, age, dated)
             req.body = None
             return
         if cond == 412:
             set_error(g, req, 412)
             return
     req.status = 200
-    req.head = finish_head(g, req, head, now, age)
+    req.head = finish_head(g, req, head, now, age, dated)
     req.body = body if req.method == b"GET" else None
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from tests.httpclient import parse_responses
@@ -41,12 +44,52 @@ def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_a
     assert len(apache.access_log_lines(contains="/cacheable.txt")) == 1
 
 
-def test_plain_static_without_freshness_passes_through(apache, afpa_before_apache):
+def test_stock_static_file_with_only_last_modified_becomes_a_hit(apache, afpa_before_apache):
+    # Stock Apache sends no Cache-Control or Expires on a static file, only
+    # Last-Modified and ETag: heuristic freshness (RFC 9111 4.2.2) caches it.
+    path = apache.write_file("old.txt", STATIC_BODY)
+    month_ago = time.time() - 30 * 86400
+    os.utime(path, (month_ago, month_ago))
     p = afpa_before_apache
-    for _ in range(2):
-        status, h, body = one(p.port, get("/static.txt"))
-        assert (status, body) == (200, STATIC_BODY) and "stored" not in h["cache-status"]
-    apache.wait_access_log(2, contains="/static.txt")
+    status, first, body = one(p.port, get("/old.txt"))
+    assert (status, body) == (200, STATIC_BODY)
+    assert "cache-control" not in first and "expires" not in first and "last-modified" in first
+    assert first["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    time.sleep(1.1)  # so that the Age of the hit is at least 1
+    status, second, body = one(p.port, get("/old.txt"))
+    assert (status, body, second["cache-status"]) == (200, STATIC_BODY, "afpa; hit")
+    assert second["date"] == first["date"] and int(second["age"]) >= 1
+    apache.wait_access_log(1, contains="/old.txt")
+    assert len(apache.access_log_lines(contains="/old.txt")) == 1
+
+
+def test_request_directives_and_put_invalidation_with_apache(apache, afpa_before_apache):
+    p = afpa_before_apache
+    assert one(p.port, get("/cacheable.txt", "Cache-Control: only-if-cached"))[0] == 504
+    one(p.port, get("/cacheable.txt"))
+    assert one(p.port, get("/cacheable.txt"))[1]["cache-status"] == "afpa; hit"
+    _, h, _ = one(p.port, get("/cacheable.txt", "Cache-Control: no-cache"))
+    assert h["cache-status"].startswith("afpa; fwd=request; fwd-status=200")
+    apache.wait_access_log(2, contains="GET /cacheable.txt")
+    # Apache refuses a PUT to a static file (an error): nothing is invalidated.
+    assert one(p.port, get("/cacheable.txt", "Content-Length: 0", method="PUT"))[0] >= 400
+    assert one(p.port, get("/cacheable.txt"))[1]["cache-status"] == "afpa; hit"
+
+
+def test_put_invalidates_a_cached_url_with_apache(apache, afpa_before_apache):
+    script = apache.cgi_bin / "item.sh"
+    script.write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\nCache-Control: max-age=60\\r\\n\\r\\n'\n"
+                      "printf '%s %s\\n' \"$REQUEST_METHOD\" \"$(date +%s%N)\"\n")
+    script.chmod(0o755)
+    p = afpa_before_apache
+    first = one(p.port, get("/cgi-bin/item.sh"))
+    assert one(p.port, get("/cgi-bin/item.sh"))[1]["cache-status"] == "afpa; hit"
+    status, _, body = one(p.port, get("/cgi-bin/item.sh", "Content-Length: 0", method="PUT"))
+    assert status == 200 and body.startswith(b"PUT ")
+    status, h, body = one(p.port, get("/cgi-bin/item.sh"))
+    assert h["cache-status"].startswith("afpa; fwd=miss") and body != first[2]
+    apache.wait_access_log(3, contains="/cgi-bin/item.sh")
+    assert len(apache.access_log_lines(contains="GET /cgi-bin/item.sh")) == 2
 
 
 def test_cgi_passed_through_uncached(apache, afpa_before_apache):

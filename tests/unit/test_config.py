@@ -61,6 +61,9 @@ def test_command_line_overrides_config(tmp_path):
     ("[limits]\nheaders = 1.5", "limits.headers: expected a positive whole number, got 1.5"),
     ("[limits]\nheaders = true", "limits.headers: expected a positive whole number, got True (a boolean)"),
     ("[cache]\nsize = -1", "cache.size: expected a size in bytes"),
+    ("[cache]\nheuristic_fraction = 1.5", "cache.heuristic_fraction: expected a number from 0 to 1 (e.g. 0.1), got 1.5"),
+    ("[cache]\nheuristic_max = 0", "cache.heuristic_max: expected a positive number of seconds, got 0"),
+    ("[cache]\ntargeted_field = 'CDN Cache'", "cache.targeted_field: expected an HTTP field name"),
     ("backend = ''", "afpa.toml: backend: expected an http:// URL"),
     ("backend = 8081", "afpa.toml: backend: expected an http:// URL (e.g. http://127.0.0.1:8081), got 8081"),
     ("listen = 8080", "listen: expected HOST:PORT"),
@@ -142,6 +145,15 @@ def test_a_key_added_with_a_plain_type_is_checked_strictly(tmp_path, monkeypatch
 def test_drain_timeout_from_config_and_command_line(tmp_path):
     assert Settings().drain_timeout == 30
     assert Settings(**load_config(str(REPO / "examples" / "afpa.toml"))).drain_timeout == 30
+
+
+def test_caching_policy_settings(tmp_path):
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text("[cache]\nheuristic_fraction = 0\nheuristic_max = 3600\ntargeted_field = 'Edge-Control'\n")
+    s = Settings(**load_config(str(cfg)))
+    assert (s.heuristic_fraction, s.heuristic_max, s.targeted_field) == (0.0, 3600.0, "Edge-Control")
+    d = Settings()
+    assert (d.heuristic_fraction, d.heuristic_max, d.targeted_field) == (0.1, 86400.0, "Afpa-Cache-Control")
     cfg = tmp_path / "afpa.toml"
     cfg.write_text("[timeouts]\ndrain = 2.5\n")
     assert settings_from_args(build_parser().parse_args(["serve", "--config", str(cfg)])).drain_timeout == 2.5

@@ -113,36 +113,6 @@ def test_response_lines_drop_hop_by_hop_and_add_via():
     assert lines == b'ETag: "e"\r\nVia: 1.0 origin, 1.1 afpa\r\n'
 
 
-@pytest.mark.parametrize("resp_head,req_extra,stored", [
-    (b"Cache-Control: max-age=60", b"", (60.0, 0.0)),
-    (b"Cache-Control: s-maxage=30, max-age=60", b"", (30.0, 0.0)),
-    (b"Cache-Control: max-age=60\r\nAge: 20", b"", (60.0, 20.0)),
-    (b"Cache-Control: max-age=60\r\nAge: 90", b"", None),
-    (b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\nExpires: Mon, 23 Nov 2026 00:01:40 GMT", b"", (100.0, 0.0)),
-    (b"Expires: garbage", b"", None),
-    (b"Cache-Control: no-store, max-age=60", b"", None),
-    (b"Cache-Control: private, max-age=60", b"", None),
-    (b"Cache-Control: no-cache, max-age=60", b"", None),
-    (b"Cache-Control: max-age=60\r\nSet-Cookie: a=b", b"", None),
-    (b"Cache-Control: max-age=60\r\nVary: Accept-Encoding", b"", None),
-    (b"Cache-Control: max-age=60", b"Authorization: Basic x\r\n", None),
-    (b"Cache-Control: max-age=60", b"Cache-Control: no-store\r\n", None),
-    (b"Cache-Control: max-age=abc", b"", None),
-    (b"Last-Modified: Mon, 23 Nov 2026 00:00:00 GMT", b"", None),  # no heuristic freshness
-])
-def test_freshness(resp_head, req_extra, stored):
-    req = request(b"GET / HTTP/1.1\r\nHost: a\r\n" + req_extra + b"\r\n")
-    resp = response(b"HTTP/1.1 200 OK\r\n" + resp_head + b"\r\nContent-Length: 0\r\n\r\n")
-    assert forward.freshness(req, resp, now=0.0) == stored
-
-
-def test_only_get_and_cacheable_statuses_are_stored():
-    resp = response(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\r\n")
-    assert forward.freshness(request(b"POST / HTTP/1.1\r\nHost: a\r\n\r\n"), resp, 0.0) is None
-    resp500 = response(b"HTTP/1.1 500 Oops\r\nCache-Control: max-age=60\r\n\r\n")
-    assert forward.freshness(request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), resp500, 0.0) is None
-
-
 @pytest.mark.parametrize("raw", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -186,6 +186,11 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.if_unmodified_since = value
         elif lname == b"upgrade":
             req.upgrade = value if req.upgrade is None else req.upgrade + b", " + value
+        elif lname == b"range":
+            # Joined like a list: two Range lines make an invalid value, which is ignored.
+            req.range = value if req.range is None else req.range + b", " + value
+        elif lname == b"if-range":
+            req.if_range = value if req.if_range is None else req.if_range + b", " + value
 
     if hosts > 1:
         raise HttpError(400, "more than one Host")
@@ -272,7 +277,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
 _GOOD_HOSTS: set[bytes] = set()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
                       b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
-                      b"upgrade"})
+                      b"upgrade", b"range", b"if-range"})
 
 
 def _diagnose_request_line(line: bytes) -> str:

@@ -568,6 +568,8 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if (creq.key is not None and not bodiless and not ex.codings
             and ex.content_length <= g.settings.max_object_bytes):
         fresh = forward.freshness(creq, ex, now)
+    if status == 206:
+        fresh = None  # a part never stands for the whole: ranges are answered from stored 200s
     stored = b""
     if fresh is not None:
         # The body is collected for the store only within the in-flight budget
@@ -664,6 +666,8 @@ def _store(g: Any, ex: BackendExchange) -> None:
         lines.append(line)
         if lname in _SHORT_HEAD_FIELDS:
             short.append(line)
+    if ex.status == 200 and b"accept-ranges" not in ex.lnames:
+        lines.append(b"Accept-Ranges: bytes\r\n")  # hits answer Range (protocols/http/ranges.py)
     head = b"".join([forward.status_line(ex), *lines, b"Content-Length: %d\r\n" % len(body)])
     short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
     fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}

@@ -99,11 +99,18 @@ def push(conn: Any, bufs: list[bytes]) -> list[bytes]:
     return rest
 
 
+def owned(bufs: list) -> list[bytes]:
+    """``bufs`` as bytes for a transport, which takes nothing else: memoryview
+    pieces (the ranges of a partial response) are copied, only once the socket
+    did not take them at once."""
+    return [b if b.__class__ is bytes else bytes(b) for b in bufs]
+
+
 def write(conn: Any, bufs: list[bytes]) -> None:
     """Write ``bufs`` in order: straight to the socket if possible, the rest queued."""
     rest = push(conn, bufs)
     if rest:
-        conn.transport.writeSequence(rest)
+        conn.transport.writeSequence(owned(rest))
 
 
 def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
@@ -120,7 +127,7 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
     if body is None:
         rest = push(conn, [req.head])
         if rest:
-            conn.transport.writeSequence(rest)
+            conn.transport.writeSequence(owned(rest))
             return _backlogged(g, conn, done)
         return done
     cls = body.__class__
@@ -129,7 +136,7 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
         if len(frags) <= 1:
             rest = push(conn, [req.head, *frags])
             if rest:
-                conn.transport.writeSequence(rest)
+                conn.transport.writeSequence(owned(rest))
                 return _backlogged(g, conn, done)
             return done
         rest = push(conn, [req.head, *frags[:BATCH]])
@@ -205,7 +212,7 @@ class _Sender:
         while self.bufs:
             rest = push(conn, self.bufs[:BATCH])
             if rest:
-                conn.transport.write(rest[0])
+                conn.transport.write(owned(rest[:1])[0])
                 self.bufs = rest[1:] + self.bufs[BATCH:]
                 return True
             self.bufs = self.bufs[BATCH:]

@@ -188,6 +188,10 @@ def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _Detail(f"{text!r} has host bits set (did you mean {loose}?)") from None
 
 
+def _no(value: Any) -> Any:
+    raise ValueError
+
+
 def _dot_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError
@@ -215,6 +219,7 @@ PATH = Kind("a file or directory path", _text)
 HOSTPORT = Kind("HOST:PORT (e.g. 127.0.0.1:8080)", _hostport)
 URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
 PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
+RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "forward") else _no(v))
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
@@ -246,6 +251,8 @@ class Settings:
     cache_bytes: int = 256 << 20
     max_object_bytes: int = 8 << 20     # larger files stream from disk uncached
     revalidate_after: float = 2.0       # seconds before a cached file is stat()ed again
+    range_miss: str = "whole"           # a Range miss on a backend route: "whole" fetches the
+                                        # object once without Range, "forward" passes Range on
 
     # Request limits (HTTP answers 414 / 431 / 413)
     max_request_line: int = 8 << 10
@@ -311,6 +318,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.size": ("cache_bytes", SIZE),
     "cache.max_object_size": ("max_object_bytes", SIZE),
     "cache.revalidate_after": ("revalidate_after", SECONDS),
+    "cache.range_miss": ("range_miss", RANGE_MISS),
     "limits.request_line": ("max_request_line", POSITIVE_SIZE),
     "limits.header_block": ("max_header_block", POSITIVE_SIZE),
     "limits.headers": ("max_headers", COUNT),

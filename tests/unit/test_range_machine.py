@@ -184,7 +184,7 @@ def _exchange(rig, request: bytes, answer: bytes):
 
 
 def test_remote_206_is_relayed_never_stored(docroot):
-    rig = Rig(docroot)
+    rig = Rig(docroot, range_miss="forward")
     req = b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=0-3\r\n\r\n"
     sent, [(status, h, body)] = _exchange(
         rig, req, b"HTTP/1.1 206 Partial Content\r\nCache-Control: max-age=60\r\n"
@@ -211,6 +211,79 @@ def test_remote_stored_200_answers_ranges(docroot):
     assert (s2, h2["content-range"], b2, h2["etag"]) == (206, "bytes 197-199/200", b"789", '"v1"')
     assert (s3, b3, h3["accept-ranges"], h3["cache-status"]) == (200, DIGITS, "bytes", "afpa; hit")
     assert rig.pending() == 0  # all from the cache
+
+
+def _pump(t):
+    for _ in range(100):
+        if t.producer is None:
+            break
+        t.producer.resumeProducing()
+
+
+def test_range_miss_fetches_the_whole_object_once(docroot):
+    """cache.range_miss = "whole" (default): Range and If-Range are not forwarded;
+    the storable 200 is stored and the ranges answered from it."""
+    rig = Rig(docroot)
+    req = b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=2-4,180-\r\nIf-Range: \"v1\"\r\n\r\n"
+    client, ct = rig.client()
+    client.dataReceived(req)
+    backend, bt = rig.accept()
+    assert b"Range" not in bt.value() and b"If-Range" not in bt.value()
+    backend.dataReceived(STORABLE[:-150])
+    assert ct.value() == b""  # held until the object is complete
+    backend.dataReceived(STORABLE[-150:])
+    _pump(ct)
+    [(status, h, body)] = parse_responses(ct.value())
+    assert status == 206 and parts_of(h, body) == [("bytes 2-4/200", b"234"), ("bytes 180-199/200", DIGITS[180:])]
+    assert h["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=-1\r\n\r\n")
+    [_, (status, h, body)] = parse_responses(ct.value())
+    assert (status, body, h["cache-status"]) == (206, b"9", "afpa; hit")
+    assert rig.pending() == 0
+    # Keep-alive on both sides: the backend connection went back to the pool.
+    client.dataReceived(b"GET /y HTTP/1.1\r\nHost: t\r\nRange: bytes=0-0\r\n\r\n")
+    assert rig.pending() == 0 and bt.value().count(b"GET /y") == 1
+
+
+def test_range_miss_whole_answers_416_and_conditionals_from_the_stored_object(docroot):
+    rig = Rig(docroot)
+    _, [(status, h, _)] = _exchange(rig, b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=500-\r\n\r\n", STORABLE)
+    assert status == 416 and h["content-range"] == "bytes */200"
+    assert len(rig.server.g.cache) == 1
+
+
+def test_range_miss_not_stored_relays_one_range_cut_from_the_200(docroot):
+    rig = Rig(docroot)
+    uncacheable = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\nETag: \"v1\"\r\n\r\n" + DIGITS
+    _, [(status, h, body)] = _exchange(rig, b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=15-24\r\n\r\n",
+                                       uncacheable[:-170])
+    assert (status, h["content-range"], body) == (206, "bytes 15-24/200", DIGITS[15:25])
+    assert len(rig.server.g.cache) == 0
+    # The rest of that body was not read: that connection is closed, not reused.
+    assert rig.server.g.pools.pools and all(not p.idle for p in rig.server.g.pools.pools.values())
+    client, ct = rig.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=0-0,-1\r\n\r\n")
+    backend, bt = rig.accept()
+    backend.dataReceived(uncacheable)
+    [(status, _, body)] = parse_responses(ct.value())
+    assert (status, body) == (200, DIGITS)  # several ranges of a 200 not kept: the whole 200
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=0-0\r\nIf-Range: \"v0\"\r\n\r\n")
+    backend.dataReceived(uncacheable)
+    [_, (status, _, body)] = parse_responses(ct.value())
+    assert (status, body) == (200, DIGITS)  # If-Range does not match the backend's ETag
+
+
+def test_range_miss_whole_backend_dies_before_the_end_is_502(docroot):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    rig = Rig(docroot)
+    client, ct = rig.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n")
+    backend, bt = rig.accept()
+    backend.dataReceived(STORABLE[:-100])
+    backend.connectionLost(Failure(ConnectionLost()))
+    [(status, _, _)] = parse_responses(ct.value())
+    assert status == 502 and len(rig.server.g.cache) == 0 and not ct.disconnecting
 
 
 def test_boundary_is_not_guessable_from_content():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.httpclient import parse_responses
+from tests.integration.backends import RawBackend
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
@@ -43,3 +44,19 @@ def test_ranges_of_cached_and_streamed_files(afpa_process, docroot):
     assert (status, h["content-range"]) == (416, "bytes */4194304")
     [(status, h, body)] = parse_responses(exchange(p.port, get("/large.bin", "Range: bytes=-1000000")))
     assert (status, body) == (206, LARGE[-1000000:])
+
+
+def test_range_miss_on_a_backend_is_fetched_whole_once(afpa_process):
+    body = bytes(i % 241 for i in range(150_000))
+    b = RawBackend(lambda head, _: (b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"r1\"\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(body) + body))
+    try:
+        p = afpa_process("--backend", b.url)
+        raw = exchange(p.port, get("/v", "Range: bytes=100000-100099") + get("/v", "Range: bytes=-10"), expect=2)
+        [(s1, h1, b1), (s2, h2, b2)] = parse_responses(raw)
+        assert (s1, h1["content-range"], b1) == (206, "bytes 100000-100099/150000", body[100000:100100])
+        assert h1["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+        assert (s2, h2["cache-status"], b2) == (206, "afpa; hit", body[-10:])
+        assert len(b.requests) == 1 and b"range" not in b.requests[0].lower()
+    finally:
+        b.close()

@@ -188,6 +188,10 @@ def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _Detail(f"{text!r} has host bits set (did you mean {loose}?)") from None
 
 
+def _no(value: Any) -> Any:
+    raise ValueError
+
+
 def _dot_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError
@@ -231,6 +235,7 @@ URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
 PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
 FRACTION = Kind("a number from 0 to 1 (e.g. 0.1)", _fraction, float)
 FIELD_NAME = Kind("an HTTP field name (e.g. Afpa-Cache-Control)", _field_name)
+RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "forward") else _no(v))
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
@@ -274,6 +279,8 @@ class Settings:
     heuristic_fraction: float = 0.1
     heuristic_max: float = 86400.0
     targeted_field: str = "Afpa-Cache-Control"  # cache-control meant for afpa alone (RFC 9213)
+    range_miss: str = "whole"           # a Range miss on a backend route: "whole" fetches the
+                                        # object once without Range, "forward" passes Range on
 
     # Request limits (HTTP answers 414 / 431 / 413)
     max_request_line: int = 8 << 10
@@ -346,6 +353,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.heuristic_fraction": ("heuristic_fraction", FRACTION),
     "cache.heuristic_max": ("heuristic_max", SECONDS),
     "cache.targeted_field": ("targeted_field", FIELD_NAME),
+    "cache.range_miss": ("range_miss", RANGE_MISS),
     "limits.request_line": ("max_request_line", POSITIVE_SIZE),
     "limits.header_block": ("max_header_block", POSITIVE_SIZE),
     "limits.headers": ("max_headers", COUNT),

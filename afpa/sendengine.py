@@ -37,10 +37,18 @@ FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
 
 @attrs.define(slots=True, eq=False)
 class FileBody:
-    """A body streamed from an open file descriptor, never cached."""
+    """A body streamed from an open file descriptor, never cached: the file's
+    bytes ``start:end`` (``end`` -1: to ``size``, the whole file by default)."""
 
     fd: int
     size: int
+    start: int = 0
+    end: int = -1
+
+    @property
+    def stop(self) -> int:
+        """Where sending ends (exclusive offset)."""
+        return self.size if self.end < 0 else self.end
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -49,6 +57,16 @@ class FileBody:
                 os.close(self.fd)
             finally:
                 self.fd = -1
+
+
+@attrs.define(slots=True, eq=False)
+class Pieces:
+    """A body made of byte buffers (bytes or memoryviews) that belong to a cache
+    object, e.g. the ranges of a partial response: sent like the object's own
+    fragments, with ``obj`` pinned while they are out."""
+
+    obj: CacheObject
+    fragments: list
 
 
 def push(conn: Any, bufs: list[bytes]) -> list[bytes]:
@@ -81,11 +99,18 @@ def push(conn: Any, bufs: list[bytes]) -> list[bytes]:
     return rest
 
 
+def owned(bufs: list) -> list[bytes]:
+    """``bufs`` as bytes for a transport, which takes nothing else: memoryview
+    pieces (the ranges of a partial response) are copied, only once the socket
+    did not take them at once."""
+    return [b if b.__class__ is bytes else bytes(b) for b in bufs]
+
+
 def write(conn: Any, bufs: list[bytes]) -> None:
     """Write ``bufs`` in order: straight to the socket if possible, the rest queued."""
     rest = push(conn, bufs)
     if rest:
-        conn.transport.writeSequence(rest)
+        conn.transport.writeSequence(owned(rest))
 
 
 def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
@@ -102,22 +127,24 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
     if body is None:
         rest = push(conn, [req.head])
         if rest:
-            conn.transport.writeSequence(rest)
+            conn.transport.writeSequence(owned(rest))
             return _backlogged(g, conn, done)
         return done
-    if body.__class__ is CacheObject:
+    cls = body.__class__
+    if cls is CacheObject or cls is Pieces:
         frags = body.fragments
         if len(frags) <= 1:
             rest = push(conn, [req.head, *frags])
             if rest:
-                conn.transport.writeSequence(rest)
+                conn.transport.writeSequence(owned(rest))
                 return _backlogged(g, conn, done)
             return done
         rest = push(conn, [req.head, *frags[:BATCH]])
         if not rest and len(frags) <= BATCH:
             return done
-        sender = _MemorySender(g.runtime, conn, rest + list(frags[BATCH:]), done, body)
-    elif body.__class__ is FileBody:
+        sender = _MemorySender(g.runtime, conn, rest + list(frags[BATCH:]), done,
+                               body if cls is CacheObject else body.obj)
+    elif cls is FileBody:
         sender = _FileSender(g.runtime, conn, [req.head], done, body)
     else:
         raise TypeError(f"the Send Engine cannot send a {type(body).__name__}")
@@ -185,7 +212,7 @@ class _Sender:
         while self.bufs:
             rest = push(conn, self.bufs[:BATCH])
             if rest:
-                conn.transport.write(rest[0])
+                conn.transport.write(owned(rest[:1])[0])
                 self.bufs = rest[1:] + self.bufs[BATCH:]
                 return True
             self.bufs = self.bufs[BATCH:]
@@ -259,7 +286,8 @@ class _FileSender(_Sender):
 
     def __init__(self, *args: Any):
         super().__init__(*args)
-        self.offset = 0
+        self.offset = self.body.start
+        self.stop = self.body.stop
         self.reading = False
         self.waiting = False
         self.ready: bytes | None = None
@@ -269,10 +297,10 @@ class _FileSender(_Sender):
         return super().start()
 
     def _read(self) -> None:
-        if self.offset >= self.body.size or self.reading or self.over:
+        if self.offset >= self.stop or self.reading or self.over:
             return
         self.reading = True
-        n = min(FILE_CHUNK, self.body.size - self.offset)
+        n = min(FILE_CHUNK, self.stop - self.offset)
         self.runtime.helpers.run(os.pread, self.body.fd, n, self.offset).addCallbacks(
             self._got, self._failed)
 
@@ -310,7 +338,7 @@ class _FileSender(_Sender):
                 if len(self.bufs) <= 1:
                     self._read()
                 return  # the transport calls back when it has drained
-        if self.offset >= self.body.size and not self.reading:
+        if self.offset >= self.stop and not self.reading:
             self._end(self.outcome)
         else:
             self._read()

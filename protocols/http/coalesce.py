@@ -208,7 +208,7 @@ def _woken(result: Any, g: Any, conn: Any, req: Any) -> str:
     req.cache_status = ((req.cache_status or b"afpa; fwd=miss")
                         + b"; fwd-status=" + obj.head[9:12] + b"; collapsed")
     _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
-            int(now - obj.stored_at))
+            int(now - obj.stored_at), obj.meta is not None)
     g.flights.collapsed += 1
     return "hit"
 

@@ -81,17 +81,19 @@ _TRUSTED_DROP = REQUEST_REPLACED | {b"x-forwarded-for"}  # rewritten as one line
 
 
 def request_head(req: Any, client_ip: str, tls: bool, trusted_peer: bool, *,
-                 body: str, upgrade: bytes | None = None) -> bytes:
+                 body: str, upgrade: bytes | None = None, drop: frozenset[bytes] = frozenset()) -> bytes:
     """The request head afpa sends to a backend.
 
     ``client_ip`` is the peer's address; ``trusted_peer`` whether it is a trusted
     proxy (see :class:`afpa.trust.TrustedProxies`).  ``body``: ``"none"``,
     ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``: the
-    protocol to ask the backend to switch to (see :func:`websocket_upgrade`)."""
+    protocol to ask the backend to switch to (see :func:`websocket_upgrade`);
+    ``drop``: more request fields not to forward (lower-case names)."""
     if trusted_peer:
-        lines, via = _end_to_end(req, _TRUSTED_DROP)
+        lines, via = _end_to_end(req, _TRUSTED_DROP | drop if drop else _TRUSTED_DROP)
     else:
-        lines, via = _end_to_end(req, _UNTRUSTED_DROP, (b"proxy-", b"x-forwarded-"))
+        lines, via = _end_to_end(req, _UNTRUSTED_DROP | drop if drop else _UNTRUSTED_DROP,
+                                 (b"proxy-", b"x-forwarded-"))
     out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
     if upgrade is not None:
         out.append(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")

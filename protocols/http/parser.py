@@ -192,6 +192,11 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.cache_control = value if req.cache_control is None else req.cache_control + b", " + value
         elif lname == b"pragma":
             pragma = value
+        elif lname == b"range":
+            # Joined like a list: two Range lines make an invalid value, which is ignored.
+            req.range = value if req.range is None else req.range + b", " + value
+        elif lname == b"if-range":
+            req.if_range = value if req.if_range is None else req.if_range + b", " + value
 
     if pragma is not None and req.cache_control is None and b"no-cache" in pragma.lower():
         # RFC 9111 5.4: Pragma: no-cache counts only without Cache-Control.
@@ -281,7 +286,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
 _GOOD_HOSTS: set[bytes] = set()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
                       b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
-                      b"upgrade", b"cache-control", b"pragma"})
+                      b"upgrade", b"cache-control", b"pragma", b"range", b"if-range"})
 
 
 def _diagnose_request_line(line: bytes) -> str:

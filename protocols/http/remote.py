@@ -63,11 +63,11 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
-from protocols.http import cachepolicy, coalesce, forward, invalidation
+from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import http_date, set_error
-from protocols.http.states import settle_body
+from protocols.http.states import _answer, settle_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
@@ -116,6 +116,11 @@ class BackendExchange(Request):
     client_chunked: bool = False
     client_close: bool = False
     relaying: bool = False
+    # Range misses fetched whole (cache.range_miss = "whole"; see _range_from_whole)
+    whole: bool = False          # Range and If-Range were not forwarded
+    held: bool = False           # nothing relayed: answered from the stored object once complete
+    part: Any = None             # (start, stop): the one range relayed from a 200 not stored
+    part_pos: int = 0
     store: list | None = None
     store_size: int = 0
     reserved: int = 0            # in-flight bytes reserved for ``store``
@@ -147,6 +152,11 @@ class BackendExchange(Request):
 
     def abort_client(self) -> None:
         """Cut the client connection: a response that started cannot end cleanly."""
+        if self.held and not self.client_gone:
+            self.held = False  # nothing went to the client yet: it gets a 502 instead
+            self.drop_store()
+            self.fail(502, "backend closed the connection without a complete response")
+            return
         self.result = "aborted"
         self.drop_store()
         if not self.cconn.closed:
@@ -273,13 +283,15 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted", "upgraded", needs=("request", "route"),
-       provides={"failed": ("response",)})
+@state("relayed", "close", "failed", "aborted", "upgraded", "answered", needs=("request", "route"),
+       provides={"failed": ("response",), "answered": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
     (``failed``), or had to cut a response short (``aborted``), or relayed a
-    101 and spliced the connection until it closed (``upgraded``)."""
+    101 and spliced the connection until it closed (``upgraded``), or stored a
+    whole response fetched for a Range request and left the ranged answer on the
+    request (``answered``)."""
     if req.method == b"CONNECT":
         # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
@@ -287,6 +299,8 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
         return "failed"
     ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
     exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
+    ex.whole = (req.range is not None and req.key is not None and req.method == b"GET"
+                and g.settings.range_miss == "whole")
 
     def client_lost(_reason: Any) -> None:
         ex.client_gone = True
@@ -431,7 +445,8 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
         ex.upgrade = forward.websocket_upgrade(creq)
     ex.request_time = g.reactor.seconds()
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
-                                                 body=framing, upgrade=ex.upgrade)])
+                                                 body=framing, upgrade=ex.upgrade,
+                                                 drop=_RANGE_FIELDS if ex.whole else frozenset())])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -593,6 +608,10 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     cache_status += b"; fwd-status=%d" % status + stored
     creq.cache_status = cache_status
     ex.client_close = ex.client_close or creq.close
+    if ex.whole:
+        status = _range_from_whole(ex, lines)
+        if not status:
+            return  # held: answered from the stored object when it is complete
     head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n"]
     if ex.client_close:
         head.append(b"Connection: close\r\n")
@@ -681,11 +700,13 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
             ex.pool.failed("malformed_body")
             ex.abort_client()
             return "truncated"
+    if ex.part is not None:
+        pieces, finished = _cut(ex, pieces, finished)
     out = ex.out or []
     ex.out = None
     if pieces or finished:
         out += forward.frame(pieces, ex.client_chunked, finished)
-    if out:
+    if out and not ex.held:
         sendengine.write(ex.cconn, out)
     if pieces:
         if ex.store is not None:
@@ -701,8 +722,10 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
                     ex.drop_store()  # the in-flight budget is full: relay only
         ex.arm(g.settings.backend_idle_timeout)
     if finished:
-        if ex.store is not None:
-            _store(g, ex)
+        obj = _store(g, ex) if ex.store is not None else None
+        if ex.held:
+            _answer_held(g, ex, obj)
+            return "complete"
         ex.result = "close" if ex.client_close else "relayed"
         return "complete"
     if conn.closed or ex.timed_out:
@@ -712,7 +735,7 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "need_more"
 
 
-def _store(g: Any, ex: BackendExchange) -> None:
+def _store(g: Any, ex: BackendExchange) -> CacheObject:
     """Store the relayed response.  Its head keeps the origin's ``Date`` (one is
     added from the arrival time when it sent none, RFC 9110 6.6.1), so hits send
     it unchanged; ``Age`` is computed per hit from ``stored_at``, which is when
@@ -732,6 +755,8 @@ def _store(g: Any, ex: BackendExchange) -> None:
         date = b"Date: " + http_date(meta.date) + b"\r\n"
         lines.append(date)
         short.append(date)
+    if ex.status == 200 and b"accept-ranges" not in ex.lnames:
+        lines.append(b"Accept-Ranges: bytes\r\n")  # hits answer Range (protocols/http/ranges.py)
     if ex.status != 204:  # a 204 has no Content-Length (RFC 9110 8.6)
         lines.append(b"Content-Length: %d\r\n" % len(body))
     head = b"".join([forward.status_line(ex), *lines])
@@ -748,6 +773,76 @@ def _store(g: Any, ex: BackendExchange) -> None:
     stored = g.cache.put(obj)
     if g.flights.inflight:
         coalesce.leader_stored(g, ex.creq, obj, stored)  # answer the coalesced waiters
+    return obj
+
+
+# -- Range misses fetched whole (cache.range_miss = "whole") ---------------------
+
+_RANGE_FIELDS = frozenset({b"range", b"if-range"})
+
+
+def _range_from_whole(ex: BackendExchange, lines: list[bytes]) -> int:
+    """A GET with Range went to the backend without it: decide how the client is
+    answered.  Returns 0 when the response is being stored (held back; the ranges
+    are answered from the stored object, :func:`_answer_held`); otherwise the
+    status to relay: 206 when one range can be cut from a 200 of known length as
+    it streams (``lines`` and ``ex`` rewritten), else the response as it came
+    (a whole 200 answers a Range request too, RFC 9110 14.2)."""
+    creq = ex.creq
+    if ex.status != 200 or ex.content_length < 0:
+        return ex.status
+    if ex.store is not None:
+        ex.held = True
+        return 0
+    fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}
+    if creq.if_range is not None:
+        lm = cachepolicy.parse_http_date(fields.get(b"last-modified"))
+        if not ranges.if_range_holds(creq.if_range, fields.get(b"etag"), int(lm) if lm is not None else None):
+            return ex.status
+    selected = ranges.select(creq.range, ex.content_length)
+    if not selected or len(selected) > 1:
+        return ex.status  # unsatisfiable, or several ranges of a response not kept: the whole 200
+    start, stop = selected[0]
+    lines[:] = [line for line in lines if not line[:15].lower() == b"content-length:"]
+    lines.append(b"Content-Length: %d\r\nContent-Range: %s\r\n"
+                 % (stop - start, ranges.content_range(start, stop, ex.content_length)))
+    ex.status, ex.reason = 206, b"Partial Content"
+    ex.part = (start, stop)
+    return 206
+
+
+def _cut(ex: BackendExchange, pieces: list[bytes], finished: bool) -> tuple[list[bytes], bool]:
+    """The bytes of ``pieces`` inside the range relayed (``ex.part``); finished
+    once its end has gone by (the rest of the body is not read: the backend
+    connection is closed instead of reused)."""
+    start, stop = ex.part
+    pos = ex.part_pos
+    out = []
+    for piece in pieces:
+        end = pos + len(piece)
+        a, b = max(start - pos, 0), min(stop, end) - pos
+        if a < b:
+            out.append(piece[a:b])
+        pos = end
+    ex.part_pos = pos
+    if pos >= stop and not finished:
+        ex.keep_alive = False
+        finished = True
+    return out, finished
+
+
+def _answer_held(g: Any, ex: BackendExchange, obj: CacheObject | None) -> None:
+    """The whole response fetched for a Range request is complete: answer the
+    client from it (206, 416 or 200, after its conditionals, as a hit would)."""
+    if obj is None:
+        ex.held = False
+        ex.fail(502, "backend response could not be kept")
+        return
+    now = g.reactor.seconds()
+    settle_body(g, ex.cconn, ex.creq)
+    _answer(g, ex.creq, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
+            int(now - obj.stored_at), obj.meta is not None)
+    ex.result = "answered"
 
 
 @state("closed", needs=("backend", "relaying"))

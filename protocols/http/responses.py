@@ -52,8 +52,9 @@ def object_heads(status: int, content_type: bytes, length: int, last_modified: f
         validators += b"Last-Modified: " + http_date(last_modified) + b"\r\n"
     if etag is not None:
         validators += b"ETag: " + etag + b"\r\n"
+    # Accept-Ranges: afpa answers Range requests for these (protocols/http/ranges.py).
     head = (status_line(status) + SERVER + b"Content-Type: " + content_type + b"\r\n"
-            + b"Content-Length: %d\r\n" % length + validators)
+            + b"Content-Length: %d\r\n" % length + b"Accept-Ranges: bytes\r\n" + validators)
     return head, status_line(304) + SERVER + validators
 
 

@@ -35,6 +35,8 @@ class HttpRequest(Request):
     if_modified_since: bytes | None = None
     if_match: bytes | None = None
     if_unmodified_since: bytes | None = None
+    range: bytes | None = None    # Range and If-Range as received (protocols/http/ranges.py)
+    if_range: bytes | None = None
     scan_hint: int = 0
     raw_start: int = 0           # where this request's bytes start in conn.inbuf
     upgrade: bytes | None = None

@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 
 from afpa.cache import CacheObject, fragments_of
 from afpa.modules import state
-from afpa.sendengine import FileBody
-from protocols.http import cachepolicy, conditional, files
+from afpa.sendengine import FileBody, Pieces
+from protocols.http import cachepolicy, conditional, files, ranges
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
@@ -117,9 +117,9 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     req.cache_status = b"afpa; hit"
     if conn.pending is not None:
         settle_body(g, conn, req)
-    if (req.if_none_match is None and req.if_modified_since is None and req.if_match is None
-            and req.if_unmodified_since is None):
-        # The common hit: no validators to weigh, straight to the head.
+    if (req.range is None and req.if_none_match is None and req.if_modified_since is None
+            and req.if_match is None and req.if_unmodified_since is None):
+        # The common hit: no validators or ranges to weigh, straight to the head.
         req.status = 200
         # stored_at is when the origin made it (RFC 9111 4.2.3), so this is its
         # current age; a stored backend response (meta) keeps the origin's Date.
@@ -254,7 +254,8 @@ def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
 def _answer(g: Any, req: Any, head: bytes, short_head: bytes, etag: bytes | None,
             last_modified: int | None, body: Any, now: float, age: int | None,
             dated: bool = False) -> None:
-    """Put the answer for a found object on ``req``: 200, 304 or 412, HEAD aware.
+    """Put the answer for a found object on ``req``: 200, 304 or 412, HEAD aware;
+    206 or 416 for a Range request (after the conditionals, RFC 9110 13.2.2).
     ``dated``: its heads carry the origin's Date (see finish_head)."""
     if (req.if_none_match is not None or req.if_modified_since is not None
             or req.if_match is not None or req.if_unmodified_since is not None):
@@ -267,9 +268,51 @@ def _answer(g: Any, req: Any, head: bytes, short_head: bytes, etag: bytes | None
         if cond == 412:
             set_error(g, req, 412)
             return
+    if req.range is not None and req.method == b"GET" and body is not None:
+        if _answer_range(g, req, head, etag, last_modified, body, now, age, dated):
+            return
     req.status = 200
     req.head = finish_head(g, req, head, now, age, dated)
     req.body = body if req.method == b"GET" else None
+
+
+def _answer_range(g: Any, req: Any, head: bytes, etag: bytes | None, last_modified: int | None,
+                  body: Any, now: float, age: int | None, dated: bool = False) -> bool:
+    """Answer a GET's Range from a whole 200 (``body``: a cache object or a file
+    being streamed) with a 206 or 416; False when the whole 200 is to be sent."""
+    if not head.startswith(b"200", 9):
+        return False  # only a 200 is ranged (RFC 9110 14.2)
+    if req.if_range is not None and not ranges.if_range_holds(req.if_range, etag, last_modified):
+        return False
+    length = body.size
+    selected = ranges.select(req.range, length)
+    if selected is None:
+        return False
+    if not selected:
+        set_error(g, req, 416, extra=b"Content-Range: bytes */%d\r\n" % length)
+        return True
+    if body.__class__ is FileBody:
+        if len(selected) > 1:
+            return False  # several ranges of a streamed file: the whole file instead (documented)
+        start, stop = selected[0]
+        body.start, body.end = start, stop
+        part_head = ranges.single_head(head, start, stop, length)
+    elif len(selected) == 1:
+        start, stop = selected[0]
+        part_head = ranges.single_head(head, start, stop, length)
+        body = Pieces(body, ranges.slice_fragments(body.fragments, start, stop))
+    else:
+        part_head, parts, closing = ranges.multipart(head, selected, length)
+        bufs: list = []
+        for part, start, stop in parts:
+            bufs.append(part)
+            bufs += ranges.slice_fragments(body.fragments, start, stop)
+        bufs.append(closing)
+        body = Pieces(body, bufs)
+    req.status = 206
+    req.head = finish_head(g, req, part_head, now, age, dated)
+    req.body = body
+    return True
 
 
 def fail(g: Any, conn: Any, req: Any, status: int) -> None:

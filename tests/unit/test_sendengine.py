@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from afpa.cache import CacheObject, CacheStore, fragments_of
 from afpa.config import Settings
 from afpa.scopes import Connection, Runtime
-from afpa.sendengine import FILE_CHUNK, FileBody, send_engine
+from afpa.sendengine import FILE_CHUNK, FileBody, Pieces, send_engine
 
 
 class ScriptedSocket:
@@ -48,6 +48,7 @@ class FakeTransport:
         self.producer = None
 
     def write(self, data):
+        assert isinstance(data, bytes)  # as Twisted's transports insist
         self.pending.append(data)
         self._tempDataLen += len(data)
 
@@ -148,3 +149,52 @@ def test_memory_sender_pins_until_done():
         t.drain()
     assert outcomes == ["sent"] and bytes(sock.data) == b"H" + body
     assert obj.refs == 0 and g.runtime.cache.pinned_bytes == 0
+
+
+def test_pieces_send_memoryviews_pinned_and_queue_only_bytes():
+    """A range body: memoryview slices of an object's fragments go to the socket
+    as they are; what the socket does not take reaches the transport as bytes."""
+    body = os.urandom(300 * 1024)
+    g = G(ManualHelpers())
+    obj = CacheObject("k", b"", fragments_of(body), len(body), 0, 1)
+    frags = obj.fragments
+    pieces = [memoryview(frags[0])[100:], frags[1], memoryview(frags[2])[:5], b"--end"]
+    want = body[100:65536 * 2] + body[65536 * 2:65536 * 2 + 5] + b"--end"
+    for budgets in [(), (1000, 0), (70000, 0)]:
+        sock = ScriptedSocket(*budgets)
+        conn, t = connection(sock)
+        done = send_engine(g, conn, Req(b"H", Pieces(obj, list(pieces))))
+        outcomes = []
+        if isinstance(done, str):
+            outcomes.append(done)
+        else:
+            done.addCallback(outcomes.append)
+        for _ in range(50):
+            if outcomes:
+                break
+            t.drain()
+        t.drain()
+        assert outcomes == ["sent"] and bytes(sock.data) == b"H" + want
+        assert obj.refs == 0
+
+
+def test_file_body_range_streams_from_an_offset(tmp_path):
+    data = os.urandom(2 * FILE_CHUNK + 999)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    helpers = ManualHelpers()
+    g = G(helpers)
+    sock = ScriptedSocket()
+    conn, t = connection(sock)
+    fd = os.open(path, os.O_RDONLY)
+    start, stop = FILE_CHUNK - 7, 2 * FILE_CHUNK + 500
+    done = send_engine(g, conn, Req(b"H", FileBody(fd, len(data), start, stop)))
+    outcomes = []
+    done.addCallback(outcomes.append)
+    for _ in range(100):
+        if outcomes:
+            break
+        while helpers.calls:
+            helpers.fire_next()
+        t.drain()
+    assert outcomes == ["sent"] and bytes(sock.data) == b"H" + data[start:stop]

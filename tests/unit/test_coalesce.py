@@ -46,12 +46,14 @@ def test_waiters_are_answered_from_the_leaders_stored_response(docroot):
         assert (status, body) == (200, b"hello")
         assert headers["cache-status"] == "afpa; fwd=miss; fwd-status=200; collapsed"
         assert "age" in headers
+        assert t.value().count(b"\r\nDate: ") == 1  # the origin's, kept; never a second one
     assert rig.pending() == 0 and bt.value().count(b"GET /x") == 1
     assert _metric(rig, "afpa_cache_collapsed") == 4
     assert not rig.server.g.flights.inflight
     # The next request is an ordinary hit.
     [t] = _clients(rig, 1)
     assert parse_responses(t.value())[0][1]["cache-status"] == "afpa; hit"
+    assert t.value().count(b"\r\nDate: ") == 1
 
 
 def test_waiter_conditional_and_head_answered_from_the_object(docroot):

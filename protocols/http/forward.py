@@ -37,6 +37,10 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
                            b"x-original-forwarded-for", b"x-originating-ip", b"client-ip"})
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
 REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
+# A client's own preconditions, replaced by afpa's when it revalidates a stored
+# response (the client's are then answered from the refreshed object).
+CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                         b"if-unmodified-since", b"if-range"})
 # Set by afpa toward the client.
 RESPONSE_REPLACED = frozenset({b"content-length", b"via"})
 # Status codes cacheable by default (RFC 9110 15.1), when freshness is explicit.
@@ -86,18 +90,23 @@ _TRUSTED_DROP = REQUEST_REPLACED | {b"x-forwarded-for"}  # rewritten as one line
 
 
 def request_head(req: Any, client_ip: str, tls: bool, trusted_peer: bool, *,
-                 body: str, upgrade: bytes | None = None) -> bytes:
+                 body: str, upgrade: bytes | None = None, conditional: bytes = b"") -> bytes:
     """The request head afpa sends to a backend.
 
     ``client_ip`` is the peer's address; ``trusted_peer`` whether it is a trusted
     proxy (see :class:`afpa.trust.TrustedProxies`).  ``body``: ``"none"``,
     ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``: the
-    protocol to ask the backend to switch to (see :func:`websocket_upgrade`)."""
+    protocol to ask the backend to switch to (see :func:`websocket_upgrade`);
+    ``conditional``: afpa's own validator lines (revalidating a stored
+    response), sent instead of the client's preconditions."""
+    drop = _TRUSTED_DROP if trusted_peer else _UNTRUSTED_DROP
+    if conditional:
+        drop = drop | CONDITIONAL
     if trusted_peer:
-        lines, via = _end_to_end(req, _TRUSTED_DROP)
+        lines, via = _end_to_end(req, drop)
     else:
-        lines, via = _end_to_end(req, _UNTRUSTED_DROP, (b"proxy-", b"x-forwarded-"))
-    out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
+        lines, via = _end_to_end(req, drop, (b"proxy-", b"x-forwarded-"))
+    out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines, conditional]
     if upgrade is not None:
         out.append(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")
     out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
@@ -176,8 +185,9 @@ def freshness(req: Any, resp: Any, now: float) -> tuple[float, float] | None:
     Stored only for GET, a status cacheable by default, explicit freshness
     (``s-maxage``, ``max-age`` or ``Expires``), and none of: ``no-store``,
     ``private``, ``no-cache`` (would need revalidation on every use), request
-    ``no-store`` or ``Authorization``, ``Set-Cookie``, ``Vary`` (one variant per
-    key here), a body of unknown framing.
+    ``no-store`` or ``Authorization``, ``Set-Cookie``, a body of unknown
+    framing.  (``Vary`` responses are stored as variants, ``Vary: *`` never:
+    the caller decides, see ``cachepolicy.vary_names``.)
     """
     if req.method != b"GET" or resp.status not in CACHEABLE_STATUS:
         return None
@@ -185,7 +195,7 @@ def freshness(req: Any, resp: Any, now: float) -> tuple[float, float] | None:
         return None
     fields: dict[bytes, bytes] = {}
     for lname, (_, value) in zip(resp.lnames, resp.headers):
-        if lname in (b"set-cookie", b"vary"):
+        if lname == b"set-cookie":
             return None
         fields[lname] = value
     cc = cache_control(resp)

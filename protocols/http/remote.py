@@ -50,6 +50,7 @@ of a response had arrived.
 
 from __future__ import annotations
 
+from email.utils import formatdate
 from typing import Any
 
 import attrs
@@ -64,10 +65,11 @@ from afpa.outbound import Exchange
 from afpa.scopes import Request
 from afpa.splice import splice_to
 from protocols.http import forward
+from protocols.http.cachepolicy import StoredMeta, secondary_key, vary_names
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import set_error
-from protocols.http.states import settle_body
+from protocols.http.states import _answer, settle_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
@@ -121,6 +123,8 @@ class BackendExchange(Request):
     reserved: int = 0            # in-flight bytes reserved for ``store``
     lifetime: float = 0.0
     age: float = 0.0
+    vary: tuple | None = None    # the response's Vary names (its variant's selector)
+    revalidating: Any = None     # the stale stored object a conditional request asks about
 
     # -- failure paths --------------------------------------------------------
 
@@ -138,6 +142,11 @@ class BackendExchange(Request):
         if self.upload_error is not None:
             status, detail = self.upload_error.status, self.upload_error.detail
             self.creq.close = True
+        elif (self.creq.stale is not None and self.creq.stale.meta is not None
+              and self.creq.stale.meta.must_revalidate):
+            # must-revalidate / proxy-revalidate: an unvalidated copy is never
+            # an answer, and the failure says "no timely answer" (RFC 9111 5.2.2.2).
+            status = 504
         self.creq.close = self.creq.close or not self.upload_done
         settle_body(self.g, self.cconn, self.creq)
         self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=miss") + b"; detail=backend-error"
@@ -270,13 +279,16 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted", "upgraded", needs=("request", "route"),
-       provides={"failed": ("response",)})
+@state("relayed", "close", "failed", "aborted", "upgraded", "refreshed", needs=("request", "route"),
+       provides={"failed": ("response",), "refreshed": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
     (``failed``), or had to cut a response short (``aborted``), or relayed a
-    101 and spliced the connection until it closed (``upgraded``)."""
+    101 and spliced the connection until it closed (``upgraded``).  With a
+    stale stored response on the request (``req.stale``) the request is made
+    conditional; when the backend answers 304 the refreshed stored response
+    is left on the request for the Send Engine (``refreshed``)."""
     if req.method == b"CONNECT":
         # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
@@ -426,8 +438,9 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     client_ip = cconn.peer_host
     if creq.upgrade is not None:
         ex.upgrade = forward.websocket_upgrade(creq)
+    conditional = _validators(ex, creq.stale) if creq.stale is not None else b""
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
-                                                 body=framing, upgrade=ex.upgrade)])
+                                                 body=framing, upgrade=ex.upgrade, conditional=conditional)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -444,13 +457,30 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "sent"
 
 
-@state("head", "interim", "need_more", "retry", "failed", "switched", needs=("backend", "forwarded"),
-       provides={"head": ("relaying",), "switched": ("relaying",)},
+def _validators(ex: BackendExchange, stale: CacheObject) -> bytes:
+    """The conditional fields that revalidate ``stale`` (RFC 9111 4.3.1):
+    If-None-Match with its ETag, else If-Modified-Since with its Last-Modified;
+    none (a full refetch) when it has neither or the request is not GET/HEAD."""
+    if ex.creq.method not in (b"GET", b"HEAD"):
+        return b""
+    if stale.etag:
+        ex.revalidating = stale
+        return b"If-None-Match: " + stale.etag + b"\r\n"
+    if stale.last_modified is not None:
+        ex.revalidating = stale
+        return b"If-Modified-Since: " + formatdate(stale.last_modified, usegmt=True).encode() + b"\r\n"
+    return b""
+
+
+@state("head", "interim", "need_more", "retry", "failed", "switched", "not_modified",
+       needs=("backend", "forwarded"),
+       provides={"head": ("relaying",), "switched": ("relaying",), "not_modified": ("validated",)},
        drops={"retry": ("backend", "forwarded")})
 def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Parse the response head strictly; relay it (and decide about storing).
     ``switched``: the backend agreed to the WebSocket upgrade the client asked
-    for, and its 101 went to the client."""
+    for, and its 101 went to the client.  ``not_modified``: a 304 to afpa's own
+    conditional request; nothing is relayed, the stored response answers."""
     if ex.client_gone:
         ex.result = "aborted"
         return "failed"
@@ -494,6 +524,8 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
             _relay_switch(g, conn, ex)
             return "switched"
         return "interim"  # 1xx: read the next head
+    if ex.status == 304 and ex.revalidating is not None:
+        return "not_modified"
     if ex.codings and ex.creq.version == 10 and not _bodiless(ex.creq, ex.status):
         # Transfer-Encoding cannot be sent to an HTTP/1.0 client (RFC 9112 6.1),
         # and the body means nothing without it.
@@ -568,6 +600,14 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if (creq.key is not None and not bodiless and not ex.codings
             and ex.content_length <= g.settings.max_object_bytes):
         fresh = forward.freshness(creq, ex, now)
+        if fresh is not None:
+            ex.vary = vary_names(ex)
+            if ex.vary == (b"*",):
+                fresh = None  # Vary: * -- no later request can be known to match
+    if fresh is None and ex.revalidating is not None and status < 500:
+        # The origin answered a revalidation with a new response we do not
+        # store: the stale copy is outdated (5xx says nothing about it).
+        g.cache.discard(ex.revalidating)
     stored = b""
     if fresh is not None:
         # The body is collected for the store only within the in-flight budget
@@ -668,11 +708,84 @@ def _store(g: Any, ex: BackendExchange) -> None:
     short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
     fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}
     lm = forward._date(fields.get(b"last-modified"))
+    secondary = None if ex.vary is None else secondary_key(ex.vary, ex.creq)
+    cc = forward.cache_control(ex)
+    meta = StoredMeta(vary=ex.vary, secondary=secondary or (),
+                      must_revalidate=b"must-revalidate" in cc or b"proxy-revalidate" in cc)
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), now - ex.age,
                       now - ex.age + ex.lifetime, short_head, fields.get(b"etag"),
-                      int(lm) if lm is not None else None)
+                      int(lm) if lm is not None else None, meta=meta, secondary=secondary)
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
-    g.cache.put(obj)
+    g.cache.put(obj, ex.vary)
+
+
+# Fields a 304 does not update in the stored response (RFC 9111 4.3.4): framing
+# and coding the stored body depends on, and what afpa sets itself.
+_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"content-range",
+                          b"transfer-encoding", b"date", b"age", b"via"})
+
+
+@attrs.define(slots=True, eq=False)
+class _Fields:
+    """A response as far as forward.freshness reads it: status and fields."""
+
+    status: int
+    lnames: list
+    headers: list
+    method: bytes = b"GET"
+
+
+def _split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
+    """A stored head as (status line, [(lower-case name, name, value)])."""
+    first, *rest = head.split(b"\r\n")
+    fields = []
+    for line in rest:
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), name, value.strip(b" \t")))
+    return first + b"\r\n", fields
+
+
+@state("refreshed", needs=("backend", "validated"))
+def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """The backend answered 304 to afpa's conditional request: freshen the
+    stored response (its fields updated from the 304 as RFC 9111 4.3.4 says,
+    its freshness computed again) and answer the client from it, including
+    the client's own conditionals (304/412)."""
+    stale, creq = ex.revalidating, ex.creq
+    now = g.reactor.seconds()
+    status_line, fields = _split_head(stale.head)
+    update = {n for n in ex.lnames if n not in _NOT_UPDATED and not n.startswith(b"proxy-")}
+    update -= forward.HOP_BY_HOP | forward.connection_tokens(ex)
+    fields = [f for f in fields if f[0] not in update]
+    fields += [(n, name, value) for n, (name, value) in zip(ex.lnames, ex.headers) if n in update]
+    lines = [name + b": " + value + b"\r\n" for _, name, value in fields]
+    head = b"".join([status_line, *lines])
+    short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n",
+                           *(line for (n, _, _), line in zip(fields, lines) if n in _SHORT_HEAD_FIELDS)])
+    named = {n: v for n, _, v in fields}
+    msg = _Fields(int(status_line.split(b" ")[1]), [n for n, _, _ in fields],
+                  [(name, v) for _, name, v in fields])
+    fresh = forward.freshness(_Fields(0, creq.lnames, creq.headers), msg, now)
+    lifetime, age = fresh if fresh is not None else (0.0, 0.0)
+    lm = forward._date(named.get(b"last-modified"))
+    meta = stale.meta
+    if meta is not None:
+        cc = forward.cache_control(msg)
+        meta = attrs.evolve(meta, must_revalidate=b"must-revalidate" in cc or b"proxy-revalidate" in cc)
+    obj = CacheObject(stale.key, head, stale.fragments, stale.size, now - age,
+                      # Without freshness it is kept but revalidated on every use.
+                      now - age + lifetime if fresh is not None else float("-inf"),
+                      short_head, named.get(b"etag"), int(lm) if lm is not None else stale.last_modified,
+                      stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary)
+    g.cache.discard(stale)
+    if creq.key is not None:
+        g.cache.put(obj, meta.vary if meta is not None else None)
+    creq.cache_status = (creq.cache_status or b"afpa; fwd=stale") + b"; fwd-status=304"
+    settle_body(g, ex.cconn, creq)
+    _answer(g, creq, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now, int(age))
+    ex.result = "refreshed"
+    return "refreshed"
 
 
 @state("closed", needs=("backend", "relaying"))
@@ -696,4 +809,5 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 FUNCTIONS = (derive_remote_response, backend_buffer_body, backend_connect, backend_wait_turn,
-             backend_send_request, backend_read_head, backend_stream_body, backend_tunnel, backend_finish)
+             backend_send_request, backend_read_head, backend_refresh, backend_stream_body, backend_tunnel,
+             backend_finish)

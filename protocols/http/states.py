@@ -18,10 +18,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from afpa.cache import CacheObject, fragments_of
+from afpa.cache import CacheObject, Variants, fragments_of
 from afpa.modules import state
 from afpa.sendengine import FileBody
 from protocols.http import conditional, files
+from protocols.http.cachepolicy import secondary_key
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
@@ -108,6 +109,12 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     if obj is None:
         req.cache_status = b"afpa; fwd=miss"
         return "miss"
+    if obj.__class__ is Variants:
+        # The URL varies (Vary): pick the variant this request selects.
+        obj = g.cache.select(obj, secondary_key(obj.selector, req), now)
+        if obj is None:
+            req.cache_status = b"afpa; fwd=vary-miss"
+            return "miss"
     if obj.fresh_until < now:
         req.stale = obj
         req.cache_status = b"afpa; fwd=stale"

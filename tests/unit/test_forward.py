@@ -124,7 +124,7 @@ def test_response_lines_drop_hop_by_hop_and_add_via():
     (b"Cache-Control: private, max-age=60", b"", None),
     (b"Cache-Control: no-cache, max-age=60", b"", None),
     (b"Cache-Control: max-age=60\r\nSet-Cookie: a=b", b"", None),
-    (b"Cache-Control: max-age=60\r\nVary: Accept-Encoding", b"", None),
+    (b"Cache-Control: max-age=60\r\nVary: Accept-Encoding", b"", (60.0, 0.0)),  # stored as a variant (the caller keys it)
     (b"Cache-Control: max-age=60", b"Authorization: Basic x\r\n", None),
     (b"Cache-Control: max-age=60", b"Cache-Control: no-store\r\n", None),
     (b"Cache-Control: max-age=abc", b"", None),

@@ -7,6 +7,17 @@ whose states are the ``backend_*`` functions below:
     backend_buffer_body -> backend_connect (-> backend_wait_turn) -> backend_send_request
         -> backend_read_head -> backend_stream_body -> backend_finish -> @done (pool) / @close
         -> backend_tunnel (after a 101 to a WebSocket upgrade) -> @close
+        -> backend_refresh (a 304 to a revalidation) -> backend_finish
+
+Revalidation (RFC 9111 4.3): a stale stored response reaches this machine on
+the client request (``req.stale``, left by ``derive_cached_response``).  When it
+has a validator, ``backend_send_request`` makes the request conditional
+(If-None-Match with its ETag, else If-Modified-Since with its Last-Modified,
+replacing the client's own preconditions).  A 304 goes to ``backend_refresh``,
+which stores a refreshed copy (fields updated from the 304, freshness computed
+again) and answers the client from it; any other answer is relayed and stored
+as usual, and a stale copy it does not replace is dropped (unless a 5xx).
+Responses with ``Vary`` are stored as variants (``cachepolicy.secondary_key``).
 
 Protocol upgrades: a WebSocket opening handshake is forwarded like any request
 (its head rewritten, only ``Upgrade: websocket`` and ``Connection: Upgrade``

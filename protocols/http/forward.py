@@ -39,8 +39,9 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
 REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
 # A client's own preconditions, replaced by afpa's when it revalidates a stored
 # response (the client's are then answered from the refreshed object).
+# (If-Range stays: without it a Range request would get a part of a changed body.)
 CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
-                         b"if-unmodified-since", b"if-range"})
+                         b"if-unmodified-since"})
 # Set by afpa toward the client.
 RESPONSE_REPLACED = frozenset({b"content-length", b"via"})
 # Status codes cacheable by default (RFC 9110 15.1), when freshness is explicit.

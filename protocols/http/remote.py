@@ -790,7 +790,8 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
                       short_head, named.get(b"etag"), int(lm) if lm is not None else stale.last_modified,
                       stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary)
     g.cache.discard(stale)
-    if creq.key is not None:
+    # A Set-Cookie in the 304 is for this client only: answered, never shared.
+    if creq.key is not None and b"set-cookie" not in update:
         g.cache.put(obj, meta.vary if meta is not None else None)
     creq.cache_status = (creq.cache_status or b"afpa; fwd=stale") + b"; fwd-status=304"
     settle_body(g, ex.cconn, creq)

@@ -264,3 +264,29 @@ def test_failed_revalidation_of_must_revalidate_is_504(docroot, directive, statu
     rig.refuse()
     got, _, body = answer_of(ct)
     assert got == status and b"stored body" not in body
+
+
+def test_a_304_with_set_cookie_is_answered_but_not_shared(docroot):
+    rig = Rig(docroot)
+    be = Backend(rig)
+    _stored_then_stale(rig, be, 'ETag: "v1"')
+    _, ct = ask(rig, req())
+    be.answer(resp(b"", 'ETag: "v1"', "Set-Cookie: s=1", status="304 Not Modified"))
+    status, h, body = answer_of(ct)
+    assert (status, body, h["set-cookie"]) == (200, b"stored body", "s=1")
+    assert len(rig.server.runtime.cache) == 0
+    _, ct = ask(rig, req())
+    be.answer(resp(b"fresh", "Cache-Control: max-age=60"))
+    status, h, body = answer_of(ct)
+    assert body == b"fresh" and "set-cookie" not in h
+
+
+def test_revalidation_keeps_if_range_and_replaces_client_validators(docroot):
+    rig = Rig(docroot)
+    be = Backend(rig)
+    _stored_then_stale(rig, be, 'ETag: "v1"')
+    _, ct = ask(rig, req('If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT', 'If-Range: "v1"', "Range: bytes=0-1"))
+    sent = be.answer(resp(b"", 'ETag: "v1"', status="304 Not Modified"))
+    assert b'If-None-Match: "v1"' in sent and b"If-Modified-Since" not in sent and b'If-Range: "v1"' in sent
+    # The client's own If-Modified-Since is answered from the refreshed copy.
+    assert answer_of(ct)[0] == 200  # no Last-Modified stored: the date cannot match

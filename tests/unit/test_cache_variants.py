@@ -212,11 +212,13 @@ def test_stale_with_etag_is_revalidated_and_a_304_freshens_it(docroot):
 def test_client_conditional_on_a_revalidated_response_gets_304(docroot):
     rig = Rig(docroot)
     be = Backend(rig)
-    _stored_then_stale(rig, be, 'ETag: "v1"')
-    _, ct = ask(rig, req('If-None-Match: "v1"'))
-    be.answer(resp(b"", 'ETag: "v1"', status="304 Not Modified"))
-    status, h, body = answer_of(ct)
+    _stored_then_stale(rig, be, 'ETag: "v1"', "Last-Modified: Sun, 06 Nov 1994 08:49:37 GMT")
+    _, ct = ask(rig, req("If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT"))
+    sent = be.answer(resp(b"", 'ETag: "v1"', status="304 Not Modified"))
+    assert b'If-None-Match: "v1"\r\n' in sent and b"If-Modified-Since" not in sent
+    status, h, body = answer_of(ct)  # the client's If-Modified-Since, answered by afpa
     assert (status, body, h["cache-status"]) == (304, b"", "afpa; fwd=stale; fwd-status=304")
+    assert h["etag"] == '"v1"' and h["last-modified"] == "Sun, 06 Nov 1994 08:49:37 GMT"
 
 
 def test_last_modified_only_sends_if_modified_since_and_head_is_refreshed(docroot):
@@ -290,3 +292,14 @@ def test_revalidation_keeps_if_range_and_replaces_client_validators(docroot):
     assert b'If-None-Match: "v1"' in sent and b"If-Modified-Since" not in sent and b'If-Range: "v1"' in sent
     # The client's own If-Modified-Since is answered from the refreshed copy.
     assert answer_of(ct)[0] == 200  # no Last-Modified stored: the date cannot match
+
+
+def test_replacing_variants_many_times_keeps_heap_and_accounting_bounded():
+    c = CacheStore(1 << 20, 1 << 20)
+    for i in range(500):
+        c.put(var("k", (i % 3,), 100), "sel")
+    assert len(c) == 3 and c.bytes == 3 * var("k", (0,), 100).cost
+    assert len(c._heap) <= 2 * len(c) + 65  # dead entries of replaced variants were dropped
+    while c._evict_one():
+        pass
+    assert len(c) == 0 and c.bytes == 0 and "k" not in c

@@ -24,6 +24,14 @@ Responses read or collected for storing but not yet stored are *in flight*:
 they are reserved against a second bound (:meth:`CacheStore.reserve`, the same
 size as the budget, shared with pinned bytes), and whoever cannot reserve
 streams or relays without storing instead of holding the response in memory.
+
+Variants: one key may hold several objects, told apart by a *secondary key*
+the protocol computes from the request (HTTP's Vary).  The index maps a key to
+its :class:`CacheObject` when the key has one plain object (the common case, so
+a lookup costs one class check more), or to a :class:`Variants` container of
+objects by secondary key.  The store never interprets a secondary key or the
+container's ``selector`` (what the protocol needs to compute one); each variant
+is a full object with its own cost, priority and eviction.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ TAG_OVERHEAD = 384
 def key_bytes(key: Hashable) -> int:
     """Bytes a key holds: the lengths of its bytes/str parts (tuples of them too)."""
     if isinstance(key, tuple):
-        return sum(len(p) for p in key if isinstance(p, (bytes, str)))
+        return sum(key_bytes(p) for p in key)
     if isinstance(key, (bytes, str)):
         return len(key)
     return 0
@@ -91,6 +99,7 @@ class CacheObject:
     identity: Any = None
     meta: Any = None        # the protocol module's own caching facts; the store never reads them
     tags: tuple = ()        # surrogate keys (purge by tag)
+    secondary: Hashable = None  # its secondary key when stored as a variant (see Variants)
     hits: int = 0
     refs: int = 0
     evicted: bool = False
@@ -99,6 +108,7 @@ class CacheObject:
 
     def __attrs_post_init__(self) -> None:
         self.cost = (len(self.head) + len(self.short_head) + self.size + key_bytes(self.key)
+                     + key_bytes(self.secondary)
                      + OBJECT_OVERHEAD + FRAGMENT_OVERHEAD * len(self.fragments) + _tags_cost(self.tags))
 
     def set_tags(self, tags: tuple) -> None:
@@ -112,21 +122,34 @@ def _tags_cost(tags: tuple) -> int:
     return sum(TAG_OVERHEAD + key_bytes(t) for t in tags) if tags else 0
 
 
+@attrs.define(slots=True, eq=False)
+class Variants:
+    """The objects stored under one key, by secondary key.  ``selector`` is the
+    protocol's recipe for a request's secondary key (for HTTP, the Vary field
+    names); variants stored with another selector were dropped when it changed."""
+
+    selector: Any
+    objects: dict = attrs.field(factory=dict)
+
+
 class CacheStore:
-    """Key -> :class:`CacheObject` under a byte budget."""
+    """Key -> :class:`CacheObject` (or :class:`Variants`) under a byte budget."""
 
     def __init__(self, budget: int, max_object: int):
         self.budget = budget
         self.max_object = max_object
-        self._index: dict[Hashable, CacheObject] = {}
-        # Heap entries name the key, not the object, so an entry left behind by a
-        # removed or replaced object does not keep that object's payload alive.
-        self._heap: list[tuple[float, int, Hashable, int]] = []
+        self._index: dict[Hashable, CacheObject | Variants] = {}
+        # Heap entries name the key (and secondary key), not the object, so an
+        # entry left behind by a removed or replaced object does not keep that
+        # object's payload alive.
+        self._heap: list[tuple[float, int, Hashable, Hashable, int]] = []
+        self.objects = 0  # stored objects, every variant counted
         self._seq = itertools.count()
         self._inflation = 0.0  # GDSF's L
-        # Tag -> keys of the stored objects that carry it; entries come and go with
-        # the objects (put/_unlink), so it never outgrows what it indexes.
-        self._tags: dict[Hashable, set[Hashable]] = {}
+        # Tag -> (key, secondary key) of the stored objects that carry it; entries
+        # come and go with the objects (put/_unlink), so it never outgrows what it
+        # indexes, and a tag on one variant never purges its siblings.
+        self._tags: dict[Hashable, set[tuple[Hashable, Hashable]]] = {}
         self.bytes = 0
         self.pinned_bytes = 0
         self.inflight_bytes = 0
@@ -137,15 +160,30 @@ class CacheStore:
         self.purged = {"purge": 0, "ban": 0, "tag": 0}  # objects affected, by operation
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self.objects
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._index
 
-    def get(self, key: Hashable, now: float) -> CacheObject | None:
+    def get(self, key: Hashable, now: float) -> CacheObject | Variants | None:
         """Look up ``key``; counts a hit, a stale hit or a miss.  Returns stale objects
-        too: the caller decides whether to revalidate."""
+        too: the caller decides whether to revalidate.  A :class:`Variants` is not
+        counted yet: the caller picks the variant with :meth:`select`."""
         obj = self._index.get(key)
+        if obj is None:
+            self.misses += 1
+        elif obj.__class__ is Variants:
+            return obj
+        elif obj.fresh_until >= now:
+            self.hits += 1
+            obj.hits += 1
+        else:
+            self.stale += 1
+        return obj
+
+    def select(self, variants: Variants, secondary: Hashable, now: float) -> CacheObject | None:
+        """The variant stored under ``secondary`` (counted like :meth:`get`)."""
+        obj = variants.objects.get(secondary)
         if obj is None:
             self.misses += 1
         elif obj.fresh_until >= now:
@@ -155,13 +193,32 @@ class CacheStore:
             self.stale += 1
         return obj
 
+    def _lookup(self, key: Hashable, secondary: Hashable) -> CacheObject | None:
+        entry = self._index.get(key)
+        if entry is None or entry.__class__ is not Variants:
+            return entry if secondary is None else None
+        return entry.objects.get(secondary) if secondary is not None else None
+
     def _priority(self, obj: CacheObject) -> float:
         return self._inflation + (1 + obj.hits) / obj.cost
 
-    def put(self, obj: CacheObject) -> bool:
+    def put(self, obj: CacheObject, selector: Any = None) -> bool:
         """Store ``obj`` (replacing any object under its key), evicting as needed.
-        Returns False when the object can never fit."""
-        self.remove(obj.key)  # a newer version replaces it, stored or not
+        Returns False when the object can never fit.
+
+        With ``obj.secondary`` set it is stored as a variant: it replaces only
+        the variant with the same secondary key (and a plain object under the
+        key); the other variants stay if ``selector`` is the one they were
+        stored with, else they go."""
+        # A newer version replaces the old one, stored or not.
+        entry = self._index.get(obj.key)
+        if obj.secondary is None or entry is None or entry.__class__ is not Variants \
+                or entry.selector != selector:
+            self.remove(obj.key)
+        else:
+            old = entry.objects.get(obj.secondary)
+            if old is not None:
+                self._unlink(old)
         if obj.size > self.max_object or obj.cost > self.budget:
             self.rejected += 1
             if not obj.evicted:
@@ -176,22 +233,29 @@ class CacheStore:
             obj.evicted = False
         while self.bytes + obj.cost > self.budget and self._evict_one():
             pass
-        self._index[obj.key] = obj
+        if obj.secondary is None:
+            self._index[obj.key] = obj
+        else:
+            entry = self._index.get(obj.key)
+            if entry is None:
+                entry = self._index[obj.key] = Variants(selector)
+            entry.objects[obj.secondary] = obj
+        self.objects += 1
         self.bytes += obj.cost
         for tag in obj.tags:
-            self._tags.setdefault(tag, set()).add(obj.key)
+            self._tags.setdefault(tag, set()).add((obj.key, obj.secondary))
         self._push(obj)
         self.stored += 1
         return True
 
     def _push(self, obj: CacheObject) -> None:
         seq = obj.heap_seq = next(self._seq)
-        heapq.heappush(self._heap, (self._priority(obj), seq, obj.key, obj.hits))
+        heapq.heappush(self._heap, (self._priority(obj), seq, obj.key, obj.secondary, obj.hits))
 
     def _evict_one(self) -> bool:
         while self._heap:
-            prio, seq, key, hits_then = heapq.heappop(self._heap)
-            obj = self._index.get(key)
+            prio, seq, key, secondary, hits_then = heapq.heappop(self._heap)
+            obj = self._lookup(key, secondary)
             if obj is None or obj.heap_seq != seq:
                 continue  # removed or replaced since it was pushed
             if obj.hits != hits_then:
@@ -205,28 +269,45 @@ class CacheStore:
         return False
 
     def _unlink(self, obj: CacheObject) -> None:
-        del self._index[obj.key]
+        if obj.secondary is None:
+            del self._index[obj.key]
+        else:
+            entry = self._index[obj.key]
+            del entry.objects[obj.secondary]
+            if not entry.objects:
+                del self._index[obj.key]
+        self.objects -= 1
         self.bytes -= obj.cost
         for tag in obj.tags:
-            keys = self._tags.get(tag)
-            if keys is not None:
-                keys.discard(obj.key)
-                if not keys:
+            stored = self._tags.get(tag)
+            if stored is not None:
+                stored.discard((obj.key, obj.secondary))
+                if not stored:
                     del self._tags[tag]
         obj.evicted = True
         if obj.refs:
             self.pinned_bytes += obj.cost
-        if len(self._heap) > 2 * len(self._index) + 64:
+        if len(self._heap) > 2 * self.objects + 64:
             # Drop dead heap entries so the heap stays proportional to the index.
-            index = self._index
+            lookup = self._lookup
             self._heap = [e for e in self._heap
-                          if (o := index.get(e[2])) is not None and o.heap_seq == e[1]]
+                          if (o := lookup(e[2], e[3])) is not None and o.heap_seq == e[1]]
             heapq.heapify(self._heap)
 
     def remove(self, key: Hashable) -> None:
-        """Forget the object under ``key`` (if any); safe while it is being sent."""
-        obj = self._index.get(key)
-        if obj is not None:
+        """Forget the object (every variant) under ``key``; safe while being sent."""
+        entry = self._index.get(key)
+        if entry is None:
+            return
+        if entry.__class__ is Variants:
+            for obj in list(entry.objects.values()):
+                self._unlink(obj)
+        else:
+            self._unlink(entry)
+
+    def discard(self, obj: CacheObject) -> None:
+        """Forget ``obj`` alone (one variant), if it is still the stored one."""
+        if not obj.evicted and self._lookup(obj.key, obj.secondary) is obj:
             self._unlink(obj)
 
     # -- invalidation (purge, ban, tags) ----------------------------------------
@@ -250,16 +331,25 @@ class CacheStore:
 
     def purge_tag(self, tag: Hashable, *, soft: bool = False, now: float = 0.0) -> int:
         """Purge every object stored with surrogate key ``tag``."""
-        n = sum(self._invalidate(key, soft, now) for key in list(self._tags.get(tag, ())))
+        n = 0
+        for key, secondary in list(self._tags.get(tag, ())):
+            obj = self._lookup(key, secondary)
+            if obj is not None:
+                n += self._invalidate_one(obj, soft, now)
         self.purged["tag"] += n
         return n
 
     def _invalidate(self, key: Hashable, soft: bool, now: float) -> int:
-        # The one place purge, ban and tag purge reach stored objects: whatever a
-        # key holds (one object today; several variants later) is visited here.
-        obj = self._index.get(key)
-        if obj is None:
+        # Purge and ban reach stored objects here: whatever a key holds (one
+        # object, or every variant) is visited.
+        entry = self._index.get(key)
+        if entry is None:
             return 0
+        if entry.__class__ is Variants:
+            return sum(self._invalidate_one(obj, soft, now) for obj in list(entry.objects.values()))
+        return self._invalidate_one(entry, soft, now)
+
+    def _invalidate_one(self, obj: CacheObject, soft: bool, now: float) -> int:
         if soft:
             # Just before now, so a lookup at this very instant already finds it
             # stale while grace windows measured from fresh_until stay whole.

@@ -34,6 +34,11 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
                            b"x-original-forwarded-for", b"x-originating-ip", b"client-ip"})
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
 REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
+# A client's own preconditions, replaced by afpa's when it revalidates a stored
+# response (the client's are then answered from the refreshed object).
+# (If-Range stays: without it a Range request would get a part of a changed body.)
+CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                         b"if-unmodified-since"})
 # Set by afpa toward the client.
 # Surrogate keys (purge by tag) are for afpa alone: never relayed or stored in a head.
 RESPONSE_REPLACED = frozenset({b"content-length", b"via", b"surrogate-key", b"cache-tag"})
@@ -81,20 +86,25 @@ _TRUSTED_DROP = REQUEST_REPLACED | {b"x-forwarded-for"}  # rewritten as one line
 
 
 def request_head(req: Any, client_ip: str, tls: bool, trusted_peer: bool, *,
-                 body: str, upgrade: bytes | None = None, drop: frozenset[bytes] = frozenset()) -> bytes:
+                 body: str, upgrade: bytes | None = None, drop: frozenset[bytes] = frozenset(),
+                 conditional: bytes = b"") -> bytes:
     """The request head afpa sends to a backend.
 
     ``client_ip`` is the peer's address; ``trusted_peer`` whether it is a trusted
     proxy (see :class:`afpa.trust.TrustedProxies`).  ``body``: ``"none"``,
     ``"length"`` (the client's Content-Length) or ``"chunked"``; ``upgrade``: the
     protocol to ask the backend to switch to (see :func:`websocket_upgrade`);
-    ``drop``: more request fields not to forward (lower-case names)."""
+    ``drop``: more request fields not to forward (lower-case names).
+    ``conditional``: afpa's own validator lines (revalidating a stored
+    response), sent instead of the client's preconditions."""
+    drop = (_TRUSTED_DROP if trusted_peer else _UNTRUSTED_DROP) | drop
+    if conditional:
+        drop = drop | CONDITIONAL
     if trusted_peer:
-        lines, via = _end_to_end(req, _TRUSTED_DROP | drop if drop else _TRUSTED_DROP)
+        lines, via = _end_to_end(req, drop)
     else:
-        lines, via = _end_to_end(req, _UNTRUSTED_DROP | drop if drop else _UNTRUSTED_DROP,
-                                 (b"proxy-", b"x-forwarded-"))
-    out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines]
+        lines, via = _end_to_end(req, drop, (b"proxy-", b"x-forwarded-"))
+    out = [req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines, conditional]
     if upgrade is not None:
         out.append(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")
     out.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")

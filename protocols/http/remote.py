@@ -7,6 +7,17 @@ whose states are the ``backend_*`` functions below:
     backend_buffer_body -> backend_connect (-> backend_wait_turn) -> backend_send_request
         -> backend_read_head -> backend_stream_body -> backend_finish -> @done (pool) / @close
         -> backend_tunnel (after a 101 to a WebSocket upgrade) -> @close
+        -> backend_refresh (a 304 to a revalidation) -> backend_finish
+
+Revalidation (RFC 9111 4.3): a stale stored response reaches this machine on
+the client request (``req.stale``, left by ``derive_cached_response``).  When it
+has a validator, ``backend_send_request`` makes the request conditional
+(If-None-Match with its ETag, else If-Modified-Since with its Last-Modified,
+replacing the client's own preconditions).  A 304 goes to ``backend_refresh``,
+which stores a refreshed copy (fields updated from the 304, freshness computed
+again) and answers the client from it; any other answer is relayed and stored
+as usual, and a stale copy it does not replace is dropped (unless a 5xx).
+Responses with ``Vary`` are stored as variants (``cachepolicy.secondary_key``).
 
 Protocol upgrades: a WebSocket opening handshake is forwarded like any request
 (its head rewritten, only ``Upgrade: websocket`` and ``Connection: Upgrade``
@@ -50,6 +61,7 @@ of a response had arrived.
 
 from __future__ import annotations
 
+from email.utils import formatdate
 from typing import Any
 
 import attrs
@@ -127,6 +139,8 @@ class BackendExchange(Request):
     request_time: float = 0.0    # when the request head went to the backend (RFC 9111 4.2.3)
     meta: Any = None             # cachepolicy.StoredMeta of a response being stored
     strip: frozenset = frozenset()  # fields left out of the stored head (no-cache="f", private="f")
+    vary: tuple | None = None    # the response's Vary names (its variant's selector)
+    revalidating: Any = None     # the stale stored object a conditional request asks about
 
     # -- failure paths --------------------------------------------------------
 
@@ -144,6 +158,11 @@ class BackendExchange(Request):
         if self.upload_error is not None:
             status, detail = self.upload_error.status, self.upload_error.detail
             self.creq.close = True
+        elif (self.creq.stale is not None and self.creq.stale.meta is not None
+              and self.creq.stale.meta.must_revalidate):
+            # must-revalidate / proxy-revalidate: an unvalidated copy is never
+            # an answer, and the failure says "no timely answer" (RFC 9111 5.2.2.2).
+            status = 504
         self.creq.close = self.creq.close or not self.upload_done
         settle_body(self.g, self.cconn, self.creq)
         self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=miss") + b"; detail=backend-error"
@@ -283,15 +302,18 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted", "upgraded", "answered", needs=("request", "route"),
-       provides={"failed": ("response",), "answered": ("response",)})
+@state("relayed", "close", "failed", "aborted", "upgraded", "answered", "refreshed",
+       needs=("request", "route"),
+       provides={"failed": ("response",), "answered": ("response",), "refreshed": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
     (``failed``), or had to cut a response short (``aborted``), or relayed a
     101 and spliced the connection until it closed (``upgraded``), or stored a
     whole response fetched for a Range request and left the ranged answer on the
-    request (``answered``)."""
+    request (``answered``).  With a stale stored response on the request
+    (``req.stale``) the request is made conditional; when the backend answers
+    304 the refreshed stored response is left on the request (``refreshed``)."""
     if req.method == b"CONNECT":
         # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
@@ -444,9 +466,11 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     if creq.upgrade is not None:
         ex.upgrade = forward.websocket_upgrade(creq)
     ex.request_time = g.reactor.seconds()
+    conditional = _validators(ex, creq.stale) if creq.stale is not None else b""
     sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
                                                  body=framing, upgrade=ex.upgrade,
-                                                 drop=_RANGE_FIELDS if ex.whole else frozenset())])
+                                                 drop=_RANGE_FIELDS if ex.whole else frozenset(),
+                                                 conditional=conditional)])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -463,13 +487,30 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "sent"
 
 
-@state("head", "interim", "need_more", "retry", "failed", "switched", needs=("backend", "forwarded"),
-       provides={"head": ("relaying",), "switched": ("relaying",)},
+def _validators(ex: BackendExchange, stale: CacheObject) -> bytes:
+    """The conditional fields that revalidate ``stale`` (RFC 9111 4.3.1):
+    If-None-Match with its ETag, else If-Modified-Since with its Last-Modified;
+    none (a full refetch) when it has neither or the request is not GET/HEAD."""
+    if ex.creq.method not in (b"GET", b"HEAD"):
+        return b""
+    if stale.etag:
+        ex.revalidating = stale
+        return b"If-None-Match: " + stale.etag + b"\r\n"
+    if stale.last_modified is not None:
+        ex.revalidating = stale
+        return b"If-Modified-Since: " + formatdate(stale.last_modified, usegmt=True).encode() + b"\r\n"
+    return b""
+
+
+@state("head", "interim", "need_more", "retry", "failed", "switched", "not_modified",
+       needs=("backend", "forwarded"),
+       provides={"head": ("relaying",), "switched": ("relaying",), "not_modified": ("validated",)},
        drops={"retry": ("backend", "forwarded")})
 def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Parse the response head strictly; relay it (and decide about storing).
     ``switched``: the backend agreed to the WebSocket upgrade the client asked
-    for, and its 101 went to the client."""
+    for, and its 101 went to the client.  ``not_modified``: a 304 to afpa's own
+    conditional request; nothing is relayed, the stored response answers."""
     if ex.client_gone:
         ex.result = "aborted"
         return "failed"
@@ -513,6 +554,8 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
             _relay_switch(g, conn, ex)
             return "switched"
         return "interim"  # 1xx: read the next head
+    if ex.status == 304 and ex.revalidating is not None:
+        return "not_modified"
     if ex.codings and ex.creq.version == 10 and not _bodiless(ex.creq, ex.status):
         # Transfer-Encoding cannot be sent to an HTTP/1.0 client (RFC 9112 6.1),
         # and the body means nothing without it.
@@ -592,6 +635,10 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if (creq.key is not None and not ex.codings
             and ex.content_length <= g.settings.max_object_bytes):
         meta = _decide(g, ex, status, now, targeted)
+    if meta is None and ex.revalidating is not None and status < 500:
+        # The origin answered a revalidation with a new response we do not
+        # store: the stale copy is outdated (5xx says nothing about it).
+        g.cache.discard(ex.revalidating)
     stored = b""
     if meta is not None:
         # The body is collected for the store only within the in-flight budget
@@ -653,9 +700,9 @@ def _decide(g: Any, ex: BackendExchange, status: int, now: float, targeted: tupl
                            heuristic_max=settings.heuristic_max, targeted=targeted)
     if not d.store:
         return None
-    if d.vary is not None:
-        return None  # one variant per key until variants are stored (issue 7)
     meta = cachepolicy.stored_meta(d, ex.request_time or now, now)
+    # Variants are keyed on the normalised Vary names (Vary: * was refused above).
+    meta.vary = cachepolicy.vary_names(ex) if d.vary is not None else None
     if (cachepolicy.fresh_until(meta) < now and not meta.no_cache
             and b"etag" not in ex.lnames and b"last-modified" not in ex.lnames):
         return None  # stale on arrival with nothing to revalidate it with: useless
@@ -765,12 +812,14 @@ def _store(g: Any, ex: BackendExchange) -> CacheObject:
     lm = cachepolicy.parse_http_date(fields.get(b"last-modified"))
     stored_at = meta.response_time - cachepolicy.corrected_initial_age(
         meta.date, meta.age_value, meta.request_time, meta.response_time)
+    secondary = None if meta.vary is None else cachepolicy.secondary_key(meta.vary, ex.creq)
+    meta.secondary = secondary or ()
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), stored_at,
                       cachepolicy.fresh_until(meta), short_head, fields.get(b"etag"),
-                      int(lm) if lm is not None else None, meta=meta)
+                      int(lm) if lm is not None else None, meta=meta, secondary=secondary)
     obj.set_tags(invalidation.tags_of(ex))
     ex.drop_store()  # the bytes are now the object's: stored (charged) or dropped
-    stored = g.cache.put(obj)
+    stored = g.cache.put(obj, meta.vary)
     if g.flights.inflight:
         coalesce.leader_stored(g, ex.creq, obj, stored)  # answer the coalesced waiters
     return obj
@@ -845,6 +894,73 @@ def _answer_held(g: Any, ex: BackendExchange, obj: CacheObject | None) -> None:
     ex.result = "answered"
 
 
+# Fields a 304 does not update in the stored response (RFC 9111 4.3.4): framing
+# and coding the stored body depends on, and what afpa sets itself.
+_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"content-range",
+                          b"transfer-encoding", b"date", b"age", b"via"})
+
+
+def _split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
+    """A stored head as (status line, [(lower-case name, name, value)])."""
+    first, *rest = head.split(b"\r\n")
+    fields = []
+    for line in rest:
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), name, value.strip(b" \t")))
+    return first + b"\r\n", fields
+
+
+@state("refreshed", needs=("backend", "validated"))
+def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """The backend answered 304 to afpa's conditional request: freshen the
+    stored response (its fields updated from the 304 as RFC 9111 4.3.4 says,
+    its freshness computed again) and answer the client from it, including
+    the client's own conditionals (304/412)."""
+    stale, creq = ex.revalidating, ex.creq
+    now = g.reactor.seconds()
+    status_line, fields = _split_head(stale.head)
+    update = {n for n in ex.lnames if n not in _NOT_UPDATED and not n.startswith(b"proxy-")}
+    update -= forward.HOP_BY_HOP | forward.connection_tokens(ex)
+    fields = [f for f in fields if f[0] not in update]
+    fields += [(n, name, value) for n, (name, value) in zip(ex.lnames, ex.headers) if n in update]
+    lines = [name + b": " + value + b"\r\n" for _, name, value in fields]
+    head = b"".join([status_line, *lines])
+    short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n",
+                           *(line for (n, _, _), line in zip(fields, lines) if n in _SHORT_HEAD_FIELDS)])
+    named = {n: v for n, _, v in fields}
+    # Freshness again, from the updated fields (RFC 9111 4.3.4), by the same policy
+    # as any stored response; without any it is kept but revalidated on every use.
+    settings = g.settings
+    d = cachepolicy.decide(b"GET", creq.lnames, creq.headers, int(status_line.split(b" ")[1]),
+                           [n for n, _, _ in fields], [(name, v) for _, name, v in fields], now=now,
+                           heuristic_fraction=settings.heuristic_fraction,
+                           heuristic_max=settings.heuristic_max, targeted=_targeted(settings))
+    if d.store:
+        meta = cachepolicy.stored_meta(d, ex.request_time or now, now)
+    else:
+        meta = attrs.evolve(stale.meta) if stale.meta is not None else cachepolicy.StoredMeta(
+            date=now, request_time=now, response_time=now)
+        meta.no_cache = True
+    meta.vary, meta.secondary = (stale.meta.vary, stale.meta.secondary) if stale.meta is not None else (None, ())
+    lm = cachepolicy.parse_http_date(named.get(b"last-modified"))
+    stored_at = meta.response_time - cachepolicy.corrected_initial_age(
+        meta.date, meta.age_value, meta.request_time, meta.response_time)
+    obj = CacheObject(stale.key, head, stale.fragments, stale.size, stored_at, cachepolicy.fresh_until(meta),
+                      short_head, named.get(b"etag"), int(lm) if lm is not None else stale.last_modified,
+                      stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary)
+    g.cache.discard(stale)
+    # A Set-Cookie in the 304 is for this client only: answered, never shared.
+    if creq.key is not None and b"set-cookie" not in update:
+        g.cache.put(obj, meta.vary if meta is not None else None)
+    creq.cache_status = (creq.cache_status or b"afpa; fwd=stale") + b"; fwd-status=304"
+    settle_body(g, ex.cconn, creq)
+    _answer(g, creq, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
+            int(now - stored_at), True)
+    ex.result = "refreshed"
+    return "refreshed"
+
+
 @state("closed", needs=("backend", "relaying"))
 def backend_tunnel(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """After a 101: splice the client with this backend connection (bytes both
@@ -866,4 +982,5 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 FUNCTIONS = (derive_remote_response, backend_buffer_body, backend_connect, backend_wait_turn,
-             backend_send_request, backend_read_head, backend_stream_body, backend_tunnel, backend_finish)
+             backend_send_request, backend_read_head, backend_refresh, backend_stream_body, backend_tunnel,
+             backend_finish)

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from afpa.cache import CacheObject, fragments_of
+from afpa.cache import CacheObject, Variants, fragments_of
 from afpa.modules import state
 from afpa.sendengine import FileBody, Pieces
 from protocols.http import cachepolicy, conditional, files, ranges
@@ -110,6 +110,12 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     if obj is None:
         req.cache_status = b"afpa; fwd=miss"
         return "miss"
+    if obj.__class__ is Variants:
+        # The URL varies (Vary): pick the variant this request selects.
+        obj = g.cache.select(obj, cachepolicy.secondary_key(obj.selector, req), now)
+        if obj is None:
+            req.cache_status = b"afpa; fwd=vary-miss"
+            return "miss"
     if obj.fresh_until < now:
         req.stale = obj
         req.cache_status = b"afpa; fwd=stale"
@@ -138,6 +144,8 @@ def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
     with nothing usable is answered 504."""
     cc = cachepolicy.request_directives(req.cache_control)
     obj = g.cache.get(key, now)
+    if obj is not None and obj.__class__ is Variants:
+        obj = g.cache.select(obj, cachepolicy.secondary_key(obj.selector, req), now)
     if obj is None:
         use = cachepolicy.Usable(False, False, b"only-if-cached" in cc)
     else:

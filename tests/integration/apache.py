@@ -11,6 +11,7 @@ unprivileged ``User`` — www-data when running as root — can traverse it)::
     httpd.conf   mime.types   httpd.pid   error.log   access.log   run/
     htdocs/static.txt      known body, see STATIC_BODY
     htdocs/cacheable.txt   served with "Cache-Control: max-age=60"
+    (text types are gzipped for clients that accept it: Debian's default mod_deflate)
     htdocs/ws/index.html   an ordinary directory with an index
     cgi-bin/dynamic.sh     Cache-Control: no-store, unique body per call
 
@@ -56,6 +57,8 @@ MODULES = [
     ("cgid_module", "mod_cgid.so"),
     ("env_module", "mod_env.so"),
     ("headers_module", "mod_headers.so"),
+    ("filter_module", "mod_filter.so"),
+    ("deflate_module", "mod_deflate.so"),
     ("rewrite_module", "mod_rewrite.so"),
     ("log_config_module", "mod_log_config.so"),
     ("unixd_module", "mod_unixd.so"),
@@ -235,6 +238,17 @@ DocumentRoot "{self.htdocs}"
     AllowOverride None
     Require all granted
 </Directory>
+
+# Debian's default mod_deflate setup (mods-enabled/deflate.conf): compressible
+# types are gzipped for clients that accept it, and every such response says
+# "Vary: Accept-Encoding".
+<IfModule mod_deflate.c>
+<IfModule mod_filter.c>
+    AddOutputFilterByType DEFLATE text/html text/plain text/xml text/css text/javascript
+    AddOutputFilterByType DEFLATE application/x-javascript application/javascript application/ecmascript
+    AddOutputFilterByType DEFLATE application/rss+xml application/wasm application/xml
+</IfModule>
+</IfModule>
 
 <Files "cacheable.txt">
     Header set Cache-Control "max-age=60"

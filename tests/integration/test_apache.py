@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import gzip
 import time
 
 import pytest
 
 from tests.httpclient import parse_responses
-from tests.integration.apache import CACHEABLE_BODY, STATIC_BODY, WS_BODY
+from tests.integration.apache import CACHEABLE_BODY, STATIC_BODY, WS_BODY, ApacheServer, _require_apache
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
@@ -145,3 +146,60 @@ def test_concurrent_misses_make_one_request_in_apaches_access_log(apache, afpa_b
         results = list(pool.map(lambda _: one(p.port, get("/cgi-bin/dynamic.sh")), range(50)))
     assert all(status == 200 for status, _, _ in results)
     assert len(apache.wait_access_log(50, contains="/cgi-bin/dynamic.sh")) == 50
+PAGE = b"<p>a page mod_deflate compresses</p>\n" * 50
+SHORT_BODY = b"short-lived page, max-age=1\n" * 8
+EXPLICIT = """
+<Files "page.html">
+    Header set Cache-Control "max-age=60"
+</Files>
+<Files "short.txt">
+    Header set Cache-Control "max-age=1"
+</Files>
+"""
+
+
+@pytest.fixture
+def apache_fresh():
+    """Stock Apache (mod_deflate on) with explicit freshness on two files
+    (mod_headers): page.html for a minute, short.txt for one second."""
+    _require_apache()
+    server = ApacheServer(extra_config=EXPLICIT)
+    server.write_file("page.html", PAGE)
+    server.write_file("short.txt", SHORT_BODY)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_gzip_and_identity_variants_both_become_hits(apache_fresh, afpa_process):
+    apache = apache_fresh
+    p = afpa_process("--backend", apache.base_url)
+    for _ in range(2):
+        status, h, gz = one(p.port, get("/page.html", "Accept-Encoding: gzip, deflate"))
+        assert h["content-encoding"] == "gzip" and gzip.decompress(gz) == PAGE
+        status, h, body = one(p.port, get("/page.html"))
+        assert body == PAGE and "content-encoding" not in h
+        assert h["vary"] == "Accept-Encoding"
+    assert h["cache-status"] == "afpa; hit"
+    status, h, gz = one(p.port, get("/page.html", "Accept-Encoding: deflate, gzip"))
+    assert h["cache-status"] == "afpa; hit" and gzip.decompress(gz) == PAGE
+    apache.wait_access_log(2, contains="/page.html")
+    assert len(apache.access_log_lines(contains="/page.html")) == 2
+
+
+def test_stale_response_revalidated_apache_answers_304(apache_fresh, afpa_process):
+    apache = apache_fresh
+    p = afpa_process("--backend", apache.base_url)
+    assert one(p.port, get("/short.txt"))[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    deadline = time.monotonic() + 10
+    while True:  # until the stored copy is stale (max-age=1) and revalidated
+        status, h, body = one(p.port, get("/short.txt"))
+        if h["cache-status"] != "afpa; hit" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (status, body) == (200, SHORT_BODY)
+    assert h["cache-status"] == "afpa; fwd=stale; fwd-status=304"
+    lines = apache.wait_access_log(2, contains="/short.txt")
+    assert [line.split('"')[2].split()[0] for line in lines] == ["200", "304"]

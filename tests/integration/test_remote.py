@@ -58,7 +58,7 @@ def test_cacheable_response_stored_while_streaming(afpa_process, backend):
     (("Cache-Control: no-store",), ()),
     (("Cache-Control: private, max-age=60",), ()),
     (("Cache-Control: max-age=60", "Set-Cookie: a=b"), ()),
-    (("Cache-Control: max-age=60", "Vary: Accept"), ()),
+    (("Cache-Control: max-age=60", "Vary: *"), ()),
     (("Cache-Control: max-age=60",), ("Authorization: Basic eDp5",)),
     ((), ()),  # no explicit freshness
     (("Expires: Thu, 01 Jan 1970 00:00:00 GMT",), ()),
@@ -724,3 +724,42 @@ def test_refused_backend_is_logged_once_and_counted(afpa_process):
     err = p.stop()
     lines = [line for line in err.splitlines() if f"backend {url}: connection refused" in line]
     assert len(lines) == 1, err
+
+
+def test_stale_response_revalidated_with_if_none_match(afpa_process, backend):
+    def respond(head, body):
+        if b'If-None-Match: "v1"' in head:
+            return response(b"", 'ETag: "v1"', "Cache-Control: max-age=1", status="304 Not Modified")
+        return response(b"the stored body", 'ETag: "v1"', "Cache-Control: max-age=1")
+
+    b = backend(respond)
+    p = afpa_process("--backend", b.url)
+    assert one(p.port, get("/r"))[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    deadline = time.monotonic() + 10
+    while True:  # wait for the stored response to go stale (max-age=1)
+        status, h, body = one(p.port, get("/r"))
+        if h["cache-status"] != "afpa; hit" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (status, body) == (200, b"the stored body")
+    assert h["cache-status"] == "afpa; fwd=stale; fwd-status=304"
+    assert len(b.requests) == 2 and b'If-None-Match: "v1"\r\n' in b.requests[1]
+    # Fresh again after the 304, and a client's own validator is answered from the cache.
+    status, h, _ = one(p.port, get("/r", 'If-None-Match: "v1"'))
+    assert status == 304 and len(b.requests) in (2, 3)
+
+
+def test_vary_accept_encoding_variants_are_not_mixed(afpa_process, backend):
+    def respond(head, body):
+        if b"gzip" in head.lower():
+            return response(b"GZ-BODY", "Cache-Control: max-age=60", "Vary: Accept-Encoding", "Content-Encoding: gzip")
+        return response(b"plain-body", "Cache-Control: max-age=60", "Vary: Accept-Encoding")
+
+    b = backend(respond)
+    p = afpa_process("--backend", b.url)
+    for _ in range(2):
+        status, h, body = one(p.port, get("/v", "Accept-Encoding: gzip, deflate"))
+        assert body == b"GZ-BODY" and h["content-encoding"] == "gzip"
+        status, h, body = one(p.port, get("/v"))
+        assert body == b"plain-body" and "content-encoding" not in h
+    assert h["cache-status"] == "afpa; hit" and len(b.requests) == 2

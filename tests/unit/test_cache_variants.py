@@ -307,3 +307,16 @@ def test_replacing_variants_many_times_keeps_heap_and_accounting_bounded():
     while c._evict_one():
         pass
     assert len(c) == 0 and c.bytes == 0 and "k" not in c
+
+
+def test_tag_on_one_variant_purges_that_variant_only_and_purge_visits_every_variant():
+    c = CacheStore(1 << 20, 1 << 20)
+    gz, plain = var("k", ("gzip",), 100), var("k", ("identity",), 100)
+    gz.set_tags((b"t1",))
+    plain.set_tags((b"t2",))
+    c.put(gz, "sel")
+    c.put(plain, "sel")
+    assert c.purge_tag(b"t1") == 1
+    assert len(c) == 1 and c.tagged(b"t2") == 1 and c.tagged(b"t1") == 0
+    c.put(var("k", ("br",), 100), "sel")
+    assert c.purge("k") == 2 and len(c) == 0 and c.bytes == 0 and c.tagged(b"t2") == 0

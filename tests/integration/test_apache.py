@@ -48,20 +48,30 @@ def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_a
 def test_stock_static_file_with_only_last_modified_becomes_a_hit(apache, afpa_before_apache):
     # Stock Apache sends no Cache-Control or Expires on a static file, only
     # Last-Modified and ETag: heuristic freshness (RFC 9111 4.2.2) caches it.
-    path = apache.write_file("old.txt", STATIC_BODY)
+    body_text = STATIC_BODY * 100  # large enough for mod_deflate to compress
+    path = apache.write_file("old.txt", body_text)
     month_ago = time.time() - 30 * 86400
     os.utime(path, (month_ago, month_ago))
     p = afpa_before_apache
     status, first, body = one(p.port, get("/old.txt"))
-    assert (status, body) == (200, STATIC_BODY)
+    assert (status, body) == (200, body_text)
     assert "cache-control" not in first and "expires" not in first and "last-modified" in first
     assert first["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
     time.sleep(1.1)  # so that the Age of the hit is at least 1
     status, second, body = one(p.port, get("/old.txt"))
-    assert (status, body, second["cache-status"]) == (200, STATIC_BODY, "afpa; hit")
+    assert (status, body, second["cache-status"]) == (200, body_text, "afpa; hit")
     assert second["date"] == first["date"] and int(second["age"]) >= 1
-    apache.wait_access_log(1, contains="/old.txt")
-    assert len(apache.access_log_lines(contains="/old.txt")) == 1
+    # The client's own validator is answered from the cache.
+    status, h, body = one(p.port, get("/old.txt", f"If-None-Match: {first['etag']}"))
+    assert (status, body, h["cache-status"]) == (304, b"", "afpa; hit")
+    # mod_deflate's gzip variant (Vary: Accept-Encoding) is cached beside it, never mixed.
+    status, h, gz = one(p.port, get("/old.txt", "Accept-Encoding: gzip"))
+    assert h.get("content-encoding") == "gzip" and gzip.decompress(gz) == body_text
+    status, h, gz = one(p.port, get("/old.txt", "Accept-Encoding: gzip"))
+    assert h["cache-status"] == "afpa; hit" and gzip.decompress(gz) == body_text
+    assert one(p.port, get("/old.txt"))[2] == body_text
+    apache.wait_access_log(2, contains="/old.txt")
+    assert len(apache.access_log_lines(contains="/old.txt")) == 2  # identity and gzip, once each
 
 
 def test_request_directives_and_put_invalidation_with_apache(apache, afpa_before_apache):

@@ -253,3 +253,19 @@ def test_default_ttl_and_max_ttl_through_the_machine(docroot):
     _, ct = ask(rig, req(target="/m/x"))                  # 60 s said, 10 s allowed: stale
     assert be.answer(resp(b"again", FRESH)).startswith(b"GET /m/x ")
     assert answer_of(ct)[1]["cache-status"].startswith("afpa; fwd=stale")
+
+
+def test_set_cookie_strip_keeps_a_revalidated_entry_stored_without_the_304s_cookie(docroot):
+    rig = Rig(docroot, cache_set_cookie="strip")
+    be = Backend(rig)
+    _, ct = ask(rig, req())
+    be.answer(resp(b"page", "Cache-Control: max-age=5", 'ETag: "v1"'))
+    rig.later(10)
+    _, ct = ask(rig, req())
+    sent = be.answer(resp(b"", 'ETag: "v1"', "Cache-Control: max-age=100", "Set-Cookie: sid=2",
+                          status="304 Not Modified"))
+    assert b'If-None-Match: "v1"' in sent
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=stale; fwd-status=304"
+    _, ct = ask(rig, req())
+    _, h, body = answer_of(ct)
+    assert (h["cache-status"], body) == ("afpa; hit", b"page") and "set-cookie" not in h

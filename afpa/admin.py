@@ -195,7 +195,7 @@ class _CacheWrite(Resource):
         result: dict[str, Any] = {"purged": 0}
         try:
             if self.how == "purge":
-                for key in inv.keys(spec):
+                for key in inv.keys(spec, self.afpa.g):
                     result["purged"] += cache.purge(key, soft=soft, now=now)
             elif self.how == "ban":
                 result["purged"] = cache.purge_where(inv.predicate(spec), soft=soft, now=now)

@@ -221,6 +221,19 @@ def _proxies(value: Any) -> tuple[str, ...]:
     return tuple(str(proxy_network(v)) for v in value)
 
 
+def _names(token_re: str, lower: bool) -> Callable[[Any], tuple[str, ...]]:
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError
+        for name in value:
+            if not re.fullmatch(token_re, name):
+                raise _Detail(f"{name!r} is not a valid name")
+        return tuple(dict.fromkeys(n.lower() if lower else n for n in value))
+    return check
+
+
+_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+
 PROXY = Kind("an IP address or CIDR (e.g. 10.0.0.0/8, ::1)", lambda v: str(proxy_network(v)))
 SECONDS = Kind("a positive number of seconds", _positive_seconds, float)
 SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
@@ -236,6 +249,12 @@ PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])
 FRACTION = Kind("a number from 0 to 1 (e.g. 0.1)", _fraction, float)
 FIELD_NAME = Kind("an HTTP field name (e.g. Afpa-Cache-Control)", _field_name)
 RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "forward") else _no(v))
+# Operator cache policy (routing/policy.py), top-level [cache] and [route.cache].
+CACHE_QUERY = Kind('"keep", "sort" or "ignore"',
+                   lambda v: _text(v) if v in ("keep", "sort", "ignore") else _no(v))
+SET_COOKIE = Kind('"pass" or "strip"', lambda v: _text(v) if v in ("pass", "strip") else _no(v))
+FIELD_NAMES = Kind("a list of HTTP field names (e.g. [\"X-Device\"])", _names(_TOKEN_RE, True))
+COOKIE_NAMES = Kind("a list of cookie names (e.g. [\"lang\"])", _names(_TOKEN_RE, False))
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
@@ -279,6 +298,16 @@ class Settings:
     heuristic_fraction: float = 0.1
     heuristic_max: float = 86400.0
     targeted_field: str = "Afpa-Cache-Control"  # cache-control meant for afpa alone (RFC 9213)
+    # Operator policy (routing/policy.py): the default route's, and what every
+    # [[route]] inherits unless its [route.cache] says otherwise.
+    cache_default_ttl: float | None = None  # lifetime of a storable response without any
+    cache_min_ttl: float | None = None  # clamps on every computed lifetime
+    cache_max_ttl: float | None = None
+    cache_ignore_cache_control: bool = False  # the origin's Cache-Control/Expires ignored
+    cache_set_cookie: str = "pass"      # "pass": never stored; "strip": stored without it
+    cache_query: str = "keep"           # cache key: query "keep", "sort" or "ignore"
+    cache_key_headers: tuple[str, ...] = ()  # request fields added to the cache key
+    cache_key_cookies: tuple[str, ...] = ()  # request cookies added to the cache key
     range_miss: str = "whole"           # a Range miss on a backend route: "whole" fetches the
                                         # object once without Range, "forward" passes Range on
 
@@ -354,6 +383,14 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.heuristic_max": ("heuristic_max", SECONDS),
     "cache.targeted_field": ("targeted_field", FIELD_NAME),
     "cache.range_miss": ("range_miss", RANGE_MISS),
+    "cache.default_ttl": ("cache_default_ttl", SECONDS),
+    "cache.min_ttl": ("cache_min_ttl", SECONDS),
+    "cache.max_ttl": ("cache_max_ttl", SECONDS),
+    "cache.ignore_cache_control": ("cache_ignore_cache_control", BOOL),
+    "cache.set_cookie": ("cache_set_cookie", SET_COOKIE),
+    "cache.query": ("cache_query", CACHE_QUERY),
+    "cache.key_headers": ("cache_key_headers", FIELD_NAMES),
+    "cache.key_cookies": ("cache_key_cookies", COOKIE_NAMES),
     "limits.request_line": ("max_request_line", POSITIVE_SIZE),
     "limits.header_block": ("max_header_block", POSITIVE_SIZE),
     "limits.headers": ("max_headers", COUNT),

@@ -170,7 +170,8 @@ class ProtocolModule:
       ``req.head`` empty when the protocol has none; the connection then closes.
     - ``invalidation``: how the admin API's purge, ban and tag requests become
       cache keys (the store's keys are the module's own), or None when the module
-      offers none.  An object with ``keys(spec) -> list``, ``predicate(spec) ->
+      offers none.  An object with ``keys(spec, g) -> list`` (``g``: the
+      module's global, for keys that depend on its configuration), ``predicate(spec) ->
       callable(key) -> bool`` and ``tag(text) -> tag``; ``spec`` is the request's
       JSON object, and a spec the module refuses raises ValueError (one line).
     """

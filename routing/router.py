@@ -17,10 +17,11 @@ from typing import Any
 
 import attrs
 
+from routing.policy import DEFAULT, CachePolicy, policy_from_settings, policy_from_table
 from routing.pool import Backend
 
 KINDS = ("docroot", "remote", "deferred")
-_RULE_KEYS = {"to", "host", "prefix", "root", "backend", "backends"}
+_RULE_KEYS = {"to", "host", "prefix", "root", "backend", "backends", "cache"}
 
 
 @attrs.frozen
@@ -32,6 +33,7 @@ class Route:
     backends: tuple[Backend, ...] = ()
     host: bytes | None = None
     prefix: bytes = b"/"
+    cache: CachePolicy = DEFAULT  # the operator's cache policy here (routing/policy.py)
 
     def matches(self, host: bytes, path: bytes) -> bool:
         """True when this route applies to ``host`` (lower-case, port ignored) and ``path``."""
@@ -48,6 +50,14 @@ class Router:
 
     routes: tuple[Route, ...]
     default: Route
+    # Whether any route changes how its cache key is made from the target
+    # (query sorted or ignored): only then is the route chosen before the cache
+    # lookup, so the common hit never pays for routing.
+    keyed: bool = attrs.field(init=False)
+
+    @keyed.default
+    def _keyed(self) -> bool:
+        return any(r.cache.query != "keep" for r in (*self.routes, self.default))
 
     def choose(self, host: bytes, path: bytes) -> Route:
         """The route for a request."""
@@ -91,8 +101,10 @@ def _not_normal(prefix: str) -> str:
     return ""
 
 
-def route_from_rule(rule: dict[str, Any], where: str, default_root: str) -> Route:
-    """Build a Route from one ``[[route]]`` table of a config file."""
+def route_from_rule(rule: dict[str, Any], where: str, default_root: str,
+                    cache: CachePolicy = DEFAULT) -> Route:
+    """Build a Route from one ``[[route]]`` table of a config file; ``cache``
+    is the policy its ``[route.cache]`` starts from (the ``[cache]`` one)."""
     unknown = set(rule) - _RULE_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
@@ -119,19 +131,22 @@ def route_from_rule(rule: dict[str, Any], where: str, default_root: str) -> Rout
     if kind == "docroot" and backends:
         raise ValueError(f"{where}: a docroot route takes 'root', not backends")
     root = _docroot(rule.get("root", default_root), where) if kind == "docroot" else ""
+    if "cache" in rule:
+        cache = policy_from_table(rule["cache"], where, cache)
     return Route(kind, root=root, backends=backends,
-                 host=host.lower().encode("idna") if host else None, prefix=prefix.encode())
+                 host=host.lower().encode("idna") if host else None, prefix=prefix.encode(), cache=cache)
 
 
 def build_router(settings: Any) -> Router:
     """The router for a server's settings: rules from the config file, then the
     default (``--defer``, else ``--backend``, else the document root)."""
+    cache = policy_from_settings(settings)
     if settings.defer:
-        default = Route("deferred", backends=(Backend.parse(settings.defer),))
+        default = Route("deferred", backends=(Backend.parse(settings.defer),), cache=cache)
     elif settings.backend:
-        default = Route("remote", backends=(Backend.parse(settings.backend),))
+        default = Route("remote", backends=(Backend.parse(settings.backend),), cache=cache)
     else:
-        default = Route("docroot", root=_docroot(settings.root, "root"))
-    rules = tuple(route_from_rule(rule, f"route {i + 1}", settings.root)
+        default = Route("docroot", root=_docroot(settings.root, "root"), cache=cache)
+    rules = tuple(route_from_rule(rule, f"route {i + 1}", settings.root, cache)
                   for i, rule in enumerate(settings.routes))
     return Router(rules, default)

@@ -282,7 +282,8 @@ def age_value(values: list[bytes] | None) -> float:
 def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes, bytes]],
            status: int, lnames: list[bytes], headers: list[tuple[bytes, bytes]], *,
            now: float, heuristic_fraction: float = 0.1, heuristic_max: float = 86400.0,
-           targeted: tuple[bytes, ...] = (b"afpa-cache-control", b"cdn-cache-control")) -> Decision:
+           targeted: tuple[bytes, ...] = (b"afpa-cache-control", b"cdn-cache-control"),
+           policy: Any = None) -> Decision:
     """Whether a shared cache may store this response, and for how long it is fresh.
 
     ``targeted`` lists the lower-case targeted cache-control fields afpa obeys,
@@ -299,6 +300,14 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
     has explicit freshness, or is heuristically cacheable (status or
     ``public``) with a ``Last-Modified``, or ``no-cache`` (stored, always
     revalidated).
+
+    ``policy`` is the route's operator policy (``routing.policy.CachePolicy``):
+    ``ignore_cache_control`` ignores the response's Cache-Control, targeted
+    fields and Expires (``no-store`` and ``private`` too); ``default_ttl`` is
+    the lifetime of a response with a status in :data:`HEURISTIC_STATUS` and
+    no explicit or heuristic freshness (with ``ignore_cache_control`` it wins
+    over the heuristic too); ``set_cookie = "strip"`` stores a Set-Cookie
+    response without the field; ``min_ttl``/``max_ttl`` clamp the lifetime.
     """
     d = Decision()
     fields = _fields(lnames, headers)
@@ -310,7 +319,10 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
             if cc is not None:
                 break
     explicit_source = cc is not None
-    if cc is None:
+    ignore = policy is not None and policy.ignore_cache_control
+    if ignore:
+        cc, explicit_source = {}, True  # operator's word: no directive, no Expires
+    elif cc is None:
         cc = parse_directives(fields.get(b"cache-control", ()))
     d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
     d.age_value = age_value(fields.get(b"age"))
@@ -347,7 +359,8 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
     private = field_names(cc.get(b"private"))
     if b"private" in cc and not private:
         return refuse("private")  # unqualified: for one user only
-    if b"set-cookie" in fields:
+    strip_cookie = b"set-cookie" in fields
+    if strip_cookie and (policy is None or policy.set_cookie != "strip"):
         return refuse("set-cookie")
     if d.vary == (b"*",):
         return refuse("vary-star")
@@ -357,6 +370,8 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
     d.strip = private | field_names(cc.get(b"no-cache"))
     if b"no-cache" in cc and not d.strip:
         d.no_cache = True
+    if strip_cookie:
+        d.strip |= {b"set-cookie"}  # set_cookie = "strip": shared without it
 
     # Freshness lifetime (RFC 9111 4.2.1): s-maxage, max-age, Expires - Date.
     date = d.date if d.date is not None else now
@@ -370,6 +385,8 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
         expires = fields[b"expires"]
         when = parse_http_date(expires[0], now) if len(set(expires)) == 1 else None
         lifetime = max(0.0, when - date) if when is not None else 0.0  # invalid: already expired
+    if lifetime is None and ignore and policy.default_ttl is not None and status in HEURISTIC_STATUS:
+        lifetime = policy.default_ttl  # the operator's TTL rather than a guess
     if lifetime is None:
         last_modified = fields.get(b"last-modified")
         lm = parse_http_date(last_modified[0], now) if last_modified else None
@@ -379,8 +396,12 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
             d.heuristic = True
         elif d.no_cache:
             lifetime = 0.0
+        elif policy is not None and policy.default_ttl is not None and status in HEURISTIC_STATUS:
+            lifetime = policy.default_ttl
         else:
             return refuse("no-freshness")
+    if policy is not None:
+        lifetime = policy.clamp(lifetime)
     d.lifetime = lifetime
     d.store = True
     return d
@@ -581,7 +602,8 @@ def secondary_key(vary: tuple[bytes, ...], req: Any) -> tuple[Any, ...] | None:
     for name in vary:
         values = [v for n, (_, v) in zip(req.lnames, req.headers) if n == name]
         if not values:
-            out.append(None)
+            # "cookie=<name>" (never a field name): a route's key cookie.
+            out.append(_cookie(req, name[7:]) if name.startswith(b"cookie=") else None)
             continue
         joined = b", ".join(values)
         if name == b"accept-encoding":
@@ -589,3 +611,29 @@ def secondary_key(vary: tuple[bytes, ...], req: Any) -> tuple[Any, ...] | None:
         else:
             out.append(b" ".join(joined.split()))
     return tuple(out)
+
+
+def _cookie(req: Any, name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in the request's ``Cookie`` field lines
+    (the first one named so), or None."""
+    for lname, (_, value) in zip(req.lnames, req.headers):
+        if lname == b"cookie":
+            for pair in value.split(b";"):
+                k, sep, v = pair.partition(b"=")
+                if sep and k.strip(b" \t") == name:
+                    return v.strip(b" \t")
+    return None
+
+
+# -- cache keys (the operator's key rules, routing.policy.CachePolicy) -----------
+
+def key_target(policy: Any, path: bytes, query: bytes, target: bytes) -> bytes:
+    """The target part of a cache key under a route's ``query`` rule: the
+    target as sent (``keep``), its parameters sorted so their order does not
+    matter (``sort``), or the path alone (``ignore``)."""
+    rule = policy.query
+    if rule == "ignore":
+        return path
+    if rule == "sort" and b"&" in query:
+        return path + b"?" + b"&".join(sorted(p for p in query.split(b"&") if p))
+    return target

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from protocols.http import paths
+from protocols.http import cachepolicy, paths
 from protocols.http.errors import HttpError
 from protocols.http.parser import ABSOLUTE_TARGET, HOST, MAX_HOST
 
@@ -73,9 +73,27 @@ def _target(raw: bytes) -> bytes:
     return path + sep + query
 
 
-def keys(spec: Mapping[str, Any]) -> list[Hashable]:
+def routed_key(router: Any, host: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """The cache key of ``(host, target)`` under its route's ``query`` rule
+    (``[route.cache] query``), for purges and invalidations, which name URLs."""
+    path, _, query = target.partition(b"?")
+    route = router.choose(host, path)
+    return host, cachepolicy.key_target(route.cache, path, query, target)
+
+
+def keys(spec: Mapping[str, Any], g: Any = None) -> list[Hashable]:
     """Cache keys to purge: ``{"url": "http://host[:port]/path?query"}`` or
-    ``{"host": ..., "path": "/path?query"}``."""
+    ``{"host": ..., "path": "/path?query"}``.  With the module's global ``g``,
+    the URL's route's key rules apply (a query sorted or ignored there is
+    sorted or ignored here); entries that differ by key headers or cookies are
+    variants of that key, so all of them go."""
+    out = _keys(spec)
+    if g is not None and g.router.keyed:
+        out = [routed_key(g.router, *key) for key in out]
+    return out
+
+
+def _keys(spec: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     if "url" in spec:
         url = _text(spec, "url")
         m = ABSOLUTE_TARGET.fullmatch(url)

@@ -697,12 +697,18 @@ def _decide(g: Any, ex: BackendExchange, status: int, now: float, targeted: tupl
     creq, settings = ex.creq, g.settings
     d = cachepolicy.decide(creq.method, creq.lnames, creq.headers, status, ex.lnames, ex.headers,
                            now=now, heuristic_fraction=settings.heuristic_fraction,
-                           heuristic_max=settings.heuristic_max, targeted=targeted)
+                           heuristic_max=settings.heuristic_max, targeted=targeted,
+                           policy=creq.route.cache if creq.route is not None else None)
     if not d.store:
         return None
     meta = cachepolicy.stored_meta(d, ex.request_time or now, now)
     # Variants are keyed on the normalised Vary names (Vary: * was refused above).
     meta.vary = cachepolicy.vary_names(ex) if d.vary is not None else None
+    selector = creq.route.cache.selector if creq.route is not None else ()
+    if selector:
+        # The route's key headers and cookies select variants as if the
+        # origin had named them in Vary (so purge by URL still reaches them).
+        meta.vary = tuple(sorted(set(meta.vary or ()) | set(selector)))
     if (cachepolicy.fresh_until(meta) < now and not meta.no_cache
             and b"etag" not in ex.lnames and b"last-modified" not in ex.lnames):
         return None  # stale on arrival with nothing to revalidate it with: useless
@@ -722,6 +728,8 @@ def _invalidate(g: Any, ex: BackendExchange, status: int) -> None:
     scheme = b"https" if ex.cconn.tls else b"http"
     for key in cachepolicy.invalidated(creq.method, status, creq.host, creq.target, scheme,
                                        location, content_location):
+        if g.router.keyed:
+            key = invalidation.routed_key(g.router, *key)
         g.cache.remove(key)
 
 
@@ -922,6 +930,8 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
     status_line, fields = _split_head(stale.head)
     update = {n for n in ex.lnames if n not in _NOT_UPDATED and not n.startswith(b"proxy-")}
     update -= forward.HOP_BY_HOP | forward.connection_tokens(ex)
+    if creq.route is not None and creq.route.cache.set_cookie == "strip":
+        update.discard(b"set-cookie")  # the route shares responses without their cookies
     fields = [f for f in fields if f[0] not in update]
     fields += [(n, name, value) for n, (name, value) in zip(ex.lnames, ex.headers) if n in update]
     lines = [name + b": " + value + b"\r\n" for _, name, value in fields]
@@ -935,7 +945,8 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
     d = cachepolicy.decide(b"GET", creq.lnames, creq.headers, int(status_line.split(b" ")[1]),
                            [n for n, _, _ in fields], [(name, v) for _, name, v in fields], now=now,
                            heuristic_fraction=settings.heuristic_fraction,
-                           heuristic_max=settings.heuristic_max, targeted=_targeted(settings))
+                           heuristic_max=settings.heuristic_max, targeted=_targeted(settings),
+                           policy=creq.route.cache if creq.route is not None else None)
     if d.store:
         meta = cachepolicy.stored_meta(d, ex.request_time or now, now)
     else:

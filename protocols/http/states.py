@@ -102,7 +102,10 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     if method != b"GET" and method != b"HEAD":
         req.cache_status = b"afpa; fwd=method"
         return "miss"
-    key = req.key = (req.host, req.target)
+    if g.router.keyed:
+        key = req.key = routed_key(g, req)  # some route sorts or drops the query
+    else:
+        key = req.key = (req.host, req.target)
     now = g.reactor.seconds()
     if req.cache_control is not None:
         return _directed_lookup(g, conn, req, key, now)
@@ -135,6 +138,14 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
             int(now - obj.stored_at), obj.meta is not None)
     return "hit"
+
+
+def routed_key(g: Any, req: Any) -> tuple[bytes, bytes]:
+    """The cache key when some route has key rules: the route is chosen now
+    (and kept on ``req.route`` for derive_miss_response) and its ``query`` rule
+    applied to the target."""
+    route = req.route = g.router.choose(req.host, req.path)
+    return req.host, cachepolicy.key_target(route.cache, req.path, req.query, req.target)
 
 
 def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
@@ -181,7 +192,9 @@ def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     machine splices only once the backend has agreed to switch (101).
     ``collapsed``: a fetch for the same key is already in flight to the
     backend; wait for it (see protocols/http/coalesce.py)."""
-    route = req.route = g.router.choose(req.host, req.path)
+    route = req.route
+    if route is None:  # not chosen before the lookup (see routed_key)
+        route = req.route = g.router.choose(req.host, req.path)
     kind = route.kind
     if kind == "remote" and req.key is not None:
         return g.flights.on_miss(req, g.reactor.seconds())

@@ -163,3 +163,45 @@ def test_no_cache_field_is_left_out_of_the_stored_response(afpa_process, backend
     assert one(p.port, get("/f"))[1]["x-token"] == "secret"
     _, h, _, _ = one(p.port, get("/f"))
     assert h["cache-status"] == "afpa; hit" and "x-token" not in h
+
+
+def test_cache_policy_per_route_from_the_config_file(afpa_process, backend, tmp_path):
+    """[cache] and [route.cache] as an operator writes them: static assets stored
+    whatever the origin says (no-store, Set-Cookie), their query ignored; the
+    rest keeps the origin's word with a default TTL and sorted queries."""
+    def respond(head, body):
+        path = head.split(b" ")[1]
+        if path.startswith(b"/static/"):
+            return response(b"asset " + path, "Cache-Control: no-store", "Set-Cookie: sid=1")
+        return response(b"page " + path)  # no freshness at all: the default TTL decides
+
+    b = backend(respond)
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text(f'backend = "{b.url}"\n[cache]\ndefault_ttl = 60\nquery = "sort"\n'
+                   f'[[route]]\nto = "remote"\nbackend = "{b.url}"\nprefix = "/static/"\n'
+                   '[route.cache]\nignore_cache_control = true\nset_cookie = "strip"\nquery = "ignore"\n'
+                   'default_ttl = 3600\n')
+    p = afpa_process("--config", str(cfg))
+    status, h, body, _ = one(p.port, get("/static/app.css?v=1"))
+    assert (status, body) == (200, b"asset /static/app.css?v=1") and h["cache-status"].endswith("; stored")
+    status, h, body, raw = one(p.port, get("/static/app.css?v=2"))
+    assert (body, h["cache-status"]) == (b"asset /static/app.css?v=1", "afpa; hit") and b"Set-Cookie" not in raw
+    one(p.port, get("/page?b=1&a=2"))
+    status, h, body, _ = one(p.port, get("/page?a=2&b=1"))
+    assert (body, h["cache-status"]) == (b"page /page?b=1&a=2", "afpa; hit")
+    assert len(b.requests) == 2
+
+
+def test_bad_route_cache_setting_stops_afpa_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text('backend = "http://127.0.0.1:9"\n[[route]]\nto = "remote"\nbackend = "http://127.0.0.1:9"\n'
+                   '[[route]]\nto = "remote"\nbackend = "http://127.0.0.1:9"\n[route.cache]\nmax_ttl = -1\n')
+    out = subprocess.run([sys.executable, "-m", "afpa", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "route 2: cache.max_ttl: expected a positive number of seconds, got -1")
+    assert "Traceback" not in out.stderr

@@ -121,6 +121,13 @@ def _positive_seconds(value: Any) -> float:
     return v
 
 
+def _seconds0(value: Any) -> float:
+    v = float(_number(value))
+    if not (v >= 0 and math.isfinite(v)):
+        raise ValueError
+    return v
+
+
 def _int(minimum: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -236,6 +243,7 @@ _TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 
 PROXY = Kind("an IP address or CIDR (e.g. 10.0.0.0/8, ::1)", lambda v: str(proxy_network(v)))
 SECONDS = Kind("a positive number of seconds", _positive_seconds, float)
+SECONDS0 = Kind("a number of seconds, 0 or more", _seconds0, float)
 SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
 POSITIVE_SIZE = Kind("a positive size in bytes (e.g. 8192, 64k)", _size(1))
 COUNT = Kind("a positive whole number", _int(1), int)
@@ -293,6 +301,13 @@ class Settings:
     coalesce_timeout: float = 10.0      # longest wait for it; then the waiter forwards itself
     coalesce_max_waiters: int = 1000    # per key; past it requests forward (0: no coalescing)
     hit_for_miss: float = 120.0         # a key whose answer was not storable is not coalesced this long
+    # Stale serving (RFC 5861 and operator grace).  grace: seconds past expiry a
+    # stored response is answered at once while one background request refreshes
+    # it, even without stale-while-revalidate (0: only when the origin allows it,
+    # as RFC 9111 4.2.4 asks).  keep: seconds past expiry a stale response is kept
+    # usable for revalidation and stale-if-error (0: until evicted or purged).
+    grace: float = 0.0
+    keep: float = 0.0
     # Heuristic freshness (RFC 9111 4.2.2) for backend responses with only a
     # Last-Modified: this fraction of their age, at most heuristic_max seconds.
     heuristic_fraction: float = 0.1
@@ -379,6 +394,8 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "cache.coalesce_timeout": ("coalesce_timeout", SECONDS),
     "cache.coalesce_max_waiters": ("coalesce_max_waiters", COUNT0),
     "cache.hit_for_miss": ("hit_for_miss", SECONDS),
+    "cache.grace": ("grace", SECONDS0),
+    "cache.keep": ("keep", SECONDS0),
     "cache.heuristic_fraction": ("heuristic_fraction", FRACTION),
     "cache.heuristic_max": ("heuristic_max", SECONDS),
     "cache.targeted_field": ("targeted_field", FIELD_NAME),

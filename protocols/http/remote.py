@@ -73,13 +73,14 @@ from afpa import sendengine
 from afpa.cache import CacheObject, fragments_of
 from afpa.modules import state
 from afpa.outbound import Exchange
-from afpa.scopes import Request
+from afpa.scopes import Connection, Request
 from afpa.splice import splice_to
 from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import http_date, set_error
-from protocols.http.states import _answer, settle_body
+from protocols.http.scopes import HttpRequest
+from protocols.http.states import _answer, answer_stale, settle_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
@@ -141,6 +142,7 @@ class BackendExchange(Request):
     strip: frozenset = frozenset()  # fields left out of the stored head (no-cache="f", private="f")
     vary: tuple | None = None    # the response's Vary names (its variant's selector)
     revalidating: Any = None     # the stale stored object a conditional request asks about
+    background: bool = False     # a refresh with no client (stale-while-revalidate, grace)
 
     # -- failure paths --------------------------------------------------------
 
@@ -152,6 +154,9 @@ class BackendExchange(Request):
         backend's failure."""
         if reason:
             self.pool.failed(reason, detail if reason == "malformed_head" else "")
+        if self.background:
+            self.result = "failed"  # nobody to answer; the stale copy stays as it was
+            return
         if self.relaying or self.creq.sent_head:
             self.abort_client()
             return
@@ -163,6 +168,8 @@ class BackendExchange(Request):
             # must-revalidate / proxy-revalidate: an unvalidated copy is never
             # an answer, and the failure says "no timely answer" (RFC 9111 5.2.2.2).
             status = 504
+        elif self.creq.stale is not None and _stale_if_error(self, b""):
+            return
         self.creq.close = self.creq.close or not self.upload_done
         settle_body(self.g, self.cconn, self.creq)
         self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=miss") + b"; detail=backend-error"
@@ -302,9 +309,10 @@ class _UploadThrottle:
 
 # -- the client machine's state ------------------------------------------------
 
-@state("relayed", "close", "failed", "aborted", "upgraded", "answered", "refreshed",
+@state("relayed", "close", "failed", "aborted", "upgraded", "answered", "refreshed", "stale",
        needs=("request", "route"),
-       provides={"failed": ("response",), "answered": ("response",), "refreshed": ("response",)})
+       provides={"failed": ("response",), "answered": ("response",), "refreshed": ("response",),
+                 "stale": ("response",)})
 def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     """Forward the request to the route's backend; the backend machine relays
     the answer (``relayed``/``close``), or leaves a 502/504 on the request
@@ -313,7 +321,9 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     whole response fetched for a Range request and left the ranged answer on the
     request (``answered``).  With a stale stored response on the request
     (``req.stale``) the request is made conditional; when the backend answers
-    304 the refreshed stored response is left on the request (``refreshed``)."""
+    304 the refreshed stored response is left on the request (``refreshed``);
+    when the backend fails (refused, timed out, 5xx) and the stale response's
+    ``stale-if-error`` allows, that response is left on the request (``stale``)."""
     if req.method == b"CONNECT":
         # afpa is a reverse proxy: it opens no tunnels to wherever a client names.
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
@@ -332,6 +342,71 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 
     conn.on_lost = client_lost
     return exchange.start()
+
+
+# -- stale serving (RFC 5861, operator grace) -------------------------------------
+
+def _stale_if_error(ex: BackendExchange, fwd_status: bytes) -> bool:
+    """The backend failed (``fwd_status``: its 5xx, or empty when nothing came)
+    while the request's stale stored response was being revalidated or fetched
+    again: answer that response when its ``stale-if-error`` window allows
+    (RFC 5861 4), never a ``must-revalidate``/``proxy-revalidate``/``no-cache``
+    one, nor for a request with its own Cache-Control.  Leaves ``result`` =
+    ``stale`` for the client machine."""
+    creq, g = ex.creq, ex.g
+    obj = creq.stale
+    meta = obj.meta
+    if (meta is None or meta.must_revalidate or meta.no_cache or creq.cache_control is not None
+            or ex.upload_error is not None or creq.sent_head or ex.relaying):
+        return False
+    now = g.reactor.seconds()
+    if now - obj.fresh_until > meta.stale_if_error:
+        return False
+    status = b"afpa; fwd=stale" + (b"; fwd-status=" + fwd_status if fwd_status else b"")
+    creq.close = creq.close or not ex.upload_done
+    answer_stale(g, ex.cconn, creq, obj, now, status, "if-error")
+    ex.result = "stale"
+    return True
+
+
+# Request fields a background refresh does not copy from the request that
+# started it: its own preconditions, ranges, directives and body framing.
+_NOT_REFRESHED = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
+                            b"if-range", b"range", b"cache-control", b"pragma", b"expect",
+                            b"content-length", b"transfer-encoding", b"upgrade"})
+
+
+@state("answered", needs=("request", "stale", "response"))
+def refresh_stale(g: Any, conn: Any, req: Any) -> str:
+    """The client was answered from a stale stored response (``stale_hit``):
+    start one background request that revalidates it (conditional when it has
+    a validator; a 304 freshens it, a storable 200 replaces it), unless one is
+    already in flight for that response.  The client does not wait for it."""
+    obj = req.stale
+    token = (obj.key, obj.secondary)
+    refreshing = g.refreshing
+    if token in refreshing:
+        return "answered"
+    route = g.router.choose(req.host, req.path)
+    if route.kind != "remote":
+        return "answered"
+    headers, lnames = [], []
+    for lname, field in zip(req.lnames, req.headers):
+        if lname not in _NOT_REFRESHED:
+            headers.append(field)
+            lnames.append(lname)
+    # The copy keeps the selecting fields (Vary) and the client's address for
+    # X-Forwarded-For; it is a plain GET whatever the client sent.
+    breq = HttpRequest(method=b"GET", target=req.target, path=req.path, query=req.query, version=11,
+                       headers=headers, lnames=lnames, host=req.host, key=obj.key, stale=obj, route=route,
+                       cache_status=b"afpa; fwd=stale")
+    bconn = Connection(None, None, None)
+    bconn.peer_label, bconn.tls, bconn.deadline = conn.peer, conn.tls, float("inf")
+    ex = BackendExchange(g=g, cconn=bconn, creq=breq, pool=g.pools.pick(route), background=True)
+    ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
+    refreshing[token] = ex
+    ex.runner.start().addBoth(lambda _: refreshing.pop(token, None))
+    return "answered"
 
 
 # -- the backend machine ---------------------------------------------------------
@@ -556,6 +631,9 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
         return "interim"  # 1xx: read the next head
     if ex.status == 304 and ex.revalidating is not None:
         return "not_modified"
+    if ex.status >= 500 and ex.creq.stale is not None and not ex.background and _stale_if_error(ex, b"%d" % ex.status):
+        ex.keep_alive = False  # its body is not read: the connection is closed, not reused
+        return "failed"
     if ex.codings and ex.creq.version == 10 and not _bodiless(ex.creq, ex.status):
         # Transfer-Encoding cannot be sent to an HTTP/1.0 client (RFC 9112 6.1),
         # and the body means nothing without it.
@@ -655,6 +733,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     cache_status += b"; fwd-status=%d" % status + stored
     creq.cache_status = cache_status
     ex.client_close = ex.client_close or creq.close
+    if ex.background:
+        ex.held = True  # no client: the body is read into the store (or dropped)
+        return
     if ex.whole:
         status = _range_from_whole(ex, lines)
         if not status:
@@ -778,6 +859,9 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         ex.arm(g.settings.backend_idle_timeout)
     if finished:
         obj = _store(g, ex) if ex.store is not None else None
+        if ex.background:
+            ex.result = "relayed"
+            return "complete"
         if ex.held:
             _answer_held(g, ex, obj)
             return "complete"
@@ -992,6 +1076,6 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "close"
 
 
-FUNCTIONS = (derive_remote_response, backend_buffer_body, backend_connect, backend_wait_turn,
+FUNCTIONS = (derive_remote_response, refresh_stale, backend_buffer_body, backend_connect, backend_wait_turn,
              backend_send_request, backend_read_head, backend_refresh, backend_stream_body, backend_tunnel,
              backend_finish)

@@ -62,6 +62,11 @@ class HttpGlobal:
     dates: DateCache
     trusted: Any  # afpa.trust.TrustedProxies: peers whose forwarding fields are believed
     flights: Flights = attrs.field(factory=Flights)  # request coalescing and hit-for-miss
+    # Stale serving: answers by reason (afpa_cache_stale_served_total), and the
+    # background refreshes in flight, one per stored response ((key, secondary) ->
+    # its BackendExchange; see remote.refresh_stale).
+    stale_served: dict = attrs.field(factory=lambda: {"while-revalidate": 0, "if-error": 0, "grace": 0})
+    refreshing: dict = attrs.field(factory=dict)
 
     def metrics(self) -> Iterator[Metric]:
         """Backend pool metrics for /metrics (one label value per configured backend)."""
@@ -94,6 +99,11 @@ class HttpGlobal:
         yield failures
         yield CounterMetricFamily("afpa_cache_collapsed", "Requests answered from another request's "
                                   "backend response (coalesced misses)", value=self.flights.collapsed)
+        served = CounterMetricFamily("afpa_cache_stale_served", "Answers from a stale stored response, "
+                                     "by why it was allowed", labels=["why"])
+        for why, n in self.stale_served.items():
+            served.add_metric([why], n)
+        yield served
         yield CounterMetricFamily("afpa_cache_hit_for_miss", "Misses forwarded without coalescing because "
                                   "the key was recently not cacheable", value=self.flights.hit_for_miss_total)
 
@@ -102,6 +112,11 @@ class HttpGlobal:
         connections, expired hit-for-miss entries."""
         self.pools.sweep(now)
         self.flights.sweep(now)
+        for ex in list(self.refreshing.values()):
+            # A background refresh has no client connection in the server's
+            # sweep: its deadline (BackendExchange.arm) is enforced here.
+            if ex.cconn.deadline <= now and ex.cconn.on_timeout is not None:
+                ex.cconn.on_timeout()
 
     def describe(self) -> list[str]:
         """Where misses go, for the startup log."""

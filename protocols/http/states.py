@@ -94,8 +94,8 @@ def _discard_body(g: Any, conn: Any) -> bool:
     return False
 
 
-@state("hit", "miss", "stale", needs=("request",),
-       provides={"hit": ("response",), "stale": ("stale",)})
+@state("hit", "miss", "stale", "stale_hit", needs=("request",),
+       provides={"hit": ("response",), "stale": ("stale",), "stale_hit": ("response", "stale")})
 def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
     """Look the request up in the memory cache; a fresh hit is answered at once."""
     method = req.method
@@ -120,6 +120,8 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
             req.cache_status = b"afpa; fwd=vary-miss"
             return "miss"
     if obj.fresh_until < now:
+        if obj.meta is not None:
+            return _stale_lookup(g, conn, req, obj, now)  # kept off the fresh-hit path
         req.stale = obj
         req.cache_status = b"afpa; fwd=stale"
         return "stale"
@@ -146,6 +148,47 @@ def routed_key(g: Any, req: Any) -> tuple[bytes, bytes]:
     applied to the target."""
     route = req.route = g.router.choose(req.host, req.path)
     return req.host, cachepolicy.key_target(route.cache, req.path, req.query, req.target)
+
+
+def _stale_lookup(g: Any, conn: Any, req: Any, obj: Any, now: float) -> str:
+    """A stored backend response past its freshness.  Past ``cache.keep`` it is
+    dropped (a miss).  Within its ``stale-while-revalidate`` window (RFC 5861 3)
+    or the operator's ``cache.grace`` it answers at once (``stale_hit``: the
+    next state starts one background refresh); otherwise it is revalidated
+    (``stale``).  ``must-revalidate``/``proxy-revalidate``/``no-cache``
+    responses are never answered stale."""
+    meta = obj.meta
+    late = now - obj.fresh_until
+    keep = g.settings.keep
+    if keep and now - max(obj.fresh_until, obj.stored_at) > keep:
+        g.cache.discard(obj)
+        req.cache_status = b"afpa; fwd=miss"
+        return "miss"
+    req.stale = obj
+    if not (meta.must_revalidate or meta.no_cache):
+        if late <= meta.stale_while_revalidate:
+            answer_stale(g, conn, req, obj, now, b"afpa; hit", "while-revalidate")
+            return "stale_hit"
+        if late <= g.settings.grace:
+            answer_stale(g, conn, req, obj, now, b"afpa; hit", "grace")
+            return "stale_hit"
+    req.cache_status = b"afpa; fwd=stale"
+    return "stale"
+
+
+STALE_DETAIL = {"while-revalidate": b"stale-while-revalidate", "if-error": b"stale-if-error", "grace": b"grace"}
+
+
+def answer_stale(g: Any, conn: Any, req: Any, obj: Any, now: float, status: bytes, why: str) -> None:
+    """Answer ``req`` from the stale ``obj`` (its own conditionals and Range
+    honoured as on a hit).  ``Cache-Status`` gets ``status``, the negative
+    ``ttl`` RFC 9211 2.4 gives a stale response, and ``detail`` saying why
+    (``why``: a label of ``afpa_cache_stale_served_total``)."""
+    g.stale_served[why] += 1
+    req.cache_status = status + b"; ttl=%d; detail=%s" % (int(obj.fresh_until - now), STALE_DETAIL[why])
+    settle_body(g, conn, req)
+    _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
+            int(now - obj.stored_at), True)
 
 
 def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:

@@ -4,7 +4,9 @@ cache-control fields (RFC 9111, RFC 9213)."""
 
 from __future__ import annotations
 
+import threading
 import time
+import urllib.request
 from email.utils import formatdate
 
 import pytest
@@ -205,3 +207,46 @@ def test_bad_route_cache_setting_stops_afpa_with_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1].endswith(
         "route 2: cache.max_ttl: expected a positive number of seconds, got -1")
     assert "Traceback" not in out.stderr
+
+
+def test_stale_while_revalidate_answers_at_once_and_refreshes_once(afpa_process, backend):
+    release = threading.Event()
+
+    def respond(head, body):
+        if b"If-None-Match" not in head:
+            return response(b"old", "Cache-Control: max-age=1, stale-while-revalidate=60", 'ETag: "v1"')
+        release.wait(20)  # the refresh is held until the stale answers are in
+        return response(b"", "Cache-Control: max-age=60", 'ETag: "v1"', "X-Refreshed: yes",
+                        status="304 Not Modified").replace(b"Content-Length: 0\r\n", b"")
+
+    b = backend(respond)
+    p = afpa_process("--backend", b.url)
+    assert "stored" in one(p.port, get("/s"))[1]["cache-status"]
+    time.sleep(2.1)  # now stale by about a second
+    for _ in range(3):  # answered while the backend still holds the refresh
+        status, h, body, _ = one(p.port, get("/s"))
+        assert (status, body) == (200, b"old")
+        assert h["cache-status"].startswith("afpa; hit; ttl=-")
+        assert h["cache-status"].endswith("; detail=stale-while-revalidate")
+    release.set()
+    for _ in range(100):
+        status, h, body, _ = one(p.port, get("/s"))
+        if h["cache-status"] == "afpa; hit":
+            break
+        time.sleep(0.05)
+    assert (body, h["cache-status"], h.get("x-refreshed")) == (b"old", "afpa; hit", "yes")
+    assert len(b.requests) == 2 and b'If-None-Match: "v1"' in b.requests[1]
+
+
+def test_stale_if_error_answers_a_5xx_with_the_stale_copy(afpa_process, backend):
+    b = backend(lambda head, body: response(b"old", "Cache-Control: max-age=1, stale-if-error=60")
+                if len(b.requests) == 1 else response(b"down", status="503 Service Unavailable"))
+    p = afpa_process("--backend", b.url)
+    assert "stored" in one(p.port, get("/e"))[1]["cache-status"]
+    time.sleep(2.1)
+    status, h, body, _ = one(p.port, get("/e"))
+    assert (status, body) == (200, b"old")
+    assert h["cache-status"].startswith("afpa; fwd=stale; fwd-status=503; ttl=-")
+    assert h["cache-status"].endswith("; detail=stale-if-error")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
+    assert 'afpa_cache_stale_served_total{why="if-error"} 1.0' in metrics

@@ -14,7 +14,7 @@ The leader's backend exchange reports what happened through three small hooks
 in ``remote.py``:
 
 - :func:`leader_stored`: the response was stored; every waiter is answered from
-  that object (``Cache-Status: afpa; fwd=miss; fwd-status=200; collapsed``) once
+  that object (``Cache-Status: afpa; fwd=uri-miss; fwd-status=200; collapsed``) once
   the object is complete.
 - :func:`leader_uncacheable`: the head said the response will not be stored.
   The waiters are released at once to make their own requests
@@ -199,13 +199,13 @@ def derive_collapsed_response(g: Any, conn: Any, req: Any) -> Deferred | str:
 def _woken(result: Any, g: Any, conn: Any, req: Any) -> str:
     if result is None or result is _TIMEOUT or conn.closed or _varies(result):
         # RFC 9211: collapsed=?0, this request had to make its own.
-        req.cache_status = (req.cache_status or b"afpa; fwd=miss") + b"; collapsed=?0"
+        req.cache_status = (req.cache_status or b"afpa; fwd=bypass") + b"; collapsed=?0"
         return "timeout" if result is _TIMEOUT else "released"
     obj = result
     now = g.reactor.seconds()
     if conn.pending is not None:
         settle_body(g, conn, req)
-    req.cache_status = ((req.cache_status or b"afpa; fwd=miss")
+    req.cache_status = ((req.cache_status or b"afpa; fwd=bypass")
                         + b"; fwd-status=" + obj.head[9:12] + b"; collapsed")
     _answer(g, req, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
             int(now - obj.stored_at), obj.meta is not None)

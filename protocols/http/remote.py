@@ -109,6 +109,7 @@ class BackendExchange(Request):
     probed: int = 0              # bytes of the body checked so far (from cconn.inpos)
     buffering: bool = False
     sent_continue: bool = False
+    interims: int = 0            # 1xx interim responses relayed to the client (bounded)
     # request body upload
     upload: Any = None           # the client's body reader while forwarding
     upload_chunked: bool = False
@@ -172,7 +173,7 @@ class BackendExchange(Request):
             return
         self.creq.close = self.creq.close or not self.upload_done
         settle_body(self.g, self.cconn, self.creq)
-        self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=miss") + b"; detail=backend-error"
+        self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=bypass") + b"; detail=backend-error"
         set_error(self.g, self.creq, status, detail)
         self.result = "failed"
 
@@ -628,6 +629,7 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
                 return "failed"
             _relay_switch(g, conn, ex)
             return "switched"
+        _relay_interim(g, ex)
         return "interim"  # 1xx: read the next head
     if ex.status == 304 and ex.revalidating is not None:
         return "not_modified"
@@ -642,6 +644,27 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     ex.arm(g.settings.backend_idle_timeout)
     _relay_head(g, conn, ex)
     return "head"
+
+
+# A backend flooding interim responses must not fill the client's send buffer;
+# past this many the rest are read and dropped (the first-byte timeout still runs).
+_MAX_INTERIM = 10
+
+
+def _relay_interim(g: Any, ex: BackendExchange) -> None:
+    """Pass a backend's 1xx interim response (103 Early Hints, ...) on to the
+    client, rewritten like a final head (hop-by-hop fields out, Via added), and
+    never stored (RFC 9110 15.2).  Not to an HTTP/1.0 client, which cannot
+    receive one, and never ``100 Continue``: afpa does not forward ``Expect``
+    and answers it itself, so a backend's 100 is its own business and the client
+    must not get a second one."""
+    creq = ex.creq
+    if ex.status == 100 or creq.version != 11 or ex.interims >= _MAX_INTERIM:
+        return
+    ex.interims += 1
+    hide = frozenset(t for t in _targeted(g.settings) if t in ex.lnames)
+    sendengine.write(ex.cconn, [b"".join([forward.status_line(ex), *forward.response_lines(ex, hide),
+                                          b"\r\n"])])
 
 
 def _bodiless(creq: Any, status: int) -> bool:
@@ -661,7 +684,7 @@ def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
     """Send the backend's 101 (end-to-end fields, Via, Upgrade, Connection) and any
     bytes of the new protocol that came with it to the client."""
     creq = ex.creq
-    cache_status = (creq.cache_status or b"afpa; fwd=miss") + b"; fwd-status=101"
+    cache_status = (creq.cache_status or b"afpa; fwd=bypass") + b"; fwd-status=101"
     creq.cache_status = cache_status
     head = [forward.status_line(ex), *forward.response_lines(ex), b"Upgrade: ", ex.upgrade,
             b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n\r\n"]
@@ -729,7 +752,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
             ex.meta = meta
             ex.store = []
             stored = b"; stored"
-    cache_status = creq.cache_status or b"afpa; fwd=miss"
+    elif creq.method == b"HEAD" and creq.key is not None:
+        stored = b"; detail=head"  # no body to store; as for a file (README, Cache-Status)
+    cache_status = creq.cache_status or b"afpa; fwd=bypass"  # no lookup in the table
     cache_status += b"; fwd-status=%d" % status + stored
     creq.cache_status = cache_status
     ex.client_close = ex.client_close or creq.close

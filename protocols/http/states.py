@@ -111,7 +111,7 @@ def derive_cached_response(g: Any, conn: Any, req: Any) -> str:
         return _directed_lookup(g, conn, req, key, now)
     obj = g.cache.get(key, now)
     if obj is None:
-        req.cache_status = b"afpa; fwd=miss"
+        req.cache_status = b"afpa; fwd=uri-miss"
         return "miss"
     if obj.__class__ is Variants:
         # The URL varies (Vary): pick the variant this request selects.
@@ -198,8 +198,10 @@ def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
     with nothing usable is answered 504."""
     cc = cachepolicy.request_directives(req.cache_control)
     obj = g.cache.get(key, now)
+    miss = b"afpa; fwd=uri-miss"
     if obj is not None and obj.__class__ is Variants:
         obj = g.cache.select(obj, cachepolicy.secondary_key(obj.selector, req), now)
+        miss = b"afpa; fwd=vary-miss"
     if obj is None:
         use = cachepolicy.Usable(False, False, b"only-if-cached" in cc)
     else:
@@ -213,7 +215,7 @@ def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
             set_error(g, req, 504, "not in the cache (only-if-cached)")
             return "hit"
         if obj is None:
-            req.cache_status = b"afpa; fwd=miss"
+            req.cache_status = miss
             return "miss"
         req.stale = obj
         req.cache_status = b"afpa; fwd=request" if use.forced else b"afpa; fwd=stale"
@@ -274,10 +276,13 @@ def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
     now = g.reactor.seconds()
     kind = result.kind
     stale = req.stale
+    # What the lookup found (uri-miss, stale, request); a table without the
+    # cache lookup set nothing and never stores: bypass.
+    fwd = req.cache_status if req.key is not None else b"afpa; fwd=bypass"
     if kind == "error":
         if stale is not None:
             g.cache.remove(req.key)
-        req.cache_status = b"afpa; fwd=miss"
+        req.cache_status = fwd
         set_error(g, req, result.status, result.detail)
         return "ready"
     if kind == "redirect":
@@ -285,19 +290,18 @@ def _file_ready(result: files.FileResult, g: Any, conn: Any, req: Any) -> str:
         return "ready"
     if kind == "unchanged":
         stale.fresh_until = now + g.settings.revalidate_after
-        req.cache_status = b"afpa; fwd=stale; detail=revalidated"
+        req.cache_status = fwd + b"; detail=revalidated"
         _answer(g, req, stale.head, stale.short_head, stale.etag, stale.last_modified, stale, now,
                 int(now - stale.stored_at))
         return "ready"
     etag = b'"%x-%x"' % (result.identity[3], result.identity[2])
     head, short_head = object_heads(200, result.content_type, result.size, result.mtime, etag)
-    fwd = b"afpa; fwd=stale" if stale is not None else b"afpa; fwd=miss"
     if kind == "object" and req.method == b"GET":
         obj = CacheObject(req.key, head, fragments_of(result.data), len(result.data), now,
                           now + g.settings.revalidate_after, short_head, etag, int(result.mtime),
                           result.identity)
         if req.key is None:  # a table without the cache lookup: serve, never store
-            req.cache_status = b"afpa; fwd=bypass"
+            req.cache_status = fwd
         else:
             req.cache_status = fwd + (b"; stored" if g.cache.put(obj) else b"; detail=not-stored")
         _answer(g, req, head, short_head, etag, obj.last_modified, obj, now, None)

@@ -39,7 +39,7 @@ def test_static_file_miss_then_hit_apache_sees_one_request(apache, afpa_before_a
     first = one(p.port, get("/cacheable.txt"))
     second = one(p.port, get("/cacheable.txt"))
     assert first[2] == second[2] == CACHEABLE_BODY
-    assert first[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert first[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     assert second[1]["cache-status"] == "afpa; hit"
     apache.wait_access_log(1, contains="/cacheable.txt")
     assert len(apache.access_log_lines(contains="/cacheable.txt")) == 1
@@ -56,7 +56,7 @@ def test_stock_static_file_with_only_last_modified_becomes_a_hit(apache, afpa_be
     status, first, body = one(p.port, get("/old.txt"))
     assert (status, body) == (200, body_text)
     assert "cache-control" not in first and "expires" not in first and "last-modified" in first
-    assert first["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert first["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     time.sleep(1.1)  # so that the Age of the hit is at least 1
     status, second, body = one(p.port, get("/old.txt"))
     assert (status, body, second["cache-status"]) == (200, body_text, "afpa; hit")
@@ -100,7 +100,7 @@ def test_put_invalidates_a_cached_url_with_apache(apache, afpa_before_apache):
     status, _, body = one(p.port, get("/cgi-bin/item.sh", "Content-Length: 0", method="PUT"))
     assert status == 200 and body.startswith(b"PUT ")
     status, h, body = one(p.port, get("/cgi-bin/item.sh"))
-    assert h["cache-status"].startswith("afpa; fwd=miss") and body != first[2]
+    assert h["cache-status"].startswith("afpa; fwd=uri-miss") and body != first[2]
     apache.wait_access_log(3, contains="/cgi-bin/item.sh")
     assert len(apache.access_log_lines(contains="GET /cgi-bin/item.sh")) == 2
 
@@ -204,7 +204,7 @@ def test_gzip_and_identity_variants_both_become_hits(apache_fresh, afpa_process)
 def test_stale_response_revalidated_apache_answers_304(apache_fresh, afpa_process):
     apache = apache_fresh
     p = afpa_process("--backend", apache.base_url)
-    assert one(p.port, get("/short.txt"))[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert one(p.port, get("/short.txt"))[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     deadline = time.monotonic() + 10
     while True:  # until the stored copy is stale (max-age=1) and revalidated
         status, h, body = one(p.port, get("/short.txt"))

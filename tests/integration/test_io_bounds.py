@@ -95,7 +95,7 @@ def test_backend_sees_nothing_after_a_400_that_closes(afpa_process):
             [(status, _, _)] = parse_responses(read_all(s))
         assert status == 400
         [(status, h, _)] = parse_responses(exchange(p.port, get("/stored")))
-        assert h["cache-status"].startswith("afpa; fwd=miss")  # never stored before
+        assert h["cache-status"].startswith("afpa; fwd=uri-miss")  # never stored before
         assert len(b.requests) == 1 and b"/stored" in b.requests[0]
     finally:
         b.close()

@@ -55,7 +55,7 @@ def test_purge_ban_and_tag_through_the_cli(afpa_process, backend, tmp_path):
     p = afpa_process("--backend", backend.url, "--admin-token-file", str(token_file))
     paths = ["/product/1", "/product/2", "/static/a.css", "/static/b.js", "/page"]
     for path in paths:
-        assert fetch(p.port, path).startswith("afpa; fwd=miss")
+        assert fetch(p.port, path).startswith("afpa; fwd=uri-miss")
         assert fetch(p.port, path) == "afpa; hit"
 
     # Without the token: refused, nothing purged.
@@ -70,18 +70,18 @@ def test_purge_ban_and_tag_through_the_cli(afpa_process, backend, tmp_path):
     rc, out, err = cli(p, "tag", "product-1", token_file=str(token_file))
     assert rc == 0, err
     assert json.loads(out) == {"purged": 1, "tags": {"product-1": 1}, "soft": False}
-    assert fetch(p.port, "/product/1").startswith("afpa; fwd=miss")
+    assert fetch(p.port, "/product/1").startswith("afpa; fwd=uri-miss")
     assert fetch(p.port, "/product/2") == "afpa; hit"
 
     rc, out, _ = cli(p, "ban", "/static/", token_file=str(token_file))
     assert rc == 0 and json.loads(out)["purged"] == 2
-    assert fetch(p.port, "/static/a.css").startswith("afpa; fwd=miss")
-    assert fetch(p.port, "/static/b.js").startswith("afpa; fwd=miss")
+    assert fetch(p.port, "/static/a.css").startswith("afpa; fwd=uri-miss")
+    assert fetch(p.port, "/static/b.js").startswith("afpa; fwd=uri-miss")
     assert fetch(p.port, "/page") == "afpa; hit"
 
     rc, out, _ = cli(p, "purge", "http://127.0.0.1/page", token_file=str(token_file))
     assert rc == 0 and json.loads(out)["purged"] == 1
-    assert fetch(p.port, "/page").startswith("afpa; fwd=miss")
+    assert fetch(p.port, "/page").startswith("afpa; fwd=uri-miss")
 
     rc, out, _ = cli(p, "tag", "catalog", "--soft", token_file=str(token_file))
     assert rc == 0 and json.loads(out)["purged"] == 2  # /product/1 (fetched again) and /product/2

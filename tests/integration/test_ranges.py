@@ -21,7 +21,7 @@ def test_ranges_of_cached_and_streamed_files(afpa_process, docroot):
 
     # A cached file: stored by a full GET, then a range across fragment edges from the hit.
     [(status, h, body)] = parse_responses(exchange(p.port, get("/cached.bin")))
-    assert (status, h["accept-ranges"], h["cache-status"]) == (200, "bytes", "afpa; fwd=miss; stored")
+    assert (status, h["accept-ranges"], h["cache-status"]) == (200, "bytes", "afpa; fwd=uri-miss; stored")
     [(status, h, body)] = parse_responses(exchange(p.port, get("/cached.bin", "Range: bytes=65000-200000")))
     assert (status, h["cache-status"], h["content-range"]) == (206, "afpa; hit", "bytes 65000-200000/300000")
     assert body == CACHED[65000:200001]
@@ -55,7 +55,7 @@ def test_range_miss_on_a_backend_is_fetched_whole_once(afpa_process):
         raw = exchange(p.port, get("/v", "Range: bytes=100000-100099") + get("/v", "Range: bytes=-10"), expect=2)
         [(s1, h1, b1), (s2, h2, b2)] = parse_responses(raw)
         assert (s1, h1["content-range"], b1) == (206, "bytes 100000-100099/150000", body[100000:100100])
-        assert h1["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+        assert h1["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
         assert (s2, h2["cache-status"], b2) == (206, "afpa; hit", body[-10:])
         assert len(b.requests) == 1 and b"range" not in b.requests[0].lower()
     finally:

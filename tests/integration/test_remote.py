@@ -44,7 +44,7 @@ def test_cacheable_response_stored_while_streaming(afpa_process, backend):
     p = afpa_process("--backend", b.url)
     status, h, body = one(p.port, get("/page"))
     assert (status, body) == (200, b"fresh body")
-    assert h["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert h["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     assert h["via"] == "1.1 afpa"
     status, h, body = one(p.port, get("/page"))
     assert (status, body, h["cache-status"]) == (200, b"fresh body", "afpa; hit")
@@ -451,7 +451,7 @@ def test_tls_termination(afpa_process, backend, tmp_path):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cert)
     ctx.set_alpn_protocols(["h2", "http/1.1"])
-    for expected in ("afpa; fwd=miss; fwd-status=200; stored", "afpa; hit"):
+    for expected in ("afpa; fwd=uri-miss; fwd-status=200; stored", "afpa; hit"):
         with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
             with ctx.wrap_socket(raw, server_hostname="afpa.test") as s:
                 assert s.selected_alpn_protocol() == "http/1.1"
@@ -734,7 +734,7 @@ def test_stale_response_revalidated_with_if_none_match(afpa_process, backend):
 
     b = backend(respond)
     p = afpa_process("--backend", b.url)
-    assert one(p.port, get("/r"))[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert one(p.port, get("/r"))[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     deadline = time.monotonic() + 10
     while True:  # wait for the stored response to go stale (max-age=1)
         status, h, body = one(p.port, get("/r"))
@@ -763,3 +763,18 @@ def test_vary_accept_encoding_variants_are_not_mixed(afpa_process, backend):
         status, h, body = one(p.port, get("/v"))
         assert body == b"plain-body" and "content-encoding" not in h
     assert h["cache-status"] == "afpa; hit" and len(b.requests) == 2
+
+
+def test_early_hints_relayed_before_the_final_answer(afpa_process, backend):
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    b = backend(lambda head, body: hints + response(b"page", "Cache-Control: max-age=60"))
+    p = afpa_process("--backend", b.url)
+    [(s1, h1, _), (s2, h2, body)] = parse_responses(exchange(p.port, get("/hinted"), expect=2))
+    assert (s1, h1["link"], h1["via"]) == (103, "</style.css>; rel=preload", "1.1 afpa")
+    assert "cache-status" not in h1 and "content-length" not in h1
+    assert (s2, body, h2["cache-status"]) == (200, b"page", "afpa; fwd=uri-miss; fwd-status=200; stored")
+    # Never stored: the hit is the 200 alone.  An HTTP/1.0 client never sees a 1xx.
+    assert parse_responses(exchange(p.port, get("/hinted")))[0][:1] == (200,)
+    raw = exchange(p.port, b"GET /other HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ") and b" 103 " not in raw
+    assert len(b.requests) == 2

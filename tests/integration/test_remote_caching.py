@@ -45,7 +45,7 @@ def test_last_modified_only_is_cached_heuristically_with_the_origins_date_and_ag
     b = backend(lambda head, body: response(b"page", LONG_AGO, f"Date: {date}", "Age: 100"))
     p = afpa_process("--backend", b.url)
     status, h, body, _ = one(p.port, get("/page"))
-    assert (status, body, h["cache-status"]) == (200, b"page", "afpa; fwd=miss; fwd-status=200; stored")
+    assert (status, body, h["cache-status"]) == (200, b"page", "afpa; fwd=uri-miss; fwd-status=200; stored")
     status, h, body, raw = one(p.port, get("/page"))
     assert (status, body, h["cache-status"]) == (200, b"page", "afpa; hit")
     assert h["date"] == date and raw.count(b"\r\nDate: ") == 1   # the origin's Date, once
@@ -102,7 +102,7 @@ def test_request_no_store_is_not_stored(afpa_process, backend):
     p = afpa_process("--backend", b.url)
     _, h, _, _ = one(p.port, get("/n", "Cache-Control: no-store"))
     assert "stored" not in h["cache-status"]
-    assert one(p.port, get("/n"))[1]["cache-status"].startswith("afpa; fwd=miss")
+    assert one(p.port, get("/n"))[1]["cache-status"].startswith("afpa; fwd=uri-miss")
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
@@ -118,8 +118,8 @@ def test_unsafe_method_invalidates_target_and_location(afpa_process, backend, me
         assert one(p.port, get(path))[1]["cache-status"] == "afpa; hit"
     status, _, _, _ = one(p.port, get("/item", "Content-Length: 0", method=method))
     assert status == 201
-    assert one(p.port, get("/item"))[1]["cache-status"].startswith("afpa; fwd=miss")
-    assert one(p.port, get("/other"))[1]["cache-status"].startswith("afpa; fwd=miss")
+    assert one(p.port, get("/item"))[1]["cache-status"].startswith("afpa; fwd=uri-miss")
+    assert one(p.port, get("/other"))[1]["cache-status"].startswith("afpa; fwd=uri-miss")
     assert one(p.port, get("/kept"))[1]["cache-status"] == "afpa; hit"
 
 
@@ -139,7 +139,7 @@ def test_failed_unsafe_request_invalidates_nothing(afpa_process, backend):
 def test_targeted_field_overrides_cache_control_and_is_never_relayed(afpa_process, backend, field):
     b = backend(lambda head, body: response(b"edge", "Cache-Control: no-store", f"{field}: max-age=60"))
     p = afpa_process("--backend", b.url)
-    for want in ("afpa; fwd=miss; fwd-status=200; stored", "afpa; hit"):
+    for want in ("afpa; fwd=uri-miss; fwd-status=200; stored", "afpa; hit"):
         status, h, body, raw = one(p.port, get("/t"))
         assert (status, body, h["cache-status"]) == (200, b"edge", want)
         assert field.lower().encode() not in raw.lower()

@@ -57,7 +57,7 @@ def test_miss_then_hit_and_metrics(afpa_process):
     first = parse_responses(exchange(p.port, get("/hello.txt")))[0]
     second = parse_responses(exchange(p.port, get("/hello.txt")))[0]
     assert first[0] == second[0] == 200 and first[2] == second[2] == b"hello world\n"
-    assert first[1]["cache-status"] == "afpa; fwd=miss; stored"
+    assert first[1]["cache-status"] == "afpa; fwd=uri-miss; stored"
     assert second[1]["cache-status"] == "afpa; hit"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
     assert "afpa_cache_hits_total 1.0" in metrics
@@ -252,7 +252,7 @@ def test_access_log(afpa_process, tmp_path):
     p.stop()  # flushes
     lines = log.read_text().splitlines()
     assert len(lines) == 3
-    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; fwd=miss; stored"' in lines[0]
+    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; fwd=uri-miss; stored"' in lines[0]
     assert '"GET /hello.txt HTTP/1.1" 200 "afpa; hit"' in lines[1]
     assert '"GET /missing HTTP/1.1" 404 ' in lines[2] and lines[2].endswith('"127.0.0.1"')
 

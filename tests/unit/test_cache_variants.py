@@ -151,7 +151,7 @@ def test_gzip_and_identity_variants_cached_and_never_mixed(docroot):
     vary = ("Cache-Control: max-age=60", "Vary: Accept-Encoding")
     _, ct = ask(rig, req(GZ))
     be.answer(resp(b"GZIPPED", *vary, "Content-Encoding: gzip"))
-    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     _, ct = ask(rig, req())
     assert not rig.pending() and be.t.value() != b""   # a vary-miss goes to the backend
     be.answer(resp(b"plain", *vary))
@@ -320,3 +320,42 @@ def test_tag_on_one_variant_purges_that_variant_only_and_purge_visits_every_vari
     assert len(c) == 1 and c.tagged(b"t2") == 1 and c.tagged(b"t1") == 0
     c.put(var("k", ("br",), 100), "sel")
     assert c.purge("k") == 2 and len(c) == 0 and c.bytes == 0 and c.tagged(b"t2") == 0
+
+
+def test_cache_status_for_a_request_with_its_own_cache_control(docroot):
+    """RFC 9211: a request with directives that finds the URL but not its variant
+    is a vary-miss (not a uri-miss); one whose directives refuse the stored copy
+    is fwd=request."""
+    rig = Rig(docroot)
+    be = Backend(rig)
+    vary = ("Cache-Control: max-age=60", "Vary: Accept-Encoding")
+    _, ct = ask(rig, req(GZ))
+    be.answer(resp(b"GZIPPED", *vary, "Content-Encoding: gzip"))
+    _, ct = ask(rig, req("Cache-Control: max-stale=5"))
+    be.answer(resp(b"plain", *vary))
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=vary-miss; fwd-status=200; stored"
+    _, ct = ask(rig, req("Cache-Control: no-cache", "Pragma: x"))
+    be.answer(resp(b"plain", *vary))
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=request; fwd-status=200; stored"
+    _, ct = ask(rig, req("Cache-Control: max-age=600", target="/nothing"))
+    be.answer(resp(b"n", "Cache-Control: max-age=60"))
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
+
+
+def test_head_miss_is_forwarded_not_stored_and_a_stored_get_answers_head(docroot):
+    rig = Rig(docroot)
+    be = Backend(rig)
+    client, ct = rig.client()
+    client.dataReceived(req(method="HEAD"))
+    sent = be.answer(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\n")
+    assert sent.startswith(b"HEAD /x ")
+    [(status, h, _)] = parse_responses(ct.value(), (True,))
+    assert (status, h["cache-status"]) == (200, "afpa; fwd=uri-miss; fwd-status=200; detail=head")
+    assert len(rig.server.runtime.cache) == 0
+    _, ct = ask(rig, req())
+    assert be.answer(resp(b"body", "Cache-Control: max-age=60")).startswith(b"GET /x ")
+    client, ct = rig.client()
+    client.dataReceived(req(method="HEAD"))
+    [(status, h, _)] = parse_responses(ct.value(), (True,))
+    assert (status, h["cache-status"], h["content-length"]) == (200, "afpa; hit", "4")
+    assert ct.value().endswith(b"\r\n\r\n") and not rig.pending() and be.t.value() == b""

@@ -40,11 +40,11 @@ def test_waiters_are_answered_from_the_leaders_stored_response(docroot):
     assert all(t.value() == b"" for t in waiters)  # answered once the object is complete
     backend.dataReceived(CACHEABLE[-3:])
     [(status, headers, body)] = parse_responses(leader.value())
-    assert (status, body) == (200, b"hello") and headers["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert (status, body) == (200, b"hello") and headers["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     for t in waiters:
         [(status, headers, body)] = parse_responses(t.value())
         assert (status, body) == (200, b"hello")
-        assert headers["cache-status"] == "afpa; fwd=miss; fwd-status=200; collapsed"
+        assert headers["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; collapsed"
         assert "age" in headers
         assert t.value().count(b"\r\nDate: ") == 1  # the origin's, kept; never a second one
     assert rig.pending() == 0 and bt.value().count(b"GET /x") == 1
@@ -82,7 +82,7 @@ def test_uncacheable_answer_releases_waiters_at_once_and_sets_hit_for_miss(docro
     for t in waiters:
         [(status, headers, body)] = parse_responses(t.value())
         assert (status, body) == (200, b"hello")
-        assert headers["cache-status"] == "afpa; fwd=miss; collapsed=?0; fwd-status=200"
+        assert headers["cache-status"] == "afpa; fwd=uri-miss; collapsed=?0; fwd-status=200"
     assert parse_responses(leader.value())[0][2] == b"hello"
     # Hit-for-miss: three new concurrent misses all go forward (on the three
     # pooled connections), none waits.
@@ -95,7 +95,7 @@ def test_uncacheable_answer_releases_waiters_at_once_and_sets_hit_for_miss(docro
     for b, _ in backends:
         b.dataReceived(COOKIE)
     for t in later:
-        assert parse_responses(t.value())[0][1]["cache-status"] == "afpa; fwd=miss; fwd-status=200"
+        assert parse_responses(t.value())[0][1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200"
 
 
 def test_hit_for_miss_expires(docroot):
@@ -147,7 +147,7 @@ def test_waiter_times_out_and_forwards_itself(docroot):
     b.dataReceived(CACHEABLE)
     [(status, headers, body)] = parse_responses(waiter.value())
     assert (status, body) == (200, b"hello")
-    assert headers["cache-status"] == "afpa; fwd=miss; collapsed=?0; fwd-status=200; stored"
+    assert headers["cache-status"] == "afpa; fwd=uri-miss; collapsed=?0; fwd-status=200; stored"
     assert leader.value() == b""
 
 

@@ -35,7 +35,7 @@ def get(path: str, *headers: str, method="GET", version="1.1") -> bytes:
 def test_miss_then_hit(mem):
     _, _, [(status, h, body)] = ask(mem, get("/hello.txt"))
     assert (status, body) == (200, b"hello world\n")
-    assert h["cache-status"] == "afpa; fwd=miss; stored"
+    assert h["cache-status"] == "afpa; fwd=uri-miss; stored"
     assert h["content-type"] == "text/plain; charset=utf-8"
     assert h["content-length"] == "12" and "etag" in h and "last-modified" in h and "date" in h
     mem.clock.advance(1)
@@ -73,7 +73,7 @@ def test_keep_alive_and_pipelining_in_order(mem):
     proto, t, resps = ask(mem, data)
     assert [r[0] for r in resps] == [200, 200, 200, 404]
     assert [r[2] for r in resps][:3] == [b"hello world\n", b"<h1>page</h1>\n", b"<p>index</p>\n"]
-    assert [r[1]["cache-status"] for r in resps][:2] == ["afpa; fwd=miss; stored", "afpa; hit"]
+    assert [r[1]["cache-status"] for r in resps][:2] == ["afpa; fwd=uri-miss; stored", "afpa; hit"]
     assert not t.disconnecting
 
 
@@ -252,7 +252,7 @@ def test_file_above_max_object_is_streamed_uncached(docroot):
                 break
             t.producer.resumeProducing()
         [(status, h, body)] = parse_responses(t.value())
-        assert body == data and h["cache-status"] == "afpa; fwd=miss; detail=too-large"
+        assert body == data and h["cache-status"] == "afpa; fwd=uri-miss; detail=too-large"
     assert len(mem.server.runtime.cache) == 0
 
 
@@ -362,3 +362,13 @@ def test_send_engine_without_a_response_is_a_counted_500_not_a_hang(docroot):
     assert len(errors) == 1 and "state send_engine needs 'response'" in errors[0]
     assert machine.errors[machine.states["send_engine"].index] == 1
     assert sum(machine.errors) == 1
+
+
+def test_cache_status_of_a_stale_file_refused_by_the_request(mem):
+    """A request whose own Cache-Control refused a stored file says fwd=request
+    however the file check ends (RFC 9211), as a forwarded response does."""
+    ask(mem, get("/hello.txt"))
+    _, _, [(_, h, _)] = ask(mem, get("/hello.txt", "Cache-Control: no-cache"))
+    assert h["cache-status"] == "afpa; fwd=request; detail=revalidated"
+    _, _, [(status, h, _)] = ask(mem, get("/missing.txt", "Cache-Control: no-cache"))
+    assert (status, h["cache-status"]) == (404, "afpa; fwd=uri-miss")

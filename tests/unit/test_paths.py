@@ -140,7 +140,7 @@ def test_route_rule_matches_the_normalised_path(routed, path):
 
 
 def test_spellings_share_one_cache_entry(routed):
-    assert ask(routed, "/static/s.txt")[1]["cache-status"] == "afpa; fwd=miss; stored"
+    assert ask(routed, "/static/s.txt")[1]["cache-status"] == "afpa; fwd=uri-miss; stored"
     status, h, body = ask(routed, "/x/../%73tatic/s.txt")
     assert (status, body, h["cache-status"]) == (200, b"from the static rule\n", "afpa; hit")
 

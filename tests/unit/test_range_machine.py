@@ -58,7 +58,7 @@ def test_full_answers_say_accept_ranges(mem):
 
 
 def test_single_range_on_miss_and_on_hit(mem):
-    for cache_status in ("afpa; fwd=miss; stored", "afpa; hit"):
+    for cache_status in ("afpa; fwd=uri-miss; stored", "afpa; hit"):
         [(status, h, body)] = ask(mem, get("/hello.txt", "Range: bytes=6-10"))
         assert (status, body) == (206, b"world")
         assert h["content-range"] == "bytes 6-10/12" and h["content-length"] == "5"
@@ -149,7 +149,7 @@ def test_streamed_file_single_range_from_an_offset(big):
     mem = MemoryServer(str(big), max_object_bytes=1000)
     [(status, h, body)] = ask(mem, get("/big.bin", "Range: bytes=150000-150099"))
     assert (status, h["content-range"], body) == (206, "bytes 150000-150099/200000", BIG[150000:150100])
-    assert h["cache-status"] == "afpa; fwd=miss; detail=too-large"
+    assert h["cache-status"] == "afpa; fwd=uri-miss; detail=too-large"
     [(status, h, body)] = ask(mem, get("/big.bin", "Range: bytes=100-"))
     assert (status, body) == (206, BIG[100:])
     # Several ranges of a streamed file: the whole file (documented).
@@ -235,7 +235,7 @@ def test_range_miss_fetches_the_whole_object_once(docroot):
     _pump(ct)
     [(status, h, body)] = parse_responses(ct.value())
     assert status == 206 and parts_of(h, body) == [("bytes 2-4/200", b"234"), ("bytes 180-199/200", DIGITS[180:])]
-    assert h["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert h["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
     client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\nRange: bytes=-1\r\n\r\n")
     [_, (status, h, body)] = parse_responses(ct.value())
     assert (status, body, h["cache-status"]) == (206, b"9", "afpa; hit")

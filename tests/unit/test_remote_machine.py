@@ -176,3 +176,58 @@ def test_connect_cancelled_just_after_it_succeeded_frees_its_slot_once(docroot):
     assert pool.count == 1  # the late connection still holds its slot ...
     late.connectionLost(Failure(ConnectionDone()))
     assert pool.count == 0  # ... until it closes
+
+
+EARLY_HINTS = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n"
+               b"Connection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\n")
+
+
+def test_early_hints_are_relayed_rewritten_and_never_stored(docroot):
+    rig = Rig(docroot)
+    client, ct = rig.client()
+    client.dataReceived(GET)
+    backend, _ = rig.accept()
+    backend.dataReceived(EARLY_HINTS)
+    # The hint reaches the client at once, before the final answer exists.
+    [(status, headers, _)] = parse_responses(ct.value())
+    assert status == 103 and headers["link"] == "</style.css>; rel=preload"
+    assert "x-hop" not in headers and "keep-alive" not in headers and "connection" not in headers
+    assert headers["via"] == "1.1 afpa" and "cache-status" not in headers
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok")
+    [hint, (status, headers, body)] = parse_responses(ct.value())
+    assert hint[0] == 103 and (status, body) == (200, b"ok")
+    assert "link" not in headers and "stored" in headers["cache-status"]
+    # The stored answer is the 200 alone: a hit carries no hint.
+    client, ct = rig.client()
+    client.dataReceived(GET)
+    [(status, headers, body)] = parse_responses(ct.value())
+    assert (status, body) == (200, b"ok") and headers["cache-status"].startswith("afpa; hit")
+
+
+def test_interim_responses_not_for_http10_clients_nor_a_second_100(docroot):
+    rig = Rig(docroot)
+    client, ct = rig.client()
+    client.dataReceived(b"GET /x HTTP/1.0\r\nHost: t\r\n\r\n")
+    backend, bt = rig.accept()
+    backend.dataReceived(EARLY_HINTS + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    [(status, _, body)] = parse_responses(ct.value())
+    assert (status, body) == (200, b"ok")
+    # afpa answered Expect: 100-continue itself; the backend's own 100 is dropped.
+    client, ct = rig.client()
+    client.dataReceived(b"POST /u HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    bt.clear()
+    client.dataReceived(b"hi")  # goes out on the kept-alive backend connection
+    assert bt.value().startswith(b"POST /u") and b"expect" not in bt.value().lower()
+    backend.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+                         b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert [r[0] for r in parse_responses(ct.value())] == [100, 102, 201]
+
+
+def test_interim_flood_is_bounded(docroot):
+    rig = Rig(docroot)
+    client, ct = rig.client()
+    client.dataReceived(GET)
+    backend, _ = rig.accept()
+    backend.dataReceived(EARLY_HINTS * 50 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    statuses = [r[0] for r in parse_responses(ct.value())]
+    assert statuses == [103] * 10 + [200]

@@ -162,7 +162,7 @@ def _stale_lookup(g: Any, conn: Any, req: Any, obj: Any, now: float) -> str:
     keep = g.settings.keep
     if keep and now - max(obj.fresh_until, obj.stored_at) > keep:
         g.cache.discard(obj)
-        req.cache_status = b"afpa; fwd=miss"
+        req.cache_status = b"afpa; fwd=uri-miss"
         return "miss"
     req.stale = obj
     if not (meta.must_revalidate or meta.no_cache):

@@ -191,7 +191,7 @@ def test_ignored_query_on_one_route_only(docroot):
     assert answer_of(ct)[2] == b"ok"
     _, ct = ask(rig, req(target="/q/p?utm=1"))
     assert be.answer(resp(b"two", FRESH)).startswith(b"GET /q/p?utm=1 ")
-    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
 
 
 def test_key_header_and_cookie_split_entries_and_purge_by_url_takes_them_all(docroot):

@@ -155,7 +155,7 @@ def test_keep_drops_a_response_stale_for_longer(docroot):
     _, ct = ask(rig, req())
     sent = be.answer(resp(b"again", "Cache-Control: max-age=5"))
     assert b"If-None-Match" not in sent
-    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=miss; fwd-status=200; stored"
+    assert answer_of(ct)[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
 
 
 def test_stale_served_metric(docroot):

@@ -215,3 +215,26 @@ def test_stale_response_revalidated_apache_answers_304(apache_fresh, afpa_proces
     assert h["cache-status"] == "afpa; fwd=stale; fwd-status=304"
     lines = apache.wait_access_log(2, contains="/short.txt")
     assert [line.split('"')[2].split()[0] for line in lines] == ["200", "304"]
+
+
+def test_stock_file_revalidated_after_its_heuristic_lifetime(apache, afpa_before_apache):
+    """No expiry configured at all: a file modified 20 s ago is heuristically fresh
+    for 10% of that (2 s); after it a conditional request reaches Apache, which
+    answers 304, and afpa answers from its refreshed copy."""
+    body_text = b"revalidated without any expiry configured\n" * 40
+    path = apache.write_file("recent.txt", body_text)
+    then = time.time() - 20
+    os.utime(path, (then, then))
+    p = afpa_before_apache
+    assert one(p.port, get("/recent.txt"))[1]["cache-status"] == "afpa; fwd=uri-miss; fwd-status=200; stored"
+    assert one(p.port, get("/recent.txt"))[1]["cache-status"] == "afpa; hit"
+    deadline = time.monotonic() + 15
+    while True:  # until the heuristic lifetime is over and the copy revalidated
+        status, h, body = one(p.port, get("/recent.txt"))
+        if h["cache-status"] != "afpa; hit" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert (status, body) == (200, body_text)
+    assert h["cache-status"] == "afpa; fwd=stale; fwd-status=304"
+    lines = apache.wait_access_log(2, contains="/recent.txt")
+    assert [line.split('"')[2].split()[0] for line in lines] == ["200", "304"]

@@ -17,12 +17,10 @@ import pytest
 
 from tests.httpclient import parse_responses
 from tests.integration.backends import RawBackend, response
-from tests.integration.test_serve import exchange, get, rss_sampler
+from tests.integration.test_io_bounds import Peak
+from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
-
-MIB = 1024  # RSS is read in KiB
-
 
 def served(port: int) -> bool:
     """A fresh client still gets the small file."""
@@ -41,30 +39,6 @@ def read_until_close(s: socket.socket, limit: int = 1 << 20) -> bytes:
             break
         raw += chunk
     return raw
-
-
-class Peak:
-    """Samples the peak RSS of a process while the block runs."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.base = proc.rss_kib()
-        self.stop = threading.Event()
-        self.peak = [self.base]
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=rss_sampler,
-                                       args=(f"/proc/{self.proc.proc.pid}/status", self.stop, self.peak))
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    @property
-    def growth_kib(self) -> int:
-        return self.peak[0] - self.base
 
 
 @pytest.mark.parametrize("head,status", [
@@ -97,7 +71,7 @@ def test_many_idle_connections_do_not_stop_others(afpa_process):
                     s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: a\r\n")  # a head that never ends
                 idle.append(s)
             assert served(p.port)
-        assert peak.growth_kib < 64 * MIB, f"RSS grew by {peak.growth_kib} KiB for 800 idle connections"
+        assert peak.growth_mib < 64, f"RSS grew by {peak.growth_mib:.1f} MiB for 800 idle connections"
     finally:
         for s in idle:
             s.close()
@@ -133,7 +107,7 @@ def test_slow_reader_is_cut_and_memory_stays_flat(afpa_process, docroot):
             got = len(read_until_close(s, limit=64 << 20))
             assert got < 32 << 20
             s.close()
-    assert peak.growth_kib < 96 * MIB, f"RSS grew by {peak.growth_kib} KiB"
+    assert peak.growth_mib < 96, f"RSS grew by {peak.growth_mib:.1f} MiB"
     assert served(p.port)
 
 
@@ -167,8 +141,8 @@ def test_pipelined_requests_never_read_are_bounded(afpa_process, docroot):
         assert served(p.port)
     for s in sockets:
         s.close()
-    print(f"pipelining: RSS grew by {peak.growth_kib} KiB")
-    assert peak.growth_kib < 64 * MIB, f"RSS grew by {peak.growth_kib} KiB"
+    print(f"pipelining: RSS grew by {peak.growth_mib:.1f} MiB")
+    assert peak.growth_mib < 64, f"RSS grew by {peak.growth_mib:.1f} MiB"
 
 
 def test_backend_restart_under_load_every_request_answered(afpa_process):

@@ -14,24 +14,10 @@ import pytest
 
 from tests.conftest import REPO
 from tests.httpclient import parse_responses
-from tests.integration.backends import RawBackend, response
+from tests.integration.backends import response
 from tests.integration.test_serve import exchange, get, rss_sampler
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def backend():
-    made = []
-
-    def make(respond):
-        b = RawBackend(respond)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.close()
 
 
 def one(port, data, **kw):

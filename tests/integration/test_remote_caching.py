@@ -12,26 +12,12 @@ from email.utils import formatdate
 import pytest
 
 from tests.httpclient import parse_responses
-from tests.integration.backends import RawBackend, response
+from tests.integration.backends import response
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
 
 LONG_AGO = "Last-Modified: " + formatdate(time.time() - 30 * 86400, usegmt=True)
-
-
-@pytest.fixture
-def backend():
-    made = []
-
-    def make(respond):
-        b = RawBackend(respond)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.close()
 
 
 def one(port, data):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from protocols.http import ranges
-from protocols.http.responses import http_date
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
 from tests.unit.test_remote_machine import Rig

@@ -7,15 +7,9 @@ client's copy is current).
 
 from __future__ import annotations
 
-from email.utils import parsedate_to_datetime
 from typing import Any
 
-
-def _parse_date(value: bytes) -> float | None:
-    try:
-        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None  # an invalid date is ignored (RFC 9110 13.1.3)
+from protocols.http.cachepolicy import parse_http_date as _parse_date  # None: ignored (RFC 9110 13.1.3)
 
 
 def _tags(value: bytes) -> list[bytes]:

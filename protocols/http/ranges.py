@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from email.utils import parsedate_to_datetime
+
+from protocols.http.cachepolicy import parse_http_date
 
 MAX_RANGES = 16
 MERGE_GAP = 80  # about the overhead of one more multipart part: not worth a part of its own
@@ -128,13 +129,6 @@ def select(value: bytes, length: int) -> list[tuple[int, int]] | None:
     return resolve(specs, length)
 
 
-def _date(value: bytes) -> float | None:
-    try:
-        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
 def if_range_holds(value: bytes, etag: bytes | None, last_modified: int | None) -> bool:
     """Whether ``If-Range`` lets the ranges apply (RFC 9110 13.1.5): a strong
     entity-tag equal to the representation's, or a date exactly equal to its
@@ -144,7 +138,7 @@ def if_range_holds(value: bytes, etag: bytes | None, last_modified: int | None) 
         return etag is not None and value.startswith(b'"') and value == etag
     if last_modified is None:
         return False
-    when = _date(value)
+    when = parse_http_date(value)
     return when is not None and int(when) == last_modified and when == int(when)
 
 

@@ -321,3 +321,21 @@ def test_only_if_cached_is_reported():
 ])
 def test_invalidated(method, status, location, content_location, expected):
     assert cp.invalidated(method, status, b"h", b"/a/b", b"http", location, content_location) == expected
+
+
+def test_conditionals_and_if_range_use_the_one_strict_http_date_parser():
+    """A date that is not an HTTP-date (here with a numeric zone, which a lenient
+    e-mail parser accepts) is ignored by If-Modified-Since (RFC 9110 13.1.3) and
+    never matches If-Range (13.1.5); the IMF-fixdate of the same instant works."""
+    from types import SimpleNamespace
+
+    from protocols.http import conditional, ranges
+
+    lm = 784111777  # Sun, 06 Nov 1994 08:49:37 GMT
+    def req(since):
+        return SimpleNamespace(if_match=None, if_unmodified_since=None, if_none_match=None,
+                               if_modified_since=since, method=b"GET")
+    assert conditional.evaluate(req(b"Sun, 06 Nov 1994 08:49:37 GMT"), None, lm) == 304
+    assert conditional.evaluate(req(b"Sun, 06 Nov 1994 08:49:37 +0000"), None, lm) == 0
+    assert ranges.if_range_holds(b"Sun, 06 Nov 1994 08:49:37 GMT", None, lm)
+    assert not ranges.if_range_holds(b"Sun, 06 Nov 1994 08:49:37 +0000", None, lm)

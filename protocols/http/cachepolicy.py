@@ -417,11 +417,18 @@ def corrected_initial_age(date: float | None, age: float, request_time: float, r
     return max(apparent_age, corrected_age_value)
 
 
+def born(meta: StoredMeta) -> float:
+    """When the origin made the stored response, by RFC 9111 4.2.3's reckoning:
+    its arrival minus its corrected initial age.  ``CacheObject.stored_at`` holds
+    this, so a hit's Age is ``now - stored_at`` with no further arithmetic."""
+    return meta.response_time - corrected_initial_age(meta.date, meta.age_value, meta.request_time,
+                                                      meta.response_time)
+
+
 def current_age(meta: StoredMeta, now: float) -> float:
     """A stored response's age at ``now``: its corrected initial age plus the
     time it has been resident since it arrived (RFC 9111 4.2.3)."""
-    return (corrected_initial_age(meta.date, meta.age_value, meta.request_time, meta.response_time)
-            + (now - meta.response_time))
+    return now - born(meta)
 
 
 def stored_meta(d: Decision, request_time: float, response_time: float) -> StoredMeta:
@@ -440,8 +447,7 @@ def fresh_until(meta: StoredMeta) -> float:
     initial age + lifetime``; ``-inf`` for ``no-cache`` (stale on every use)."""
     if meta.no_cache:
         return float("-inf")
-    return (meta.response_time - corrected_initial_age(meta.date, meta.age_value, meta.request_time,
-                                                       meta.response_time) + meta.lifetime)
+    return born(meta) + meta.lifetime
 
 
 # -- requests (RFC 9111 5.2.1, 5.4) ------------------------------------------------------

@@ -61,7 +61,6 @@ of a response had arrived.
 
 from __future__ import annotations
 
-from email.utils import formatdate
 from typing import Any
 
 import attrs
@@ -574,7 +573,7 @@ def _validators(ex: BackendExchange, stale: CacheObject) -> bytes:
         return b"If-None-Match: " + stale.etag + b"\r\n"
     if stale.last_modified is not None:
         ex.revalidating = stale
-        return b"If-Modified-Since: " + formatdate(stale.last_modified, usegmt=True).encode() + b"\r\n"
+        return b"If-Modified-Since: " + http_date(stale.last_modified) + b"\r\n"
     return b""
 
 
@@ -927,8 +926,7 @@ def _store(g: Any, ex: BackendExchange) -> CacheObject:
     short_head = b"".join([b"HTTP/1.1 304 Not Modified\r\n", *short])
     fields = {n: v for n, (_, v) in zip(ex.lnames, ex.headers)}
     lm = cachepolicy.parse_http_date(fields.get(b"last-modified"))
-    stored_at = meta.response_time - cachepolicy.corrected_initial_age(
-        meta.date, meta.age_value, meta.request_time, meta.response_time)
+    stored_at = cachepolicy.born(meta)
     secondary = None if meta.vary is None else cachepolicy.secondary_key(meta.vary, ex.creq)
     meta.secondary = secondary or ()
     obj = CacheObject(ex.creq.key, head, fragments_of(body), len(body), stored_at,
@@ -1064,8 +1062,7 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
         meta.no_cache = True
     meta.vary, meta.secondary = (stale.meta.vary, stale.meta.secondary) if stale.meta is not None else (None, ())
     lm = cachepolicy.parse_http_date(named.get(b"last-modified"))
-    stored_at = meta.response_time - cachepolicy.corrected_initial_age(
-        meta.date, meta.age_value, meta.request_time, meta.response_time)
+    stored_at = cachepolicy.born(meta)
     obj = CacheObject(stale.key, head, stale.fragments, stale.size, stored_at, cachepolicy.fresh_until(meta),
                       short_head, named.get(b"etag"), int(lm) if lm is not None else stale.last_modified,
                       stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.httpclient import parse_responses
 from tests.integration.backends import RawBackend, response
-from tests.integration.test_io_bounds import Peak
+from tests.integration.test_io_bounds import Peak, read_all
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
@@ -26,19 +26,6 @@ def served(port: int) -> bool:
     """A fresh client still gets the small file."""
     [(status, _, body)] = parse_responses(exchange(port, get("/hello.txt")))
     return status == 200 and body == b"hello world\n"
-
-
-def read_until_close(s: socket.socket, limit: int = 1 << 20) -> bytes:
-    raw = b""
-    while len(raw) < limit:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, socket.timeout):
-            break
-        if not chunk:
-            break
-        raw += chunk
-    return raw
 
 
 @pytest.mark.parametrize("head,status", [
@@ -54,7 +41,7 @@ def test_oversized_heads_refused_and_others_served(afpa_process, head, status):
             s.sendall(head)
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused before all of it was read: the answer is still waiting
-        raw = read_until_close(s)
+        raw = read_all(s)
     assert raw.startswith(b"HTTP/1.1 %d " % status), raw[:80]
     assert b"Connection: close" in raw
     assert served(p.port)
@@ -86,7 +73,7 @@ def test_slow_sender_gets_408_and_others_are_served(afpa_process):
         for _ in range(3):  # a byte now and then does not extend the head's deadline
             s.sendall(b"X")
             time.sleep(0.3)
-        raw = read_until_close(s)
+        raw = read_all(s)
     assert raw.startswith(b"HTTP/1.1 408 "), raw[:80]
 
 
@@ -104,7 +91,7 @@ def test_slow_reader_is_cut_and_memory_stays_flat(afpa_process, docroot):
         assert served(p.port)
         # Every stalled download is closed by the send timeout, not buffered.
         for s in stalled:
-            got = len(read_until_close(s, limit=64 << 20))
+            got = len(read_all(s))
             assert got < 32 << 20
             s.close()
     assert peak.growth_mib < 96, f"RSS grew by {peak.growth_mib:.1f} MiB"

@@ -127,6 +127,23 @@ def _json(request: Any, status: int, value: Any) -> bytes:
     return json.dumps(value, separators=(", ", ": ")).encode() + b"\n"
 
 
+def authorize(request: Any, token: bytes | None) -> None:
+    """Refuse (raise :class:`_Refused`) unless the request carries
+    ``Authorization: Bearer <token>``: 401 without credentials, 403 with a wrong
+    token, and 403 for everyone when no token is configured."""
+    if token is None:
+        raise _Refused(403, "this admin endpoint is disabled: no admin token is configured "
+                            "(admin_token_file, --admin-token-file or AFPA_ADMIN_TOKEN)")
+    header = request.getHeader(b"authorization") or b""
+    scheme, _, given = header.strip().partition(b" ")
+    given = given.strip()
+    if scheme.lower() != b"bearer" or not given:
+        request.setHeader(b"www-authenticate", b'Bearer realm="afpa admin"')
+        raise _Refused(401, "this endpoint needs Authorization: Bearer <admin token>")
+    if not hmac.compare_digest(given, token):
+        raise _Refused(403, "wrong admin token")
+
+
 class _CacheWrite(Resource):
     """One cache invalidation endpoint: POST a JSON object, get ``{"purged": N, ...}``."""
 
@@ -149,18 +166,7 @@ class _CacheWrite(Resource):
             return _json(request, exc.status, {"error": str(exc)})
 
     def _authorize(self, request: Any) -> None:
-        token = self.afpa.admin_token
-        if token is None:
-            raise _Refused(403, "admin writes are disabled: no admin token is configured "
-                                "(admin_token_file, --admin-token-file or AFPA_ADMIN_TOKEN)")
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, given = header.strip().partition(b" ")
-        given = given.strip()
-        if scheme.lower() != b"bearer" or not given:
-            request.setHeader(b"www-authenticate", b'Bearer realm="afpa admin"')
-            raise _Refused(401, "this endpoint needs Authorization: Bearer <admin token>")
-        if not hmac.compare_digest(given, token):
-            raise _Refused(403, "wrong admin token")
+        authorize(request, self.afpa.admin_token)
 
     @staticmethod
     def _body(request: Any) -> dict[str, Any]:

@@ -11,36 +11,109 @@ Reads stay open.  Only POST changes anything; a body is JSON of at most
 
 It answers with ``Server: afpa`` (no framework name or version) and closes a
 connection that sends nothing for :data:`TIMEOUT` seconds (twisted.web's default
-is twelve hours, which would let idle clients pile up)."""
+is twelve hours, which would let idle clients pile up).
+
+The resources talk to an :class:`AdminBackend`, not to a Server: one process
+uses :class:`LocalBackend`; a supervisor over worker processes uses
+:class:`afpa.clusteradmin.ClusterBackend`, whose answers may be Deferreds."""
 
 from __future__ import annotations
 
 import hmac
 import io
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from html import escape
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from afpa import graph, tables
-from afpa.metrics import Collector
+from afpa import graph, metrics, tables
+
+log = Logger()
+
+
+class AdminBackend(Protocol):
+    """What the admin resources need from whatever they administer.  Any answer
+    may instead be a Deferred firing with it (a supervisor asks its workers)."""
+
+    admin_token: bytes | None  # None: writes are refused
+
+    def metrics(self) -> bytes | Deferred:
+        """The Prometheus text for ``/metrics``."""
+
+    def health(self) -> tuple[int, str]:
+        """``(200, "ok")`` while serving, else ``(503, why)``."""
+
+    def machines(self) -> list[tables.Machine]:
+        """The loaded machines shown at ``/tables/``."""
+
+    def cache_write(self, how: str, spec: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """Apply ``POST /cache/<how>`` (purge, ban, tag); raise :class:`Refused`."""
+
+
+class LocalBackend:
+    """The admin backend of one running :class:`~afpa.server.Server`."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    @property
+    def admin_token(self) -> bytes | None:
+        return self.server.admin_token
+
+    def metrics(self) -> bytes:
+        # Through a snapshot, the path a worker's counters take to a supervisor.
+        return metrics.exposition(metrics.snapshot(self.server))
+
+    def health(self) -> tuple[int, str]:
+        return (503, "draining") if self.server.draining else (200, "ok")
+
+    def machines(self) -> list[tables.Machine]:
+        return self.server.machines()
+
+    def cache_write(self, how: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return cache_write(self.server, how, spec)
+
+
+def _answer(request: Any, result: Any, render: Callable[[Any], bytes]) -> Any:
+    """``render(result)`` now, or once a Deferred result fires (NOT_DONE_YET)."""
+    if not isinstance(result, Deferred):
+        return render(result)
+    gone = []
+    request.notifyFinish().addErrback(gone.append)  # the client hung up meanwhile
+
+    def done(value: Any) -> None:
+        body = render(value)
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    def failed(failure: Any) -> None:
+        log.failure("admin request failed", failure)
+        if not gone:
+            request.write(_json(request, 500, {"error": "internal error (see the server log)"}))
+            request.finish()
+
+    result.addCallback(done).addErrback(failed)
+    return NOT_DONE_YET
 
 
 class _Metrics(Resource):
     isLeaf = True
 
-    def __init__(self, server: Any):
+    def __init__(self, backend: AdminBackend):
         super().__init__()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(Collector(server))
+        self.backend = backend
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
+        return _answer(request, self.backend.metrics(), lambda text: text)
 
 
 class _Health(Resource):
@@ -49,16 +122,15 @@ class _Health(Resource):
 
     isLeaf = True
 
-    def __init__(self, server: Any):
+    def __init__(self, backend: AdminBackend):
         super().__init__()
-        self.afpa = server  # not "server": twisted.web sets that attribute itself
+        self.backend = backend
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        if self.afpa.draining:
-            request.setResponseCode(503)
-            return b"draining\n"
-        return b"ok\n"
+        status, text = self.backend.health()
+        request.setResponseCode(status)
+        return text.encode() + b"\n"
 
 
 TIMEOUT = 30.0  # seconds a connection may stay silent (a request head included)
@@ -86,19 +158,19 @@ class _Root(Resource):
 class _Tables(Resource):
     isLeaf = True
 
-    def __init__(self, server: Any):
+    def __init__(self, backend: AdminBackend):
         super().__init__()
-        self.afpa = server  # not "server": twisted.web sets that attribute itself
+        self.backend = backend
 
     def render_GET(self, request: Any) -> bytes:
         name = request.postpath[0].decode("utf-8", "replace") if request.postpath else ""
         if not name and len(request.postpath) <= 1:
             links = []
-            for m in self.afpa.machines():
+            for m in self.backend.machines():
                 links += [(f"/tables/{m.name}.toml", f"table ({m.source})"),
                           (f"/tables/{m.name}.dot", "Graphviz drawing")]
             return _index(request, "afpa tables", links)
-        for m in self.afpa.machines():
+        for m in self.backend.machines():
             if name == f"{m.name}.toml":
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return m.text.encode()
@@ -118,6 +190,9 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+Refused = _Refused  # the public name, for backends that refuse a write
 
 
 def _json(request: Any, status: int, value: Any) -> bytes:
@@ -149,9 +224,9 @@ class _CacheWrite(Resource):
 
     isLeaf = True
 
-    def __init__(self, server: Any, how: str):
+    def __init__(self, backend: AdminBackend, how: str):
         super().__init__()
-        self.afpa = server  # not "server": twisted.web sets that attribute itself
+        self.backend = backend
         self.how = how
 
     def render(self, request: Any) -> bytes:
@@ -161,12 +236,17 @@ class _CacheWrite(Resource):
                 raise _Refused(405, f"use POST for /cache/{self.how} (it changes the cache)")
             self._authorize(request)
             spec = self._body(request)
-            return _json(request, 200, self._apply(spec))
+            result = self.backend.cache_write(self.how, spec)
         except _Refused as exc:
             return _json(request, exc.status, {"error": str(exc)})
+        if isinstance(result, Deferred):
+            result.addErrback(_refusal)  # a refusal is an answer; anything else a 500
+        return _answer(request, result, lambda value: (
+            _json(request, value.status, {"error": str(value)}) if isinstance(value, _Refused)
+            else _json(request, 200, value)))
 
     def _authorize(self, request: Any) -> None:
-        authorize(request, self.afpa.admin_token)
+        authorize(request, self.backend.admin_token)
 
     @staticmethod
     def _body(request: Any) -> dict[str, Any]:
@@ -184,44 +264,64 @@ class _CacheWrite(Resource):
             raise _Refused(400, "request body must be a JSON object")
         return spec
 
-    def _apply(self, spec: dict[str, Any]) -> dict[str, Any]:
-        known = {"purge": {"url", "host", "path", "soft"}, "ban": {"host", "prefix", "regex", "soft"},
-                 "tag": {"tags", "soft"}}[self.how]
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise _Refused(400, f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        soft = spec.get("soft", False)
-        if not isinstance(soft, bool):
-            raise _Refused(400, "'soft' must be true or false")
-        inv = self.afpa.machine.module.invalidation
-        if inv is None:
-            raise _Refused(501, f"protocol module {self.afpa.machine.module.name!r} has no cache invalidation")
-        cache = self.afpa.runtime.cache
-        now = self.afpa.reactor.seconds()
-        result: dict[str, Any] = {"purged": 0}
-        try:
-            if self.how == "purge":
-                for key in inv.keys(spec, self.afpa.g):
-                    result["purged"] += cache.purge(key, soft=soft, now=now)
-            elif self.how == "ban":
-                result["purged"] = cache.purge_where(inv.predicate(spec), soft=soft, now=now)
-            else:
-                tags = spec.get("tags")
-                if not isinstance(tags, list) or not tags or len(tags) > 1000:
-                    raise ValueError("'tags' must be a list of 1 to 1000 strings")
-                per_tag = {}
-                for text in tags:
-                    n = cache.purge_tag(inv.tag(text), soft=soft, now=now)
-                    per_tag[text] = per_tag.get(text, 0) + n
-                    result["purged"] += n
-                result["tags"] = per_tag
-        except ValueError as exc:
-            raise _Refused(400, str(exc)) from None
-        for name in ("url", "host", "path", "prefix", "regex"):
-            if name in spec:
-                result[name] = spec[name]
-        result["soft"] = soft
-        return result
+
+
+CACHE_WRITES = ("purge", "ban", "tag")
+
+
+def check_cache_spec(how: str, spec: dict[str, Any]) -> bool:
+    """The checks of a ``POST /cache/<how>`` body that need no server (known
+    fields, ``soft`` a boolean); returns ``soft``.  Raises :class:`Refused`."""
+    known = {"purge": {"url", "host", "path", "soft"}, "ban": {"host", "prefix", "regex", "soft"},
+             "tag": {"tags", "soft"}}[how]
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise _Refused(400, f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    soft = spec.get("soft", False)
+    if not isinstance(soft, bool):
+        raise _Refused(400, "'soft' must be true or false")
+    return soft
+
+
+def cache_write(server: Any, how: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Apply one cache invalidation (``how`` is purge, ban or tag) to ``server``'s
+    store: ``{"purged": N, ...}``.  Raises :class:`Refused` (400, 501) for a bad
+    request.  The single-process admin and a worker's ``cache`` op both run this."""
+    soft = check_cache_spec(how, spec)
+    inv = server.machine.module.invalidation
+    if inv is None:
+        raise _Refused(501, f"protocol module {server.machine.module.name!r} has no cache invalidation")
+    cache = server.runtime.cache
+    now = server.reactor.seconds()
+    result: dict[str, Any] = {"purged": 0}
+    try:
+        if how == "purge":
+            for key in inv.keys(spec, server.g):
+                result["purged"] += cache.purge(key, soft=soft, now=now)
+        elif how == "ban":
+            result["purged"] = cache.purge_where(inv.predicate(spec), soft=soft, now=now)
+        else:
+            tags = spec.get("tags")
+            if not isinstance(tags, list) or not tags or len(tags) > 1000:
+                raise ValueError("'tags' must be a list of 1 to 1000 strings")
+            per_tag = {}
+            for text in tags:
+                n = cache.purge_tag(inv.tag(text), soft=soft, now=now)
+                per_tag[text] = per_tag.get(text, 0) + n
+                result["purged"] += n
+            result["tags"] = per_tag
+    except ValueError as exc:
+        raise _Refused(400, str(exc)) from None
+    for name in ("url", "host", "path", "prefix", "regex"):
+        if name in spec:
+            result[name] = spec[name]
+    result["soft"] = soft
+    return result
+
+
+def _refusal(failure: Any) -> _Refused:
+    failure.trap(_Refused)
+    return failure.value
 
 
 class AdminRequest(Request):
@@ -256,14 +356,20 @@ class AdminSite(Site):
 
 def admin_site(server: Any) -> Site:
     """The admin web site for a running :class:`~afpa.server.Server`."""
+    return backend_site(LocalBackend(server))
+
+
+def backend_site(backend: AdminBackend) -> Site:
+    """The admin web site over any :class:`AdminBackend` (one server, or a
+    supervisor's view of its workers)."""
     root = Resource()
     root.putChild(b"", _Root())
-    root.putChild(b"metrics", _Metrics(server))
-    root.putChild(b"healthz", _Health(server))
-    root.putChild(b"tables", _Tables(server))
+    root.putChild(b"metrics", _Metrics(backend))
+    root.putChild(b"healthz", _Health(backend))
+    root.putChild(b"tables", _Tables(backend))
     cache = Resource()
-    for how in ("purge", "ban", "tag"):
-        cache.putChild(how.encode(), _CacheWrite(server, how))
+    for how in CACHE_WRITES:
+        cache.putChild(how.encode(), _CacheWrite(backend, how))
     root.putChild(b"cache", cache)
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.noisy = False

@@ -5,6 +5,12 @@ compiled machine and the store bumps integer attributes.  :class:`Collector`
 turns those into metric families when ``/metrics`` is scraped.  Label sets are
 bounded by the table (machine, state, outcome are the table's own words) and by
 five status classes.
+
+Metrics are also data: :func:`snapshot` turns every family into a JSON-able dict
+(so a worker process can hand its counters to a supervisor over a pipe) and
+:func:`render` turns one such snapshot back into families; a single process
+renders its own snapshot, so both paths print the same text.  Merging the
+snapshots of several workers is :mod:`afpa.clustermetrics`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -120,3 +127,53 @@ class Collector:
         extra = getattr(s.g, "metrics", None)
         if extra is not None:
             yield from extra()
+
+
+SNAPSHOT_VERSION = 1
+
+
+def family_to_dict(family: Metric) -> dict[str, Any]:
+    """One metric family as JSON-able data: name, type, help (and unit when set),
+    and its samples as ``[sample name, {label: value}, value]``."""
+    out: dict[str, Any] = {"name": family.name, "type": family.type, "help": family.documentation,
+                           "samples": [[sm.name, dict(sm.labels), sm.value] for sm in family.samples]}
+    if family.unit:
+        out["unit"] = family.unit
+    return out
+
+
+def family_from_dict(data: dict[str, Any]) -> Metric:
+    """The inverse of :func:`family_to_dict`."""
+    family = Metric(data["name"], data["help"], data["type"], data.get("unit", ""))
+    for name, labels, value in data["samples"]:
+        family.add_sample(name, labels, value)
+    return family
+
+
+def snapshot(server: Any) -> dict[str, Any]:
+    """Every family :class:`Collector` yields for ``server`` (the protocol
+    module's own included), as JSON-able data: ``{"version": 1, "families":
+    [...]}``.  Cheap enough to take at every scrape; never taken on the
+    request path."""
+    return {"version": SNAPSHOT_VERSION,
+            "families": [family_to_dict(f) for f in Collector(server).collect()]}
+
+
+def render(snap: dict[str, Any]) -> list[Metric]:
+    """The metric families of one (possibly merged) snapshot, in its order."""
+    return [family_from_dict(f) for f in snap["families"]]
+
+
+class _Families:
+    """The smallest "registry" generate_latest() accepts: something with collect()."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def exposition(snap: dict[str, Any]) -> bytes:
+    """A snapshot in the Prometheus text format (what ``/metrics`` answers)."""
+    return generate_latest(_Families(render(snap)))

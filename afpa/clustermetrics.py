@@ -177,12 +177,14 @@ class ClusterMetrics:
     def observe(self, replies: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """Take one round of ``snapshot`` replies; return the merged snapshot."""
         fresh = set()
+        up = {w.index: w.up for w in self.cluster.workers}
         for reply in replies:
             index = reply.get("worker")
             if not isinstance(index, int):
                 continue
             if "error" in reply or "families" not in reply:
-                self.scrape_errors[index] = self.scrape_errors.get(index, 0) + 1
+                if up.get(index, True):  # a worker known to be down is afpa_worker_up 0, not a scrape error
+                    self.scrape_errors[index] = self.scrape_errors.get(index, 0) + 1
                 continue
             identity = reply.get("id")
             if identity is not None and self.gone.get(index) == identity:
@@ -210,7 +212,7 @@ class ClusterMetrics:
             out.add("afpa_worker_restarts", "counter", "Times the supervisor restarted the worker",
                     "afpa_worker_restarts_total", labels, w.restarts)
             out.add("afpa_worker_scrape_errors", "counter",
-                    "Scrapes the worker did not answer in time (its last counters were used)",
+                    "Scrapes a running worker did not answer in time (its last counters were used)",
                     "afpa_worker_scrape_errors_total", labels, self.scrape_errors.get(w.index, 0))
         out.add("afpa_workers_retired", "counter",
                 "Dead worker processes whose last counters are kept in the totals",

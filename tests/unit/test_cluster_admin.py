@@ -192,7 +192,7 @@ def test_counters_do_not_go_backwards_when_a_worker_dies_and_is_replaced(pair, d
     assert after["afpa_workers_retired_total"] == 1
     assert after['afpa_worker_restarts_total{worker="1"}'] == 1
     assert after["afpa_cache_objects"] == 1  # the dead worker's cache is gone with it
-    assert after['afpa_worker_scrape_errors_total{worker="1"}'] == 1  # the scrape while it was down
+    assert after['afpa_worker_scrape_errors_total{worker="1"}'] == 0  # being down is not a scrape error
 
 
 def test_a_replacement_is_noticed_without_an_exit_hook(pair, docroot):

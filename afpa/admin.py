@@ -1,13 +1,18 @@
-"""The admin listener: ``/metrics`` for Prometheus, ``/healthz``, and the running
-tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
-(``/tables/<machine>.toml``), listed at ``/tables/``; ``/`` lists all of it.
-Bind it to loopback or a management network only.
+"""The admin listener: the live machine page at ``/`` (one page per running
+machine at ``/machines/<name>``, fed by ``/machines.json`` and
+``/machines/<name>.json``), ``/metrics`` for Prometheus, ``/healthz``, and the
+running tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
+(``/tables/<machine>.toml``), listed at ``/tables/``.  Bind it to loopback or a
+management network only.
 
 Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
-Reads stay open.  Only POST changes anything; a body is JSON of at most
-:data:`MAX_BODY` bytes, and every answer is one line of JSON.
+Reads stay open unless ``admin_auth = "all"``: then every endpoint needs the
+token except ``/healthz`` (load balancers poll it) and the page shells (static
+HTML that shows nothing until its script fetches the data with the token).
+Only POST changes anything; a body is JSON of at most :data:`MAX_BODY` bytes,
+and every answer is one line of JSON.
 
 It answers with ``Server: afpa`` (no framework name or version) and closes a
 connection that sends nothing for :data:`TIMEOUT` seconds (twisted.web's default
@@ -15,10 +20,15 @@ is twelve hours, which would let idle clients pile up)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import io
 import json
+import re
+from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from html import escape
@@ -27,6 +37,7 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
 
 from afpa import graph, tables
+from afpa.machineview import machine_dict, machine_view
 from afpa.metrics import Collector
 
 
@@ -72,15 +83,75 @@ def _index(request: Any, title: str, links: list[tuple[str, str]]) -> bytes:
             f"<ul>\n{items}</ul>\n").encode()
 
 
-class _Root(Resource):
+def _page() -> tuple[bytes, bytes]:
+    """The machine page (one static file for the index and every machine) and a
+    Content-Security-Policy that lets only its own inline script and style run."""
+    html = resources.files("afpa").joinpath("static/machines.html").read_bytes()
+
+    def digest(tag: bytes) -> str:
+        body = re.search(rb"<" + tag + rb">(.*?)</" + tag + rb">", html, re.S)
+        assert body is not None, f"machines.html has no <{tag.decode()}>"
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.group(1)).digest()).decode() + "'"
+
+    csp = (f"default-src 'none'; script-src {digest(b'script')}; style-src {digest(b'style')}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, csp.encode()
+
+
+class _Page(Resource):
+    """The live machine page: static HTML whose script draws the data of
+    ``/machines.json`` (at ``/``) or ``/machines/<name>.json``."""
+
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.html, self.csp = _page()
+
     def render_GET(self, request: Any) -> bytes:
-        return _index(request, "afpa admin", [("/metrics", "Prometheus metrics"), ("/healthz", "liveness"),
-                                              ("/tables/", "the running transition tables"),
-                                              ("/cache/purge", "POST: purge a URL (token)"),
-                                              ("/cache/ban", "POST: purge by path prefix or regex (token)"),
-                                              ("/cache/tag", "POST: purge by surrogate key (token)")])
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", self.csp)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.html
+
+
+class _Machines(Resource):
+    """``/machines.json`` (every machine) and ``/machines/<name>.json`` (one), the data
+    of :func:`afpa.machineview.machine_view`; ``/machines/<name>`` is the page."""
+
+    isLeaf = True
+
+    def __init__(self, server: Any, page: _Page):
+        super().__init__()
+        self.afpa = server  # not "server": twisted.web sets that attribute itself
+        self.page = page
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/machines.json":
+            return _json(request, 200, machine_view(self.afpa))
+        one = re.fullmatch(rb"/machines/([^/]*)", request.path)
+        if one is None:
+            return _json(request, 404, {"error": "not found; see /machines.json"})
+        name = unquote(one.group(1).decode("utf-8", "replace"))
+        if not name.endswith(".json"):
+            return self.page.render_GET(request)
+        for m in self.afpa.machines():
+            if f"{m.name}.json" == name:
+                stats = self.afpa.request_stats.get(m.name)
+                return _json(request, 200, {"time": self.afpa.reactor.seconds(),
+                                            **machine_dict(m, stats.count if stats is not None else 0)})
+        return _json(request, 404, {"error": f"no machine named {name[:-5]!r}; see /machines.json",
+                                    "machines": [m.name for m in self.afpa.machines()]})
+
+
+def _open_without_token(path: bytes) -> bool:
+    """What ``admin_auth = "all"`` leaves open: ``/healthz`` for load balancers, and
+    the page shells (their script asks for the token before fetching any data)."""
+    if path in (b"/", b"/healthz"):
+        return True
+    return path.startswith(b"/machines/") and not path.endswith(b".json") and path.count(b"/") == 2
 
 
 class _Tables(Resource):
@@ -245,19 +316,48 @@ class AdminRequest(Request):
             self.content.write(data)
 
 
+class _Answer(Resource):
+    """A fixed one-line JSON answer (a refusal before any resource is looked up)."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, value: Any):
+        super().__init__()
+        self.status = status
+        self.value = value
+
+    def render(self, request: Any) -> bytes:
+        return _json(request, self.status, self.value)
+
+
 class AdminSite(Site):
-    """twisted.web Site that does not name itself in `Server:`."""
+    """twisted.web Site that does not name itself in `Server:` and, with
+    ``admin_auth = "all"``, asks every request but the open ones for the token
+    before it looks anything up (so an unknown path says no more than a known one)."""
+
+    afpa: Any = None
 
     def getResourceFor(self, request: Any) -> Any:
         # twisted.web has just set "Server: TwistedWeb/<version>"; say less.
         request.setHeader(b"server", b"afpa")
+        # Read at each request: a reload may change the setting or the token.
+        if (self.afpa is not None and self.afpa.settings.admin_auth == "all"
+                and not _open_without_token(request.path)):
+            try:
+                authorize(request, self.afpa.admin_token)
+            except _Refused as exc:
+                return _Answer(exc.status, {"error": str(exc)})
         return super().getResourceFor(request)
 
 
 def admin_site(server: Any) -> Site:
     """The admin web site for a running :class:`~afpa.server.Server`."""
     root = Resource()
-    root.putChild(b"", _Root())
+    page = _Page()
+    root.putChild(b"", page)
+    machines = _Machines(server, page)
+    root.putChild(b"machines", machines)
+    root.putChild(b"machines.json", machines)
     root.putChild(b"metrics", _Metrics(server))
     root.putChild(b"healthz", _Health(server))
     root.putChild(b"tables", _Tables(server))
@@ -266,6 +366,7 @@ def admin_site(server: Any) -> Site:
         cache.putChild(how.encode(), _CacheWrite(server, how))
     root.putChild(b"cache", cache)
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
+    site.afpa = server
     site.noisy = False
     site.log = lambda request: None  # scrapes every few seconds would drown the server log
     return site

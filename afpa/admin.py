@@ -1,27 +1,33 @@
-"""The admin listener: ``/metrics`` for Prometheus, ``/healthz``, and the running
-tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
-(``/tables/<machine>.toml``), listed at ``/tables/``; ``/`` lists all of it.
-Bind it to loopback or a management network only.
+"""The admin listener: the live machine page at ``/`` (one page per running
+machine at ``/machines/<name>``, fed by ``/machines.json`` and
+``/machines/<name>.json``), ``/metrics`` for Prometheus, ``/healthz``, and the
+running tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
+(``/tables/<machine>.toml``), listed at ``/tables/``.  Bind it to loopback or a
+management network only.
 
 Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
-Reads stay open.  Only POST changes anything; a body is JSON of at most
-:data:`MAX_BODY` bytes, and every answer is one line of JSON.
+Reads stay open unless ``admin_auth = "all"``: then every endpoint needs the
+token except ``/healthz`` (load balancers poll it) and the page shells (static
+HTML that shows nothing until its script fetches the data with the token).
+Only POST changes anything; a body is JSON of at most :data:`MAX_BODY` bytes,
+and every answer is one line of JSON.
 
 It answers with ``Server: afpa`` (no framework name or version) and closes a
 connection that sends nothing for :data:`TIMEOUT` seconds (twisted.web's default
-is twelve hours, which would let idle clients pile up).
-
-The resources talk to an :class:`AdminBackend`, not to a Server: one process
-uses :class:`LocalBackend`; a supervisor over worker processes uses
-:class:`afpa.clusteradmin.ClusterBackend`, whose answers may be Deferreds."""
+is twelve hours, which would let idle clients pile up)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import io
 import json
+import re
+from importlib import resources
+from urllib.parse import unquote
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,7 +39,7 @@ from twisted.logger import Logger
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from afpa import graph, metrics, tables
+from afpa import graph, machineview, metrics, tables
 
 log = Logger()
 
@@ -43,6 +49,10 @@ class AdminBackend(Protocol):
     may instead be a Deferred firing with it (a supervisor asks its workers)."""
 
     admin_token: bytes | None  # None: writes are refused
+    admin_auth: str  # "writes": only writes need the token; "all": reads too
+
+    def machine_view(self) -> dict[str, Any] | Deferred:
+        """The running machines with their counts (:func:`afpa.machineview.machine_view`)."""
 
     def metrics(self) -> bytes | Deferred:
         """The Prometheus text for ``/metrics``."""
@@ -66,6 +76,13 @@ class LocalBackend:
     @property
     def admin_token(self) -> bytes | None:
         return self.server.admin_token
+
+    @property
+    def admin_auth(self) -> str:
+        return self.server.settings.admin_auth
+
+    def machine_view(self) -> dict[str, Any]:
+        return machineview.machine_view(self.server)
 
     def metrics(self) -> bytes:
         # Through a snapshot, the path a worker's counters take to a supervisor.
@@ -144,15 +161,77 @@ def _index(request: Any, title: str, links: list[tuple[str, str]]) -> bytes:
             f"<ul>\n{items}</ul>\n").encode()
 
 
-class _Root(Resource):
+def _page() -> tuple[bytes, bytes]:
+    """The machine page (one static file for the index and every machine) and a
+    Content-Security-Policy that lets only its own inline script and style run."""
+    html = resources.files("afpa").joinpath("static/machines.html").read_bytes()
+
+    def digest(tag: bytes) -> str:
+        body = re.search(rb"<" + tag + rb">(.*?)</" + tag + rb">", html, re.S)
+        assert body is not None, f"machines.html has no <{tag.decode()}>"
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.group(1)).digest()).decode() + "'"
+
+    csp = (f"default-src 'none'; script-src {digest(b'script')}; style-src {digest(b'style')}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, csp.encode()
+
+
+class _Page(Resource):
+    """The live machine page: static HTML whose script draws the data of
+    ``/machines.json`` (at ``/``) or ``/machines/<name>.json``."""
+
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.html, self.csp = _page()
+
     def render_GET(self, request: Any) -> bytes:
-        return _index(request, "afpa admin", [("/metrics", "Prometheus metrics"), ("/healthz", "liveness"),
-                                              ("/tables/", "the running transition tables"),
-                                              ("/cache/purge", "POST: purge a URL (token)"),
-                                              ("/cache/ban", "POST: purge by path prefix or regex (token)"),
-                                              ("/cache/tag", "POST: purge by surrogate key (token)")])
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", self.csp)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.html
+
+
+class _Machines(Resource):
+    """``/machines.json`` (every machine) and ``/machines/<name>.json`` (one), the data
+    of :func:`afpa.machineview.machine_view`; ``/machines/<name>`` is the page."""
+
+    isLeaf = True
+
+    def __init__(self, backend: AdminBackend, page: _Page):
+        super().__init__()
+        self.backend = backend
+        self.page = page
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/machines.json":
+            return _answer(request, self.backend.machine_view(), lambda view: _json(request, 200, view))
+        one = re.fullmatch(rb"/machines/([^/]*)", request.path)
+        if one is None:
+            return _json(request, 404, {"error": "not found; see /machines.json"})
+        name = unquote(one.group(1).decode("utf-8", "replace"))
+        if not name.endswith(".json"):
+            return self.page.render_GET(request)
+        return _answer(request, self.backend.machine_view(), lambda view: _one_machine(request, view, name[:-5]))
+
+
+def _one_machine(request: Any, view: dict[str, Any], name: str) -> bytes:
+    for m in view["machines"]:
+        if m["name"] == name:
+            return _json(request, 200, {"time": view["time"], **m})
+    return _json(request, 404, {"error": f"no machine named {name!r}; see /machines.json",
+                                "machines": [m["name"] for m in view["machines"]]})
+
+
+def _open_without_token(path: bytes) -> bool:
+    """What ``admin_auth = "all"`` leaves open: ``/healthz`` for load balancers, and
+    the page shells (their script asks for the token before fetching any data)."""
+    if path in (b"/", b"/healthz"):
+        return True
+    return path.startswith(b"/machines/") and not path.endswith(b".json") and path.count(b"/") == 2
 
 
 class _Tables(Resource):
@@ -345,12 +424,37 @@ class AdminRequest(Request):
             self.content.write(data)
 
 
+class _Answer(Resource):
+    """A fixed one-line JSON answer (a refusal before any resource is looked up)."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, value: Any):
+        super().__init__()
+        self.status = status
+        self.value = value
+
+    def render(self, request: Any) -> bytes:
+        return _json(request, self.status, self.value)
+
+
 class AdminSite(Site):
-    """twisted.web Site that does not name itself in `Server:`."""
+    """twisted.web Site that does not name itself in `Server:` and, with
+    ``admin_auth = "all"``, asks every request but the open ones for the token
+    before it looks anything up (so an unknown path says no more than a known one)."""
+
+    backend: Any = None
 
     def getResourceFor(self, request: Any) -> Any:
         # twisted.web has just set "Server: TwistedWeb/<version>"; say less.
         request.setHeader(b"server", b"afpa")
+        # Read at each request: a reload may change the setting or the token.
+        if (self.backend is not None and self.backend.admin_auth == "all"
+                and not _open_without_token(request.path)):
+            try:
+                authorize(request, self.backend.admin_token)
+            except _Refused as exc:
+                return _Answer(exc.status, {"error": str(exc)})
         return super().getResourceFor(request)
 
 
@@ -363,7 +467,11 @@ def backend_site(backend: AdminBackend) -> Site:
     """The admin web site over any :class:`AdminBackend` (one server, or a
     supervisor's view of its workers)."""
     root = Resource()
-    root.putChild(b"", _Root())
+    page = _Page()
+    root.putChild(b"", page)
+    machines = _Machines(backend, page)
+    root.putChild(b"machines", machines)
+    root.putChild(b"machines.json", machines)
     root.putChild(b"metrics", _Metrics(backend))
     root.putChild(b"healthz", _Health(backend))
     root.putChild(b"tables", _Tables(backend))
@@ -372,6 +480,7 @@ def backend_site(backend: AdminBackend) -> Site:
         cache.putChild(how.encode(), _CacheWrite(backend, how))
     root.putChild(b"cache", cache)
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
+    site.backend = backend
     site.noisy = False
     site.log = lambda request: None  # scrapes every few seconds would drown the server log
     return site

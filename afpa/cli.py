@@ -86,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", metavar="PEM", help="... and this private key")
     s.add_argument("--table", help="run this transition table instead of the shipped one")
     s.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
-                   help="serve /metrics, /healthz and /tables/ on this address")
+                   help="serve the live machine page, /metrics, /healthz and /tables/ on this address "
+                        "(HOST defaults to 127.0.0.1)")
     s.add_argument("--admin-token-file", metavar="FILE",
                    help="bearer token for admin writes (purge, ban, tag); else $AFPA_ADMIN_TOKEN; "
                         "with neither, admin writes are refused")
+    s.add_argument("--admin-auth", choices=("writes", "all"),
+                   help="admin endpoints that need the token: 'writes' (default; reads are open to "
+                        "whoever reaches the admin address) or 'all' (everything but /healthz)")
     s.add_argument("--access-log", metavar="PATH",
                    help="one line per request ('-' for standard output); SIGHUP reopens it")
     s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",

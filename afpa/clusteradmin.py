@@ -1,6 +1,7 @@
 """The supervisor's admin site over worker processes, and the worker-side ops it calls.
 
-The supervisor answers ``/metrics`` (merged by :mod:`afpa.clustermetrics`),
+The supervisor answers ``/metrics`` (merged by :mod:`afpa.clustermetrics`), the
+live machine page (every worker's counts added up by :func:`afpa.machineview.merge_views`),
 ``/healthz``, ``/tables/`` (its own loaded machines) and ``POST /cache/purge``,
 ``/cache/ban``, ``/cache/tag`` (token checked by the supervisor, then fanned out
 to every worker; the answer sums ``purged`` and lists per-worker ``errors``).
@@ -30,7 +31,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
-from afpa import metrics, tables
+from afpa import machineview, metrics, tables
 from afpa.admin import CACHE_WRITES, Refused, backend_site, cache_write, check_cache_spec
 from afpa.clustermetrics import SCRAPE_TIMEOUT, ClusterMetrics
 from afpa.config import Settings, read_admin_token
@@ -71,9 +72,15 @@ def op_cache(server: Any, args: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(exc), "status": exc.status}
 
 
+def op_machines(server: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The ``machines`` op: this worker's machines with their counts
+    (:func:`afpa.machineview.machine_view`), summed by the supervisor for the live page."""
+    return machineview.machine_view(server)
+
+
 def worker_ops() -> dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]]:
     """The ops a worker serves for the supervisor's admin site, by name."""
-    return {"snapshot": op_snapshot, "cache": op_cache}
+    return {"snapshot": op_snapshot, "cache": op_cache, "machines": op_machines}
 
 
 def register_worker_ops(register: Callable[[str, Callable], Any]) -> None:
@@ -119,10 +126,11 @@ class ClusterBackend:
     to the workers over ``cluster.call``."""
 
     def __init__(self, cluster: Any, *, machines: Callable[[], list[tables.Machine]],
-                 admin_token: bytes | None, draining: Callable[[], bool] | None = None,
+                 admin_token: bytes | None, admin_auth: str = "writes", draining: Callable[[], bool] | None = None,
                  scrape_timeout: float = SCRAPE_TIMEOUT, cache_timeout: float = CACHE_TIMEOUT):
         self.cluster = cluster
         self.admin_token = admin_token
+        self.admin_auth = admin_auth
         self._machines = machines
         self._draining = draining or (lambda: bool(getattr(cluster, "draining", False)))
         self.view = ClusterMetrics(cluster, scrape_timeout)
@@ -143,6 +151,13 @@ class ClusterBackend:
 
     def machines(self) -> list[tables.Machine]:
         return self._machines()
+
+    def machine_view(self) -> Deferred:
+        """Every worker's machines with their counts added up (a worker that does
+        not answer in time is left out of this view)."""
+        d = self.cluster.call("machines", {}, self.view.timeout)
+        return d.addCallback(lambda replies: machineview.merge_views(
+            [r for r in replies if "error" not in r]))
 
     def cache_write(self, how: str, spec: dict[str, Any]) -> Deferred:
         """Check the body once here (a bad field is one 400, not N), then let
@@ -173,5 +188,5 @@ def supervisor_admin_site(cluster: Any, settings: Settings, *, registry: Any = N
     site, interface=host)`` from ``settings.admin``)."""
     loaded = machines if machines is not None else load_machines(settings, registry)
     backend = ClusterBackend(cluster, machines=lambda: loaded, admin_token=read_admin_token(settings),
-                             draining=draining)
+                             admin_auth=settings.admin_auth, draining=draining)
     return backend_site(backend)

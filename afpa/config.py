@@ -261,6 +261,7 @@ RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "
 CACHE_QUERY = Kind('"keep", "sort" or "ignore"',
                    lambda v: _text(v) if v in ("keep", "sort", "ignore") else _no(v))
 SET_COOKIE = Kind('"pass" or "strip"', lambda v: _text(v) if v in ("pass", "strip") else _no(v))
+ADMIN_AUTH = Kind('"writes" or "all"', lambda v: _text(v) if v in ("writes", "all") else _no(v))
 FIELD_NAMES = Kind("a list of HTTP field names (e.g. [\"X-Device\"])", _names(_TOKEN_RE, True))
 COOKIE_NAMES = Kind("a list of cookie names (e.g. [\"lang\"])", _names(_TOKEN_RE, False))
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
@@ -291,6 +292,10 @@ class Settings:
     # Bearer token for the admin API's writes (purge, ban, tags): read from this
     # file, else from $AFPA_ADMIN_TOKEN; neither: every write is refused.
     admin_token_file: str | None = None
+    # Which admin endpoints need that token: "writes" (purges; reads open to whoever
+    # reaches the admin address) or "all" (every endpoint but /healthz and the
+    # page shells, which show nothing until their data is fetched with the token).
+    admin_auth: str = "writes"
     access_log: str | None = None       # path, or "-" for standard output
 
     # Cache
@@ -381,6 +386,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "listen": ("listen", HOSTPORT),
     "admin": ("admin", HOSTPORT),
     "admin_token_file": ("admin_token_file", PATH),
+    "admin_auth": ("admin_auth", ADMIN_AUTH),
     "access_log": ("access_log", PATH),
     "root": ("root", PATH),
     "table": ("table", PATH),

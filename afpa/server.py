@@ -74,6 +74,9 @@ class Server:
             trusted_proxies=TrustedProxies(settings.trusted_proxies))
         self.g = self.machine.module.make_global(settings, self.runtime)
         self.admin_token = read_admin_token(settings)  # None: admin writes are refused
+        if settings.admin_auth == "all" and self.admin_token is None:
+            raise ValueError('admin_auth: "all" needs an admin token (admin_token_file, '
+                             '--admin-token-file or $AFPA_ADMIN_TOKEN)')
         self.access_log: AccessLog | None = None
         if settings.access_log:
             if self.machine.module.access_line is None:
@@ -110,9 +113,14 @@ class Server:
         for port in self.ports:
             addr = port.getHost()
             if port is self.admin_port:
-                writes = ("/cache/* writes need the admin token" if self.admin_token is not None
-                          else "writes refused: no admin token configured")
-                lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/ ({writes})")
+                if self.settings.admin_auth == "all":
+                    writes = "every endpoint but /healthz needs the admin token"
+                elif self.admin_token is not None:
+                    writes = "/cache/* writes need the admin token"
+                else:
+                    writes = "writes refused: no admin token configured"
+                lines.append(f"admin (live machine page, /metrics, /healthz, /tables/) on "
+                             f"http://{addr.host}:{addr.port}/ ({writes})")
             else:
                 scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")

@@ -375,3 +375,24 @@ def test_health_and_tables(stocked):
     assert status == 200 and b"/tables/http.toml" in page and b"/tables/http-backend.toml" in page
     status, _, text = request(site, mems[0].clock, "GET", "/tables/http.toml")
     assert status == 200 and text.decode() == mems[0].server.machine.text
+
+
+def test_the_machine_page_data_adds_up_every_workers_counts(stocked, docroot):
+    mems, cluster, site = stocked
+    for i, m in enumerate(mems):
+        proto, _ = m.connect()
+        proto.dataReceived(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n" * (i + 1))  # 1 and 2 requests
+
+    def entries(view, machine, state):
+        [m] = [m for m in view["machines"] if m["name"] == machine]
+        return {s["name"]: s["entries"] for s in m["states"]}[state]
+
+    status, _, body = request(site, mems[0].clock, "GET", "/machines.json")
+    assert status == 200
+    view = json.loads(body)
+    assert entries(view, "http", "derive_request") == 3
+    status, _, body = request(site, mems[0].clock, "GET", "/machines/http.json")
+    assert status == 200 and json.loads(body)["name"] == "http"
+    cluster.workers[1].up = False  # a worker that is down is left out, never an error
+    status, _, body = request(site, mems[0].clock, "GET", "/machines.json")
+    assert status == 200 and entries(json.loads(body), "http", "derive_request") == 1

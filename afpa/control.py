@@ -164,7 +164,7 @@ class Channel(Protocol):
         pending, self._pending = self._pending, {}
         for d, timer in pending.values():
             timer.cancel()
-            d.errback(ControlError("the worker went away before answering"))
+            d.errback(ControlError("the other end went away before answering"))
         while self._fds:
             _close(self._fds.popleft())
         if self.on_lost is not None:

@@ -250,3 +250,33 @@ def test_bad_workers_values_are_one_line_errors(tmp_path):
     r = run("--config", str(cfg))
     assert r.returncode == 1
     assert r.stderr == f"afpa: {cfg}: workers: expected a positive whole number or \"auto\" (one per CPU), got 'x' (a string)\n"
+
+
+def test_workers_serve_plain_and_tls_listeners(afpa_process, tmp_path):
+    import ssl
+
+    from tests.conftest import free_port
+    from tests.integration.test_remote import make_cert
+
+    cert, key = make_cert(tmp_path, "afpa.test")
+    tls_port = free_port()
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text(f'workers = 2\n[tls]\nlisten = "127.0.0.1:{tls_port}"\n'
+                   f'[[tls.certificate]]\ncert = "{cert}"\nkey = "{key}"\n')
+    p = afpa_process("--config", str(cfg))
+    a, b = (w["pid"] for w in wait_up(p, 2))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cert)
+    for pid, other in ((a, b), (b, a)):  # each worker, on each listener
+        with connect_to(p, pid, [other]) as s:
+            assert request(s) == (200, b"hello world\n")
+        os.kill(other, signal.SIGSTOP)
+        try:
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=30) as raw:
+                with ctx.wrap_socket(raw, server_hostname="afpa.test") as s:
+                    assert s.selected_alpn_protocol() in (None, "http/1.1")
+                    assert request(s) == (200, b"hello world\n")
+        finally:
+            os.kill(other, signal.SIGCONT)
+    err = p.stop()
+    assert f"listening on https://127.0.0.1:{tls_port}/ (2 workers)" in err, err

@@ -49,6 +49,7 @@ class Slot:
     index: int
     pid: int | None = None
     started: float | None = None        # unix time the current process started
+    born: float = 0.0                   # the same on the reactor's clock (for the backoff)
     restarts: int = 0
     up: bool = False                    # serving (it adopted the listeners)
     delay: float = BACKOFF_FIRST        # the next restart's delay
@@ -188,6 +189,7 @@ class Cluster:
             child.close()
         slot.pid = slot.process.pid
         slot.started = time.time()
+        slot.born = self.reactor.seconds()
         slot.up = False
         slot.ended = Deferred()
         channel = slot.channel = Channel({}, self.reactor)
@@ -216,7 +218,7 @@ class Cluster:
     def _ended(self, slot: Slot, pid: int | None, reason: Any) -> None:
         if pid is not None and slot.pid != pid:
             return
-        uptime = time.time() - (slot.started or time.time())
+        uptime = self.reactor.seconds() - slot.born
         slot.up = False
         slot.process = None
         if slot.channel is not None and slot.channel.open:

@@ -280,3 +280,28 @@ def test_workers_serve_plain_and_tls_listeners(afpa_process, tmp_path):
             os.kill(other, signal.SIGCONT)
     err = p.stop()
     assert f"listening on https://127.0.0.1:{tls_port}/ (2 workers)" in err, err
+
+
+def test_sighup_reaches_every_worker(afpa_process, tmp_path):
+    log = tmp_path / "access.log"
+    p = afpa_process("--workers", "2", "--access-log", str(log))
+    a, b = (w["pid"] for w in wait_up(p, 2))
+    conns = {"A": connect_to(p, a, [b]), "B": connect_to(p, b, [a])}
+    try:
+        log.rename(tmp_path / "access.log.1")  # as logrotate does
+        p.proc.send_signal(signal.SIGHUP)
+        for _ in range(300):  # each worker reopens, then flushes about once a second
+            for name, s in conns.items():
+                assert request(s, f"/hello.txt?w={name}") == (200, b"hello world\n")
+            text = log.read_text() if log.exists() else ""
+            if "w=A" in text and "w=B" in text:
+                break
+            time.sleep(0.05)
+        assert "w=A" in text and "w=B" in text
+    finally:
+        for s in conns.values():
+            s.close()
+    assert p.proc.poll() is None  # SIGHUP never stops anyone
+    assert [w["restarts"] for w in workers(p)] == [0, 0]
+    err = p.stop()
+    assert "SIGHUP: forwarded to 2 worker(s)" in err and err.count("access log reopened") == 2, err

@@ -235,3 +235,34 @@ def test_access_log_appends_whole_lines_in_one_write(tmp_path, monkeypatch):
         log.close()
     lines = path.read_text().splitlines()
     assert len(lines) == 20 and all(line.split(" ")[1] == "x" * 3000 for line in lines)
+
+
+def test_restart_backoff_doubles_to_30s_and_resets_after_a_minute_up():
+    from twisted.internet.error import ProcessTerminated
+
+    clock = Clock()
+    cluster = Cluster(Settings(workers=1), [], [], clock)
+    slot = cluster.slots[0]
+    spawned = []
+
+    def spawn(s):
+        s.restart_call = None
+        s.pid = 1000 + len(spawned)
+        s.born = clock.seconds()
+        spawned.append(clock.seconds())
+    cluster._spawn = spawn
+    spawn(slot)
+    delays = []
+    for uptime in (1, 1, 1, 1, 1, 1, 1, 1, 1, 61, 1):
+        clock.advance(uptime)
+        died = clock.seconds()
+        cluster._ended(slot, slot.pid, Failure(ProcessTerminated(None, 9)))
+        clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        delays.append(spawned[-1] - died)
+    assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 0.5, 1]
+    assert slot.restarts == 11
+    cluster._ended(slot, 4242, Failure(ProcessTerminated(None, 9)))  # not the slot's process: ignored
+    assert not clock.getDelayedCalls()
+    cluster.stopping = True
+    cluster._ended(slot, slot.pid, Failure(ProcessTerminated(0)))  # while stopping: no restart
+    assert not clock.getDelayedCalls()

@@ -176,10 +176,12 @@ class Cluster:
         # The workers import this same afpa, wherever the supervisor found it.
         here = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # The worker shares our standard input, output (access_log = "-") and error.
+        fds: dict[int, Any] = {fd: fd for fd in (0, 1, 2) if _is_open(fd)}
+        fds[3] = child.fileno()
         try:
             slot.process = self.reactor.spawnProcess(
-                _WorkerProcess(self, slot), sys.executable, argv, env=env,
-                childFDs={0: 0, 1: 1, 2: 2, 3: child.fileno()})
+                _WorkerProcess(self, slot), sys.executable, argv, env=env, childFDs=fds)
         except OSError as exc:
             parent.close()
             log.error("worker {i}: cannot start: {exc}", i=slot.index, exc=exc)
@@ -208,7 +210,7 @@ class Cluster:
                 log.info("worker {i} (pid {pid}) serving", i=slot.index, pid=pid)
 
         def failed(f: Any) -> None:
-            if slot.pid == pid and slot.ended is not None and not slot.ended.called:
+            if slot.pid == pid and slot.ended is not None and not slot.ended.called and not self.stopping:
                 log.error("worker {i} (pid {pid}) did not start serving: {why}",
                           i=slot.index, pid=pid, why=f.getErrorMessage())
                 self._signal(slot, signal.SIGKILL)
@@ -324,6 +326,14 @@ class Cluster:
             if slot.restart_call is not None and slot.restart_call.active():
                 slot.restart_call.cancel()
         self._close_listeners()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _how_it_ended(reason: Any) -> str:

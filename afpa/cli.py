@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("--drain-timeout", "drain_timeout")):
         s.add_argument(flag, dest=field, type=_seconds, metavar="SECONDS",
                        help=f"(default: {getattr(defaults, field):g}; config: {config.file_key(field)})")
+    s.add_argument("--workers", type=_type(config.WORKERS), metavar="N|auto",
+                   help="serve with N worker processes under one supervisor ('auto': one per CPU; "
+                        "default: 1, this process serves)")
+    # Given by a supervisor to the workers it starts ("INDEX/COUNT"); not for users.
+    s.add_argument("--worker-slot", dest="worker_slot", help=argparse.SUPPRESS)
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
@@ -259,7 +264,7 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
     return 2
 
 
-def _serve(args: argparse.Namespace, registry: Registry) -> int:
+def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int:
     from afpa.reactor import install
 
     reactor = install()
@@ -275,12 +280,16 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     from afpa.server import Server
 
     level = LogLevel.warn if args.quiet else LogLevel.info
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
-                                    [LogLevelFilterPredicate(defaultLogLevel=level)])
+    slot = _worker_slot(getattr(args, "worker_slot", None))
+    text = textFileLogObserver(sys.stderr) if slot is None else _worker_log_observer(slot[0])
+    observer = FilteringLogObserver(text, [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     try:
         settings = settings_from_args(args)
+        if slot is not None:  # a worker: the supervisor keeps the admin listener
+            settings.worker_index, settings.worker_count = slot
+            settings.workers, settings.admin = 1, None
         server = Server(settings, reactor=reactor, registry=registry)
     except tables.TableError as exc:
         for problem in exc.problems:
@@ -293,6 +302,16 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     except OSError as exc:  # a file named in the settings (access log, table) cannot be opened
         print(f"afpa: {_os_error(exc)}", file=sys.stderr)
         return 1
+    if slot is not None:
+        from afpa import worker
+        return worker.serve(server, reactor)
+    if settings.workers > 1:
+        from afpa import supervisor
+        try:
+            return supervisor.serve(settings, argv, reactor, server)
+        except ValueError as exc:  # a TLS file
+            print(f"afpa: {exc}", file=sys.stderr)
+            return 1
     try:
         server.start()  # builds the TLS contexts (reads and checks every TLS file) and listens
     except CannotListenError as exc:
@@ -316,6 +335,31 @@ def _serve(args: argparse.Namespace, registry: Registry) -> int:
     # ours drain first (see _Shutdown).  A handler only queues work for the reactor.
     reactor.run(installSignalHandlers=False)
     return 0
+
+
+def _worker_slot(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` from ``--worker-slot`` -> (I, N)."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"afpa: --worker-slot: expected INDEX/COUNT, got {text!r}")
+    return int(index), int(count)
+
+
+def _worker_log_observer(index: int) -> Any:
+    """Log lines of worker ``index`` on standard error (shared with the supervisor
+    and the other workers), with the worker named in the bracket: ``[w1 afpa#info]``."""
+    from twisted.logger import FileLogObserver, LogLevel, formatEventAsClassicLogText
+
+    def fmt(event: dict) -> str | None:
+        # Twisted's own chatter (ports opening and closing) is the supervisor's to tell.
+        if not event.get("log_namespace", "").startswith("afpa") and event.get("log_level") != LogLevel.warn \
+                and event.get("log_level") not in (LogLevel.error, LogLevel.critical):
+            return None
+        text = formatEventAsClassicLogText(event)
+        return text.replace(" [", f" [w{index} ", 1) if text else text
+    return FileLogObserver(sys.stderr, fmt)
 
 
 def _os_error(exc: OSError) -> str:
@@ -427,4 +471,4 @@ def main(argv: list[str] | None = None) -> int:
         return _tables(args, registry)
     if args.command == "cache":
         return _cache(args)
-    return _serve(args, registry)
+    return _serve(args, registry, list(sys.argv[1:] if argv is None else argv))

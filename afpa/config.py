@@ -208,6 +208,18 @@ def _dot_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _workers(value: Any) -> int:
+    if value == "auto":
+        import os
+        return os.cpu_count() or 1
+    return _int(1)(value)
+
+
+def _workers_text(text: str) -> Any:
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
 def _fraction(value: Any) -> float:
     v = float(_number(value))
     if not 0.0 <= v <= 1.0:
@@ -248,6 +260,7 @@ SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
 POSITIVE_SIZE = Kind("a positive size in bytes (e.g. 8192, 64k)", _size(1))
 COUNT = Kind("a positive whole number", _int(1), int)
 COUNT0 = Kind("a whole number, 0 or more", _int(0), int)
+WORKERS = Kind('a positive whole number or "auto" (one per CPU)', _workers, _workers_text)
 BOOL = Kind("true or false", _bool)
 TEXT = Kind("a non-empty string", _text)
 PATH = Kind("a file or directory path", _text)
@@ -350,6 +363,13 @@ class Settings:
     # Disk helper threads (Flash's AMPED helpers)
     helper_threads: int = 8
 
+    # Processes: 1 serves in this process; N >= 2 makes it a supervisor of N
+    # workers sharing the listeners (afpa.supervisor).  A worker is told its slot
+    # (0 .. worker_count - 1); the single process is worker 0 of 1.
+    workers: int = 1
+    worker_index: int = 0
+    worker_count: int = 1
+
     # Where misses go: rules (routing.config) tried in order, then the default.
     backend: str | None = None          # --backend URL: default route forwards there
     defer: str | None = None            # --defer URL: default route hands connections there
@@ -384,6 +404,7 @@ _DEFAULT_NONE = frozenset(a.name for a in attrs.fields(Settings) if a.default is
 # Config file keys -> (Settings field, kind).  Sections flatten into fields.
 _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "listen": ("listen", HOSTPORT),
+    "workers": ("workers", WORKERS),
     "admin": ("admin", HOSTPORT),
     "admin_token_file": ("admin_token_file", PATH),
     "admin_auth": ("admin_auth", ADMIN_AUTH),

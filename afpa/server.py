@@ -31,6 +31,18 @@ from afpa.trust import TrustedProxies
 log = Logger(namespace="afpa.server")
 
 
+def listener_plan(settings: Settings) -> list[tuple[str, tuple[str, int]]]:
+    """The client listeners the settings ask for, in order, as ``(kind, (host,
+    port))`` with kind ``"http"`` or ``"tls"``: ``listen`` is TLS when there are
+    certificates and no separate ``tls_listen``.  The admin listener is not one."""
+    if settings.tls_certs and settings.tls_listen is None:
+        return [("tls", settings.listen)]
+    plan = [("http", settings.listen)]
+    if settings.tls_certs:
+        plan.append(("tls", settings.tls_listen))
+    return plan
+
+
 class MachineFactory(ServerFactory):
     noisy = False
     tls = False
@@ -128,26 +140,36 @@ class Server:
         lines.append(f"table {self.machine.source}")
         return lines
 
-    def start(self) -> None:
+    def start(self, sockets: list[tuple[str, int, int]] | None = None) -> None:
         """Listen on ``settings.listen`` (TLS there when certificates are given and
-        no separate TLS address is), the TLS and admin addresses, and start the sweep."""
+        no separate TLS address is), the TLS and admin addresses, and start the sweep.
+
+        ``sockets``: listeners bound elsewhere (a worker gets its supervisor's),
+        as ``(kind, fd, address family)`` with kind ``"http"`` or ``"tls"``, in
+        the order :func:`listener_plan` gives; they are adopted (the fd is
+        duplicated, the caller closes its own) instead of binding anything."""
         s = self.settings
         tls_context = None
         if s.tls_certs:
             from afpa.tls import server_context_factory
             tls_context = server_context_factory(list(s.tls_certs))
-        host, port = s.listen
-        if tls_context is not None and s.tls_listen is None:
-            self.ports.append(self.reactor.listenSSL(port, self.factory(tls=True), tls_context,
-                                                     backlog=1024, interface=host))
-            self.tls_ports.append(self.ports[-1])
+        if sockets is not None:
+            for kind, fd, family in sockets:
+                factory: Any = self.factory(tls=kind == "tls")
+                if kind == "tls":
+                    from twisted.protocols.tls import TLSMemoryBIOFactory
+                    factory = TLSMemoryBIOFactory(tls_context, False, factory)  # as listenSSL does
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                if kind == "tls":
+                    self.tls_ports.append(self.ports[-1])
         else:
-            self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
-        if tls_context is not None and s.tls_listen is not None:
-            thost, tport = s.tls_listen
-            self.ports.append(self.reactor.listenSSL(tport, self.factory(tls=True), tls_context,
-                                                     backlog=1024, interface=thost))
-            self.tls_ports.append(self.ports[-1])
+            for kind, (host, port) in listener_plan(s):
+                if kind == "tls":
+                    self.ports.append(self.reactor.listenSSL(port, self.factory(tls=True), tls_context,
+                                                             backlog=1024, interface=host))
+                    self.tls_ports.append(self.ports[-1])
+                else:
+                    self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
         if self.settings.admin is not None:
             from afpa.admin import admin_site
             ahost, aport = self.settings.admin

@@ -3,7 +3,7 @@ tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
 (``/tables/<machine>.toml``), listed at ``/tables/``; ``/`` lists all of it.
 Bind it to loopback or a management network only.
 
-Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) need
+Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``, ``/reload``) need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
 Reads stay open.  Only POST changes anything; a body is JSON of at most
@@ -80,7 +80,8 @@ class _Root(Resource):
                                               ("/tables/", "the running transition tables"),
                                               ("/cache/purge", "POST: purge a URL (token)"),
                                               ("/cache/ban", "POST: purge by path prefix or regex (token)"),
-                                              ("/cache/tag", "POST: purge by surrogate key (token)")])
+                                              ("/cache/tag", "POST: purge by surrogate key (token)"),
+                                              ("/reload", "POST: re-read the configuration (token)")])
 
 
 class _Tables(Resource):
@@ -224,6 +225,30 @@ class _CacheWrite(Resource):
         return result
 
 
+class _Reload(Resource):
+    """``POST /reload`` (token): re-read and swap the configuration; 200 with
+    ``{"ok": true, "generation": n, "changed": [...]}``, or 422 with
+    ``{"ok": false, "problems": [{"file", "line", "problem"}, ...]}`` and the old
+    configuration still serving."""
+
+    isLeaf = True
+
+    def __init__(self, server: Any):
+        super().__init__()
+        self.afpa = server  # not "server": twisted.web sets that attribute itself
+
+    def render(self, request: Any) -> bytes:
+        try:
+            if request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                raise _Refused(405, "use POST for /reload (it changes the configuration)")
+            authorize(request, self.afpa.admin_token)
+        except _Refused as exc:
+            return _json(request, exc.status, {"error": str(exc)})
+        result = self.afpa.reload()
+        return _json(request, 200 if result["ok"] else 422, result)
+
+
 class AdminRequest(Request):
     """A twisted.web request that keeps at most :data:`MAX_BODY` bytes of a body
     in memory and drops the rest (the resource then answers 413): twisted.web
@@ -265,6 +290,7 @@ def admin_site(server: Any) -> Site:
     for how in ("purge", "ban", "tag"):
         cache.putChild(how.encode(), _CacheWrite(server, how))
     root.putChild(b"cache", cache)
+    root.putChild(b"reload", _Reload(server))
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.noisy = False
     site.log = lambda request: None  # scrapes every few seconds would drown the server log

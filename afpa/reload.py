@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -328,6 +329,8 @@ def prepare(server: Any, settings: Settings | None = None) -> Prepared | list[Pr
         except ValueError as exc:
             return [config_problem(str(exc), path)]
     old = server.settings
+    if server.draining or server.stopped:
+        return [problem(None, None, "the server is shutting down; nothing to reload")]
     if settings.module != old.module:
         return [config_problem(f"module: changing the protocol module needs a restart "
                                f"({old.module!r} -> {settings.module!r})", path)]
@@ -506,6 +509,16 @@ def _fold_later(server: Any, old: tables.Machine) -> None:
     base = (list(old.entries), list(old.transitions), list(old.errors))
 
     def fold() -> None:
+        # The cyclic collector may run this in a helper thread: counters are
+        # only ever touched in the reactor thread.
+        if threading.current_thread() is not threading.main_thread():
+            call = getattr(server.reactor, "callFromThread", None)
+            if call is not None:
+                call(add)
+                return
+        add()
+
+    def add() -> None:
         late = tables.Machine(
             name=snapshot.name, module=snapshot.module, start=snapshot.start, states=snapshot.states,
             edges=snapshot.edges, source=snapshot.source, text=snapshot.text,

@@ -502,10 +502,7 @@ def _fold_later(server: Any, old: tables.Machine) -> None:
     """Requests in flight at a reload still count on the old machine; once it is
     gone (its last user finished), what they counted after the reload is added
     to whatever machine of that name is current then."""
-    snapshot = tables.Machine(
-        name=old.name, module=old.module, start=old.start, states=old.states, edges=old.edges,
-        source=old.source, text=old.text, entries=old.entries, transitions=old.transitions,
-        errors=old.errors)
+    snapshot = attrs.evolve(old)  # shares the counter lists, not the machine itself
     base = (list(old.entries), list(old.transitions), list(old.errors))
 
     def fold() -> None:
@@ -519,12 +516,9 @@ def _fold_later(server: Any, old: tables.Machine) -> None:
         add()
 
     def add() -> None:
-        late = tables.Machine(
-            name=snapshot.name, module=snapshot.module, start=snapshot.start, states=snapshot.states,
-            edges=snapshot.edges, source=snapshot.source, text=snapshot.text,
-            entries=[a - b for a, b in zip(snapshot.entries, base[0])],
-            transitions=[a - b for a, b in zip(snapshot.transitions, base[1])],
-            errors=[a - b for a, b in zip(snapshot.errors, base[2])])
+        late = attrs.evolve(snapshot, entries=[a - b for a, b in zip(snapshot.entries, base[0])],
+                            transitions=[a - b for a, b in zip(snapshot.transitions, base[1])],
+                            errors=[a - b for a, b in zip(snapshot.errors, base[2])])
         if any(late.entries) or any(late.transitions) or any(late.errors):
             for cur in server.machines():
                 if cur.name == late.name:

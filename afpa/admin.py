@@ -5,7 +5,7 @@ running tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
 (``/tables/<machine>.toml``), listed at ``/tables/``.  Bind it to loopback or a
 management network only.
 
-Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) need
+Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``, ``/reload``) need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
 Reads stay open unless ``admin_auth = "all"``: then every endpoint needs the
@@ -66,6 +66,9 @@ class AdminBackend(Protocol):
     def cache_write(self, how: str, spec: dict[str, Any]) -> dict[str, Any] | Deferred:
         """Apply ``POST /cache/<how>`` (purge, ban, tag); raise :class:`Refused`."""
 
+    def reload(self) -> dict[str, Any] | Deferred:
+        """``POST /reload``: ``{"ok": true, ...}`` or ``{"ok": false, "problems": [...]}``."""
+
 
 class LocalBackend:
     """The admin backend of one running :class:`~afpa.server.Server`."""
@@ -96,6 +99,9 @@ class LocalBackend:
 
     def cache_write(self, how: str, spec: dict[str, Any]) -> dict[str, Any]:
         return cache_write(self.server, how, spec)
+
+    def reload(self) -> dict[str, Any]:
+        return self.server.reload()
 
 
 def _answer(request: Any, result: Any, render: Callable[[Any], bytes]) -> Any:
@@ -403,6 +409,30 @@ def _refusal(failure: Any) -> _Refused:
     return failure.value
 
 
+class _Reload(Resource):
+    """``POST /reload`` (token): re-read and swap the configuration; 200 with
+    ``{"ok": true, "generation": n, "changed": [...]}``, or 422 with
+    ``{"ok": false, "problems": [{"file", "line", "problem"}, ...]}`` and the old
+    configuration still serving."""
+
+    isLeaf = True
+
+    def __init__(self, backend: AdminBackend):
+        super().__init__()
+        self.backend = backend
+
+    def render(self, request: Any) -> Any:
+        try:
+            if request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                raise _Refused(405, "use POST for /reload (it changes the configuration)")
+            authorize(request, self.backend.admin_token)
+        except _Refused as exc:
+            return _json(request, exc.status, {"error": str(exc)})
+        return _answer(request, self.backend.reload(),
+                       lambda result: _json(request, 200 if result["ok"] else 422, result))
+
+
 class AdminRequest(Request):
     """A twisted.web request that keeps at most :data:`MAX_BODY` bytes of a body
     in memory and drops the rest (the resource then answers 413): twisted.web
@@ -479,6 +509,7 @@ def backend_site(backend: AdminBackend) -> Site:
     for how in CACHE_WRITES:
         cache.putChild(how.encode(), _CacheWrite(backend, how))
     root.putChild(b"cache", cache)
+    root.putChild(b"reload", _Reload(backend))
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.backend = backend
     site.noisy = False

@@ -252,6 +252,17 @@ class CacheStore:
         seq = obj.heap_seq = next(self._seq)
         heapq.heappush(self._heap, (self._priority(obj), seq, obj.key, obj.secondary, obj.hits))
 
+    def resize(self, budget: int, max_object: int) -> int:
+        """Take a new byte budget and object size limit (a configuration reload);
+        evict until the objects fit.  Returns the number of objects evicted."""
+        with self._inflight_lock:
+            self.budget = self.inflight_limit = budget
+        self.max_object = max_object
+        before = self.evicted
+        while self.bytes > self.budget and self._evict_one():
+            pass
+        return self.evicted - before
+
     def _evict_one(self) -> bool:
         while self._heap:
             prio, seq, key, secondary, hits_then = heapq.heappop(self._heap)

@@ -8,6 +8,8 @@
     afpa cache purge URL [--soft]
     afpa cache ban PREFIX | --regex RE [--host HOST] [--soft]
     afpa cache tag TAG... [--soft]
+    afpa reload [--admin HOST:PORT] [--admin-token-file F] [--config F]
+    afpa check [--config F] [the options of serve]
 """
 
 from __future__ import annotations
@@ -68,6 +70,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)",
                        argument_default=argparse.SUPPRESS)
+    _serve_options(s, defaults)
+    k = sub.add_parser("check", help="validate the configuration, its tables, routes and TLS files "
+                       "without serving (takes the options of serve)", argument_default=argparse.SUPPRESS)
+    _serve_options(k, defaults)
+
+    t = sub.add_parser("tables", help="list, show, check and draw transition tables")
+    tsub = t.add_subparsers(dest="tables_command", required=True)
+    tsub.add_parser("list", help="names of the shipped tables")
+    show = tsub.add_parser("show", help="print a shipped table (start an edit from it)")
+    show.add_argument("name")
+    check = tsub.add_parser("check", help="validate tables; exit 1 listing every problem")
+    check.add_argument("files", nargs="+")
+    g = tsub.add_parser("graph", help="draw a table as Graphviz DOT (or Mermaid)")
+    g.add_argument("file")
+    g.add_argument("--mermaid", action="store_true", help="print a Mermaid stateDiagram instead of DOT")
+
+    c = sub.add_parser("cache", help="purge cached objects through a running server's admin API")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    admin_opts = _Parser(add_help=False)
+    admin_opts.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
+                            help=f"the server's admin address (default: the --config file's admin, "
+                                 f"else {DEFAULT_ADMIN[0]}:{DEFAULT_ADMIN[1]})")
+    admin_opts.add_argument("--admin-token-file", metavar="FILE",
+                            help="file holding the admin token (default: the --config file's "
+                                 "admin_token_file, else $AFPA_ADMIN_TOKEN)")
+    admin_opts.add_argument("--config", help="take --admin and --admin-token-file from this config file")
+    r = sub.add_parser("reload", parents=[admin_opts], help="make a running server re-read its configuration, "
+                       "tables and TLS files (exit 1 listing file:line: problem if they fail; nothing changes then)")
+    r.set_defaults(soft=False)
+    admin_opts.add_argument("--soft", action="store_true",
+                            help="mark stale (kept for revalidation and grace) instead of removing")
+    cp = csub.add_parser("purge", parents=[admin_opts], help="purge one URL (http://host[:port]/path?query)")
+    cp.add_argument("url")
+    cb = csub.add_parser("ban", parents=[admin_opts], help="purge every URL whose path starts with PREFIX "
+                         "(or matches --regex)")
+    cb.add_argument("prefix", nargs="?", metavar="PREFIX")
+    cb.add_argument("--regex", metavar="RE", help="Python regular expression searched in the path and query")
+    cb.add_argument("--host", help="only URLs of this Host (as clients send it, port included)")
+    ct = csub.add_parser("tag", parents=[admin_opts], help="purge every object with these surrogate keys "
+                         "(Surrogate-Key / Cache-Tag)")
+    ct.add_argument("tags", nargs="+", metavar="TAG")
+    return p
+
+
+def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
+    """The options of ``afpa serve`` (``afpa check`` takes the same)."""
     s.add_argument("--config", help="TOML config file (see examples/afpa.toml); options given here override it")
     s.add_argument("--root", help="document root (default: current directory)")
     s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
@@ -117,47 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-slot", dest="worker_slot", help=argparse.SUPPRESS)
     s.add_argument("--quiet", action="store_true", default=False, help="log warnings and errors only")
 
-    t = sub.add_parser("tables", help="list, show, check and draw transition tables")
-    tsub = t.add_subparsers(dest="tables_command", required=True)
-    tsub.add_parser("list", help="names of the shipped tables")
-    show = tsub.add_parser("show", help="print a shipped table (start an edit from it)")
-    show.add_argument("name")
-    check = tsub.add_parser("check", help="validate tables; exit 1 listing every problem")
-    check.add_argument("files", nargs="+")
-    g = tsub.add_parser("graph", help="draw a table as Graphviz DOT (or Mermaid)")
-    g.add_argument("file")
-    g.add_argument("--mermaid", action="store_true", help="print a Mermaid stateDiagram instead of DOT")
-
-    c = sub.add_parser("cache", help="purge cached objects through a running server's admin API")
-    csub = c.add_subparsers(dest="cache_command", required=True)
-    admin_opts = _Parser(add_help=False)
-    admin_opts.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
-                            help=f"the server's admin address (default: the --config file's admin, "
-                                 f"else {DEFAULT_ADMIN[0]}:{DEFAULT_ADMIN[1]})")
-    admin_opts.add_argument("--admin-token-file", metavar="FILE",
-                            help="file holding the admin token (default: the --config file's "
-                                 "admin_token_file, else $AFPA_ADMIN_TOKEN)")
-    admin_opts.add_argument("--config", help="take --admin and --admin-token-file from this config file")
-    admin_opts.add_argument("--soft", action="store_true",
-                            help="mark stale (kept for revalidation and grace) instead of removing")
-    cp = csub.add_parser("purge", parents=[admin_opts], help="purge one URL (http://host[:port]/path?query)")
-    cp.add_argument("url")
-    cb = csub.add_parser("ban", parents=[admin_opts], help="purge every URL whose path starts with PREFIX "
-                         "(or matches --regex)")
-    cb.add_argument("prefix", nargs="?", metavar="PREFIX")
-    cb.add_argument("--regex", metavar="RE", help="Python regular expression searched in the path and query")
-    cb.add_argument("--host", help="only URLs of this Host (as clients send it, port included)")
-    ct = csub.add_parser("tag", parents=[admin_opts], help="purge every object with these surrogate keys "
-                         "(Surrogate-Key / Cache-Tag)")
-    ct.add_argument("tags", nargs="+", metavar="TAG")
-    return p
-
 
 DEFAULT_ADMIN = ("127.0.0.1", 9100)  # the address the README and examples/afpa.toml use
 
 
-def _cache(args: argparse.Namespace) -> int:
-    """``afpa cache ...``: one POST to the admin API; prints its JSON answer."""
+class _AdminError(Exception):
+    """An admin API call that failed; the message is one line."""
+
+
+def _admin_post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> tuple[int, bytes, str]:
+    """POST ``body`` as JSON to ``path`` of the admin API named by ``--admin``,
+    ``--admin-token-file`` and ``--config`` (``afpa cache``, ``afpa reload``):
+    (status, answer, ``admin API at HOST:PORT``).  Raises :class:`_AdminError` when there is no answer."""
     import http.client
     import json
 
@@ -167,8 +186,37 @@ def _cache(args: argparse.Namespace) -> int:
         token_file = args.admin_token_file or from_file.get("admin_token_file")
         token = config.read_admin_token(Settings(admin_token_file=token_file))
     except (ValueError, SettingError) as exc:
-        print(f"afpa: {exc}", file=sys.stderr)
-        return 1
+        raise _AdminError(str(exc)) from None
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = "Bearer " + token.decode("ascii")
+    host, port = admin
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        try:
+            conn.request("POST", path, json.dumps(body), headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read(1 << 20), f"admin API at {host}:{port}"
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        raise _AdminError(f"cannot reach the admin API at {host}:{port}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _admin_refusal(where: str, status: int, data: bytes) -> str:
+    """``admin API at HOST:PORT: <status>: <problem>`` for an answer that is not a success."""
+    import json
+
+    try:
+        problem = json.loads(data)["error"]
+    except (ValueError, KeyError, TypeError):
+        problem = data.decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else "no answer"
+    return f"{where}: {status}: {problem}"
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """``afpa cache ...``: one POST to the admin API; prints its JSON answer."""
     if args.cache_command == "purge":
         body: dict[str, Any] = {"url": args.url}
     elif args.cache_command == "ban":
@@ -182,30 +230,59 @@ def _cache(args: argparse.Namespace) -> int:
         body = {"tags": args.tags}
     if args.soft:
         body["soft"] = True
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = "Bearer " + token.decode("ascii")
-    host, port = admin
-    where = f"admin API at {host}:{port}"
     try:
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            conn.request("POST", f"/cache/{args.cache_command}", json.dumps(body), headers)
-            resp = conn.getresponse()
-            data = resp.read(1 << 20)
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException) as exc:
-        print(f"afpa: cannot reach the {where}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        status, data, where = _admin_post(args, f"/cache/{args.cache_command}", body)
+    except _AdminError as exc:
+        print(f"afpa: {exc}", file=sys.stderr)
         return 1
-    if resp.status != 200:
-        try:
-            problem = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError):
-            problem = data.decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else resp.reason
-        print(f"afpa: {where}: {resp.status}: {problem}", file=sys.stderr)
+    if status != 200:
+        print(f"afpa: {_admin_refusal(where, status, data)}", file=sys.stderr)
         return 1
     sys.stdout.write(data.decode("utf-8", "replace"))
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """``afpa reload``: POST /reload; one line on success, else every
+    ``file:line: problem`` and exit 1."""
+    import json
+
+    from afpa.reload import format_problem
+
+    try:
+        status, data, where = _admin_post(args, "/reload", {})
+    except _AdminError as exc:
+        print(f"afpa: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = json.loads(data) if status in (200, 422) else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        print(f"afpa: {_admin_refusal(where, status, data)}", file=sys.stderr)
+        return 1
+    if status == 200 and result.get("ok"):
+        changed = result.get("changed") or []
+        print(f"afpa: reloaded (generation {result.get('generation')}; "
+              f"{'changed: ' + ', '.join(changed) if changed else 'nothing changed'})")
+        return 0
+    for p in result.get("problems") or []:
+        print(format_problem(p), file=sys.stderr)
+    print("afpa: reload failed; the running configuration is unchanged", file=sys.stderr)
+    return 1
+
+
+def _check(args: argparse.Namespace, registry: Registry) -> int:
+    """``afpa check``: validate what ``afpa serve`` with these options would run."""
+    from afpa.reload import check, format_problem
+
+    problems = check(lambda: settings_from_args(args), registry, getattr(args, "config", None))
+    for p in problems:
+        print(format_problem(p), file=sys.stderr)
+    if problems:
+        print(f"afpa: configuration has {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("afpa: configuration ok")
     return 0
 
 
@@ -285,12 +362,19 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
     observer = FilteringLogObserver(text, [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
+    from afpa.reload import ConfigSource
+
     try:
-        settings = settings_from_args(args)
-        if slot is not None:  # a worker: the supervisor keeps the admin listener
-            settings.worker_index, settings.worker_count = slot
-            settings.workers, settings.admin = 1, None
-        server = Server(settings, reactor=reactor, registry=registry)
+        def load() -> Settings:
+            fresh = settings_from_args(args)
+            if slot is not None:  # a worker: the supervisor keeps the admin listener
+                fresh.worker_index, fresh.worker_count = slot
+                fresh.workers, fresh.admin = 1, None
+            return fresh
+
+        settings = load()
+        source = ConfigSource(getattr(args, "config", None), load)
+        server = Server(settings, reactor=reactor, registry=registry, source=source)
     except tables.TableError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -413,9 +497,14 @@ class _Shutdown:
 
 
 def _hangup(server: Any) -> None:
-    """SIGHUP: reopen the access log, never die.  (Issue 9: a configuration
-    reload will start here, reusing ``server.drain`` for the old listeners.)"""
+    """SIGHUP: reload the configuration (a failure is logged, one line per
+    problem, and the old configuration keeps serving), then reopen the access
+    log; never die."""
     log = Logger(namespace="afpa")
+    try:
+        server.reload()  # logs its outcome
+    except Exception:
+        log.failure("SIGHUP: reload raised; the old configuration keeps serving")
     if server.reopen_logs():
         log.info("SIGHUP: access log reopened")
     else:
@@ -471,4 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tables(args, registry)
     if args.command == "cache":
         return _cache(args)
+    if args.command == "reload":
+        return _reload(args)
+    if args.command == "check":
+        return _check(args, registry)
     return _serve(args, registry, list(sys.argv[1:] if argv is None else argv))

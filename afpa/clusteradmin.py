@@ -159,6 +159,21 @@ class ClusterBackend:
         return d.addCallback(lambda replies: machineview.merge_views(
             [r for r in replies if "error" not in r]))
 
+    reloader: Any = None  # afpa.clusterreload.ClusterReload, when the supervisor offers reloads
+
+    def reload(self) -> Deferred:
+        """Reload every worker, or none (:class:`afpa.clusterreload.ClusterReload`);
+        the supervisor's own token and admin settings follow a successful one."""
+        if self.reloader is None:
+            raise Refused(501, "this supervisor does not reload")
+
+        def refresh(result: dict[str, Any]) -> dict[str, Any]:
+            if result["ok"]:
+                server = self.reloader.server
+                self.admin_token, self.admin_auth = server.admin_token, server.settings.admin_auth
+            return result
+        return self.reloader.reload().addCallback(refresh)
+
     def cache_write(self, how: str, spec: dict[str, Any]) -> Deferred:
         """Check the body once here (a bad field is one 400, not N), then let
         every worker apply it."""

@@ -203,12 +203,16 @@ class MachineProtocol(Protocol, Driver):
         self.seconds = server.reactor.seconds
         self.stats: Any = None
         self.make_request: Any = None
+        self._next: Any = None  # (machine, g) a reload hands over after this request
 
     # -- events ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         server = self.server
+        # Machine and global scope are taken together, from one configuration
+        # generation; a reload hands over both at once (see adopt).
         machine = server.machine
+        self.g = server.g
         t = self.transport
         conn = self.conn = Connection(t, machine, machine.start)
         self.make_request = machine.module.make_request
@@ -330,6 +334,45 @@ class MachineProtocol(Protocol, Driver):
 
     def failed(self) -> None:
         self.abort_request(500)
+
+    # -- configuration reload -------------------------------------------------
+
+    def adopt(self, machine: Any, g: Any) -> None:
+        """A reload made ``machine`` and ``g`` current: take them up at once if
+        the connection is between requests, else when the request in flight ends
+        (it finishes on the machine it started on)."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        if conn.req is None and not conn.busy and conn.state is conn.machine.start:
+            self._switch(machine, g)
+            return
+        self._next = (machine, g)
+        # An instance attribute shadows the method for this one request, so
+        # connections that have nothing to take up pay nothing per request.
+        self.finished = self._finish_then_switch  # type: ignore[method-assign]
+
+    def _finish_then_switch(self, req: Any, close: bool) -> Any:
+        del self.finished
+        machine, g = self._next
+        self._next = None
+        state = MachineProtocol.finished(self, req, close)
+        if self.conn.closed:
+            return None
+        self._switch(machine, g)
+        if state is not None:
+            # Pipelined input is waiting.  The caller's loop holds the old
+            # machine's counters, so the new machine runs from here instead.
+            self.run(machine.start, None)
+        return None
+
+    def _switch(self, machine: Any, g: Any) -> None:
+        conn = self.conn
+        conn.machine = machine
+        conn.state = machine.start
+        self.g = g
+        self.make_request = machine.module.make_request
+        self.stats = self.server.stats_for(machine)
 
     def drain(self) -> None:
         """The server is shutting down: close now if the connection is between

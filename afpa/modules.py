@@ -174,6 +174,10 @@ class ProtocolModule:
       module's global, for keys that depend on its configuration), ``predicate(spec) ->
       callable(key) -> bool`` and ``tag(text) -> tag``; ``spec`` is the request's
       JSON object, and a spec the module refuses raises ValueError (one line).
+    - ``carry_over(old_g, new_g)``: on a configuration reload, move what must
+      outlive a configuration (backend pools and their connections and queues,
+      requests in flight, counters) from the old global scope into the new one,
+      just before the new one starts serving; None: nothing carries over.
     """
 
     name: str
@@ -186,6 +190,7 @@ class ProtocolModule:
     access_line: Callable[[Any, Any, float], str] | None = None
     facts: Mapping[str, str] = attrs.field(factory=dict)
     invalidation: Any = None
+    carry_over: Callable[[Any, Any], None] | None = None
 
 
 @attrs.define

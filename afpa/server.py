@@ -16,7 +16,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from afpa import tables
+from afpa import reload, tables
 from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
 from afpa.config import Settings, read_admin_token
@@ -25,6 +25,7 @@ from afpa.helpers import Helpers
 from afpa.intrinsics import default_registry
 from afpa.metrics import RequestStats
 from afpa.modules import Registry
+from afpa.reload import ConfigSource
 from afpa.scopes import Runtime
 from afpa.trust import TrustedProxies
 
@@ -33,14 +34,9 @@ log = Logger(namespace="afpa.server")
 
 def listener_plan(settings: Settings) -> list[tuple[str, tuple[str, int]]]:
     """The client listeners the settings ask for, in order, as ``(kind, (host,
-    port))`` with kind ``"http"`` or ``"tls"``: ``listen`` is TLS when there are
-    certificates and no separate ``tls_listen``.  The admin listener is not one."""
-    if settings.tls_certs and settings.tls_listen is None:
-        return [("tls", settings.listen)]
-    plan = [("http", settings.listen)]
-    if settings.tls_certs:
-        plan.append(("tls", settings.tls_listen))
-    return plan
+    port))`` with kind ``"http"`` or ``"https"`` (what a supervisor binds for its
+    workers): :func:`afpa.reload.wanted_listeners` without the admin one."""
+    return [(kind, addr) for kind, addr in reload.wanted_listeners(settings) if kind != "admin"]
 
 
 class MachineFactory(ServerFactory):
@@ -60,25 +56,18 @@ class Server:
     """A configured afpa server (not yet listening until :meth:`start`)."""
 
     def __init__(self, settings: Settings, *, reactor: Any = None, registry: Registry | None = None,
-                 helpers: Any = None):
+                 helpers: Any = None, source: ConfigSource | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
         self.reactor = reactor
         self.settings = settings
+        # How startup made ``settings``, so a reload re-reads them the same way
+        # (None: a reload keeps the settings and re-reads tables and TLS files).
+        self.source = source
+        self.generation = 0  # configuration reloads committed
         self.registry = registry or default_registry()
-        path = settings.table
-        if path is None:
-            module = self.registry.modules.get(settings.module)
-            if module is None:
-                raise tables.TableError([tables.Problem(
-                    "<settings>", None, "module", f"no protocol module named {settings.module!r} is installed")])
-            path = str(tables.shipped_table_path(module.table))
-        self.machine = tables.load(path, self.registry)
-        companions = {}
-        for name in self.machine.module.companions:
-            companion = settings.companion_tables.get(name) or str(tables.shipped_table_path(name))
-            companions[name] = tables.load(companion, self.registry)
+        self.machine, companions = reload.load_machines(settings, self.registry)
         self.runtime = Runtime(
             reactor=reactor, settings=settings,
             cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
@@ -99,6 +88,11 @@ class Server:
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
         self.admin_port: Any = None
+        self.listeners: dict[tuple[str, tuple[str, int]], Any] = {}  # (kind, address) -> port
+        self.listening = False
+        self.tls_context: Any = None  # shared by the TLS listeners; a reload swaps its certificates
+        self.tls_digest = reload.tls_digest(settings)
+        self._admin_site: Any = None
         self.stopped = False
         self.tls_ports: list[Any] = []
         # Every accepted connection until its transport is gone (connections drops
@@ -128,7 +122,7 @@ class Server:
                 if self.settings.admin_auth == "all":
                     writes = "every endpoint but /healthz needs the admin token"
                 elif self.admin_token is not None:
-                    writes = "/cache/* writes need the admin token"
+                    writes = "/cache/* and /reload need the admin token"
                 else:
                     writes = "writes refused: no admin token configured"
                 lines.append(f"admin (live machine page, /metrics, /healthz, /tables/) on "
@@ -145,45 +139,92 @@ class Server:
         no separate TLS address is), the TLS and admin addresses, and start the sweep.
 
         ``sockets``: listeners bound elsewhere (a worker gets its supervisor's),
-        as ``(kind, fd, address family)`` with kind ``"http"`` or ``"tls"``, in
+        as ``(kind, fd, address family)`` with kind ``"http"`` or ``"https"``, in
         the order :func:`listener_plan` gives; they are adopted (the fd is
         duplicated, the caller closes its own) instead of binding anything."""
         s = self.settings
-        tls_context = None
         if s.tls_certs:
             from afpa.tls import server_context_factory
-            tls_context = server_context_factory(list(s.tls_certs))
+            self.tls_context = server_context_factory(list(s.tls_certs))
         if sockets is not None:
+            # Bound by a supervisor, which owns the addresses: ``listening`` stays
+            # False, so a reload here never binds or closes one.
             for kind, fd, family in sockets:
-                factory: Any = self.factory(tls=kind == "tls")
-                if kind == "tls":
+                factory: Any = self.factory(tls=kind == "https")
+                if kind == "https":
                     from twisted.protocols.tls import TLSMemoryBIOFactory
-                    factory = TLSMemoryBIOFactory(tls_context, False, factory)  # as listenSSL does
+                    factory = TLSMemoryBIOFactory(self.tls_context, False, factory)  # as listenSSL does
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
-                if kind == "tls":
+                if kind == "https":
                     self.tls_ports.append(self.ports[-1])
         else:
-            for kind, (host, port) in listener_plan(s):
-                if kind == "tls":
-                    self.ports.append(self.reactor.listenSSL(port, self.factory(tls=True), tls_context,
-                                                             backlog=1024, interface=host))
-                    self.tls_ports.append(self.ports[-1])
-                else:
-                    self.ports.append(self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host))
-        if self.settings.admin is not None:
-            from afpa.admin import admin_site
-            ahost, aport = self.settings.admin
-            self.admin_port = self.reactor.listenTCP(aport, admin_site(self), interface=ahost)
-            self.ports.append(self.admin_port)
+            self.listening = True
+            for kind, addr in reload.wanted_listeners(s):
+                self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
         self.runtime.helpers.start()
         self.start_sweep()
 
+    def open_listener(self, kind: str, addr: tuple[str, int], tls: Any = None) -> Any:
+        """Listen on ``addr``: ``http`` and ``https`` (with context factory ``tls``)
+        into the machine, ``admin`` for the admin site."""
+        host, port = addr
+        if kind == "admin":
+            if self._admin_site is None:
+                from afpa.admin import admin_site
+                self._admin_site = admin_site(self)
+            return self.reactor.listenTCP(port, self._admin_site, interface=host)
+        if kind == "https":
+            return self.reactor.listenSSL(port, self.factory(tls=True), tls, backlog=1024, interface=host)
+        return self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host)
+
+    def add_listener(self, key: tuple[str, tuple[str, int]], port: Any) -> None:
+        """Record a listening port opened by :meth:`open_listener`."""
+        self.listeners[key] = port
+        self.ports.append(port)
+        if key[0] == "https":
+            self.tls_ports.append(port)
+        elif key[0] == "admin":
+            self.admin_port = port
+
+    def remove_listener(self, key: tuple[str, tuple[str, int]]) -> None:
+        """Stop listening on one address (its open connections go on)."""
+        port = self.listeners.pop(key)
+        if id(port) not in self._stopped_ports:
+            self._stopped_ports.add(id(port))
+            port.stopListening()
+        self.ports.remove(port)
+        if port in self.tls_ports:
+            self.tls_ports.remove(port)
+        if port is self.admin_port:
+            self.admin_port = None
+
+    # -- reload ---------------------------------------------------------------
+
+    def prepare_reload(self, settings: Settings | None = None) -> reload.Prepared | list[dict]:
+        """Phase one of a reload (see :func:`afpa.reload.prepare`): the problems,
+        or a generation to ``commit()`` or ``abort()``."""
+        return reload.prepare(self, settings)
+
+    def reload(self, settings: Settings | None = None) -> dict:
+        """Re-read the configuration, tables and TLS files and swap them in:
+        ``{"ok": true, "generation": n, "changed": [...]}``, or ``{"ok": false,
+        "problems": [{"file", "line", "problem"}, ...]}`` with nothing changed."""
+        return reload.reload(self, settings)
+
+    def settings_changed(self, old: Settings) -> None:
+        """A reload committed new settings: retime the sweep if its period changed."""
+        if self._sweeper.running and self._sweep_interval(old) != self._sweep_interval(self.settings):
+            self._sweeper.stop()
+            self.start_sweep()
+
     def start_sweep(self) -> None:
         """Run :meth:`sweep` periodically (often enough for the shortest timeout)."""
-        s = self.settings
+        self._sweeper.start(self._sweep_interval(self.settings), now=False)
+
+    @staticmethod
+    def _sweep_interval(s: Settings) -> float:
         shortest = min(s.idle_timeout, s.header_timeout, s.send_timeout, s.tls_handshake_timeout)
-        interval = min(1.0, max(0.05, shortest / 4))
-        self._sweeper.start(interval, now=False)
+        return min(1.0, max(0.05, shortest / 4))
 
     def stop(self) -> None:
         """Stop listening and sweeping; open connections are closed (idempotent)."""

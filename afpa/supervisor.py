@@ -31,6 +31,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from afpa.clusterreload import ClusterReload
 from afpa.config import Settings
 from afpa.control import Channel, ControlError
 
@@ -300,15 +301,10 @@ class Cluster:
                 slot.restart_call.cancel()
             self._signal(slot, signal.SIGKILL)
 
-    def hangup(self) -> int:
-        """Forward SIGHUP to every running worker (each reopens its access log);
-        returns how many got it."""
-        n = 0
-        for slot in self.slots:
-            if slot.process is not None:
-                self._signal(slot, signal.SIGHUP)
-                n += 1
-        return n
+    def restart(self, index: int) -> None:
+        """Replace the worker in slot ``index``: it drains and exits (SIGTERM), and
+        its slot is restarted as after any exit."""
+        self._signal(self.slots[index], signal.SIGTERM)
 
     def _wait_all_ended(self, grace: float) -> Deferred:
         waits = [s.ended for s in self.slots if s.ended is not None and not s.ended.called]
@@ -362,12 +358,13 @@ def _how_it_ended(reason: Any) -> str:
 
 # -- the supervisor's admin ------------------------------------------------------
 
-def admin_site(cluster: Cluster, server: Any) -> Any:
+def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
     """The supervisor's admin web site: the same endpoints as one server's, over
     every worker (:func:`afpa.clusteradmin.supervisor_admin_site`: merged
     ``/metrics``, the live page's counts added up, ``/cache/*`` fanned out), plus
-    ``/workers``, the worker processes as JSON.  ``server`` is the supervisor's
-    never-started Server, whose tables ``/tables/`` shows."""
+    ``/workers``, the worker processes as JSON, and ``POST /reload`` through
+    ``reloader`` (:class:`afpa.clusterreload.ClusterReload`).  ``server`` is the
+    supervisor's never-started Server, whose tables ``/tables/`` shows."""
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET
 
@@ -398,6 +395,8 @@ def admin_site(cluster: Cluster, server: Any) -> Any:
 
     site = supervisor_admin_site(cluster, server.settings, machines=server.machines(),
                                  draining=lambda: cluster.draining)
+    site.backend.reloader = reloader
+    site.backend._machines = server.machines  # the current ones, after a reload too
     site.resource.putChild(b"workers", Workers())
     return site
 
@@ -464,20 +463,21 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
         print(f"afpa: cannot listen on {getattr(exc, 'address', '?')}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     cluster = Cluster(settings, argv, sockets, reactor)
+    reloader = ClusterReload(cluster, server)
     admin_port = None
     if settings.admin is not None:
         from twisted.internet.error import CannotListenError
 
         ahost, aport = settings.admin
         try:
-            admin_port = reactor.listenTCP(aport, admin_site(cluster, server), interface=ahost)
+            admin_port = reactor.listenTCP(aport, admin_site(cluster, server, reloader), interface=ahost)
         except CannotListenError as exc:
             cluster.stop()
             print(f"afpa: cannot listen on {exc.interface}:{exc.port}: {exc.socketError}", file=sys.stderr)
             return 1
     for kind, sock in sockets:
         host, port = sock.getsockname()[:2]
-        scheme = "https" if kind == "tls" else "http"
+        scheme = "https" if kind == "https" else "http"
         print(f"afpa: listening on {scheme}://{_bracket(host)}:{port}/ ({settings.workers} workers)",
               file=sys.stderr, flush=True)
     if admin_port is not None:
@@ -494,8 +494,10 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
         signal.signal(signum, lambda _n, _f, name=name: reactor.callFromThread(shutdown.signal, name))
 
     def hangup() -> None:
-        n = cluster.hangup()
-        log.info("SIGHUP: forwarded to {n} worker(s) (each reopens its access log)", n=n)
+        # Reload every worker or none, then have each reopen its access log.
+        d = reloader.reload()
+        d.addBoth(lambda _: cluster.call("reopen_logs", {}, 10.0))
+        d.addErrback(lambda f: log.failure("SIGHUP: reload failed", f))
 
     signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(hangup))
     # Twisted reaps children on SIGCHLD only with its own signal handlers, which

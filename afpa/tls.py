@@ -110,6 +110,12 @@ class _ServerContextFactory:
         """Return the default context; SNI may switch a connection away from it."""
         return self._context
 
+    def replace(self, other: _ServerContextFactory) -> None:
+        """Answer new handshakes with ``other``'s certificates (a reload that
+        re-read them).  Twisted asks ``getContext`` once per accepted connection,
+        so the listeners stay open and connections already set up keep theirs."""
+        self._context = other._context
+
 
 class _NameSelector:
     """Maps an SNI name to the context of the certificate that covers it."""

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from afpa import clusterreload
 from afpa.clusteradmin import register_worker_ops
 from afpa.control import WORKER_FD, Channel, ControlError
 
@@ -62,6 +63,7 @@ def _drain(server: Any, args: dict) -> Any:
 register("ping", _ping)
 register("drain", _drain)
 register_worker_ops(register)  # snapshot (merged /metrics), machines (live page), cache (purges)
+clusterreload.register_worker_ops(register)  # reload_prepare/commit/abort, reopen_logs
 # "stop" is the worker's own (it needs the channel): see Worker.
 
 
@@ -144,11 +146,13 @@ def serve(server: Any, reactor: Any) -> int:
 
     worker = Worker(server, reactor)
     worker.connect()
-    # SIGTERM to a worker alone drains it (its slot is restarted); SIGHUP reopens
-    # the access log.  SIGINT is ignored: Ctrl-C reaches the whole process group,
-    # and the supervisor decides how its workers stop.
+    # SIGTERM to a worker alone drains it (its slot is restarted).  SIGHUP only
+    # reopens the access log: a reload is the supervisor's, for every worker at
+    # once.  SIGINT is ignored: Ctrl-C reaches the whole process group, and the
+    # supervisor decides how its workers stop.
     _install_signal_handlers(reactor, server)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(server.reopen_logs))
     reactor.addSystemEventTrigger("before", "shutdown", setattr, worker, "exiting", True)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     reactor.run(installSignalHandlers=False)

@@ -3,7 +3,7 @@
 
 from afpa.modules import ProtocolModule, collect
 from protocols.http import coalesce, deferred, invalidation, remote, states
-from protocols.http.scopes import HttpGlobal, HttpRequest
+from protocols.http.scopes import HttpGlobal, HttpRequest, carry_over
 
 FACTS = {
     # client machine (request scope: HttpRequest)
@@ -28,4 +28,5 @@ MODULE = ProtocolModule(
     access_line=states.access_line,
     facts=FACTS,
     invalidation=invalidation,
+    carry_over=carry_over,
 )

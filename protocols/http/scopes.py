@@ -141,3 +141,30 @@ class HttpGlobal:
                    trusted=runtime.trusted_proxies,
                    flights=Flights(hit_for_miss=settings.hit_for_miss,
                                    max_waiters=settings.coalesce_max_waiters))
+
+
+def carry_over(old: HttpGlobal, new: HttpGlobal) -> None:
+    """A reload: ``new`` (built from the new configuration) takes over what
+    outlives a configuration.  The pool of every backend still routed to is kept
+    with its idle connections, queue and counters (its limits become the new
+    ones); a pool no longer routed to keeps serving the requests already using it
+    but pools nothing more.  Coalesced flights, background refreshes and the
+    stale-serving counters are shared, so old and new requests see one of each."""
+    routed = {b for route in new.router.all_routes() for b in route.backends}
+    options = new.pools.options
+    for backend, pool in old.pools.pools.items():
+        if backend in routed:
+            for name, value in options.items():
+                setattr(pool, name, value)
+            new.pools.pools[backend] = pool
+        else:
+            pool.max_idle = 0  # connections given back from now on are closed
+            while pool.idle:
+                pool.idle.pop().transport.loseConnection()
+    flights = old.flights
+    flights.hit_for_miss = new.flights.hit_for_miss
+    flights.max_waiters = new.flights.max_waiters
+    new.flights = flights
+    new.refreshing = old.refreshing
+    new.stale_served = old.stale_served
+    new.dates = old.dates

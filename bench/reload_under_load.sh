@@ -3,6 +3,7 @@
 # answers and socket errors).  0 of each is the expectation.
 #
 #   bench/reload_under_load.sh [RELOADS] [CONNECTIONS]
+#   WORKERS=2 bench/reload_under_load.sh      # the same through a supervisor and 2 workers
 #
 # afpa serves a docroot (1 KiB file: cache hits) and a route /api/ to an nginx
 # origin (every request has its own query string: a miss forwarded through the
@@ -13,7 +14,7 @@
 # machine).  wrk is stopped with SIGINT after the last reload and its summary
 # parsed.  Needs wrk, nginx, curl.
 set -euo pipefail
-reloads=${1:-100}; conns=${2:-40}
+reloads=${1:-100}; conns=${2:-40}; workers=${WORKERS:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d); chmod 755 "$work"
 pids=()
@@ -48,6 +49,7 @@ config() {  # config N: every reload differs from the one before
 listen = "127.0.0.1:$port"
 admin = "127.0.0.1:$aport"
 admin_token_file = "$work/token"
+workers = $workers
 root = "$work/docs"
 table = "$work/http.toml"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
@@ -19,7 +20,7 @@ from twisted.logger import Logger
 from afpa import tables
 from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
-from afpa.config import Settings, read_admin_token
+from afpa.config import Settings, read_admin_token, sibling_address
 from afpa.engine import MachineProtocol
 from afpa.helpers import Helpers
 from afpa.intrinsics import default_registry
@@ -34,6 +35,7 @@ log = Logger(namespace="afpa.server")
 class MachineFactory(ServerFactory):
     noisy = False
     tls = False
+    listener = ""  # the kind of listener (Connection.listener); "" for clients
 
     def __init__(self, server: Server):
         self.server = server
@@ -42,6 +44,43 @@ class MachineFactory(ServerFactory):
         p = MachineProtocol(self.server)
         p.factory = self
         return p
+
+
+class EntryFactory(MachineFactory):
+    """A listener whose connections start with a module-given wrapper of the
+    table's start function (e.g. the HTTP module's sibling check), on the same
+    machine: same table, states and counters, only the first step differs."""
+
+    def __init__(self, server: Server, listener: str, entry: Any):
+        super().__init__(server)
+        self.listener = listener
+        self.entry = entry
+        self._of: Any = None
+        self._view: Any = None
+
+    def view(self, machine: tables.Machine) -> tables.Machine:
+        """``machine`` with its start function wrapped (made once per machine,
+        so a reload's new machine gets its own)."""
+        if self._of is not machine:
+            start = machine.start
+            wrapped = tables.CompiledState(start.name, start.index, self.entry(start.fn), start.function,
+                                           start.on)
+            self._view, self._of = attrs.evolve(machine, start=wrapped), machine
+        return self._view
+
+    def buildProtocol(self, addr: Any) -> MachineProtocol:
+        p = _EntryProtocol(self.server)
+        p.factory = self
+        return p
+
+
+class _EntryProtocol(MachineProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        conn = self.conn
+        conn.listener = self.factory.listener
+        conn.machine = self.factory.view(conn.machine)
+        conn.state = conn.machine.start
 
 
 class Server:
@@ -84,6 +123,7 @@ class Server:
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
         self.admin_port: Any = None
+        self.sibling_port: Any = None
         self.stopped = False
         self.tls_ports: list[Any] = []
         # Every accepted connection until its transport is gone (connections drops
@@ -109,7 +149,10 @@ class Server:
         lines = []
         for port in self.ports:
             addr = port.getHost()
-            if port is self.admin_port:
+            if port is self.sibling_port:
+                lines.append(f"siblings (member {self.settings.sibling_self} of "
+                             f"{len(self.settings.sibling_members)}) on http://{addr.host}:{addr.port}/")
+            elif port is self.admin_port:
                 writes = ("/cache/* writes need the admin token" if self.admin_token is not None
                           else "writes refused: no admin token configured")
                 lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/ ({writes})")
@@ -140,6 +183,15 @@ class Server:
             self.ports.append(self.reactor.listenSSL(tport, self.factory(tls=True), tls_context,
                                                      backlog=1024, interface=thost))
             self.tls_ports.append(self.ports[-1])
+        sibling = sibling_address(s)
+        if sibling is not None:
+            # Siblings' requests (settings siblings.*): the module checks their token.
+            entry = getattr(self.g, "sibling_entry", None)
+            if entry is None:
+                raise ValueError(f"protocol module {self.machine.module.name!r} cannot serve siblings")
+            self.sibling_port = self.reactor.listenTCP(sibling[1], EntryFactory(self, "sibling", entry),
+                                                       backlog=1024, interface=sibling[0])
+            self.ports.append(self.sibling_port)
         if self.settings.admin is not None:
             from afpa.admin import admin_site
             ahost, aport = self.settings.admin

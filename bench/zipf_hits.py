@@ -18,6 +18,8 @@ per URL) is replayed against:
     ``$AFPA_SIBLING_TOKEN``), each with budget / N, every request sent to one
     of them at random (seeded), as a kernel spreading connections over
     workers would;
+  * ``independent``: the same N processes with budget / N each but not
+    siblings (each caches what it is asked for): what siblings save;
   * ``workers`` (only with ``--workers-cmd CMD``): ``CMD --listen ... --backend
     ... --cache-size BUDGET`` once, with the whole budget (the supervisor gives
     each worker its share), all requests to its one port.
@@ -171,6 +173,9 @@ def start_afpas(setup: str, args: argparse.Namespace, origin: str, budget: int, 
     elif setup == "workers":
         cmds = [(shlex.split(args.workers_cmd), budget)]
         configs = [None]
+    elif setup == "independent":
+        cmds = [(base, budget // args.siblings)] * args.siblings
+        configs = [None] * args.siblings
     else:
         n = args.siblings
         members = [f"{HOST}:{free_port()}" for _ in range(n)]
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers-cmd", metavar="CMD",
                    help='also run CMD with the whole budget as setup "workers", e.g. '
                         '"python -m afpa serve --workers 2"')
+    p.add_argument("--setups", default="single,siblings,independent",
+                   help="comma-separated: single, siblings, independent")
     p.add_argument("--quick", action="store_true", help="5,000 URLs, 15,000 requests")
     p.add_argument("--origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     working_set = sum(body_size(i, args.seed) + HEAD_ESTIMATE + OBJECT_OVERHEAD for i in range(args.urls))
     budget = int(working_set * args.budget)
     warm = int(len(trace) * args.warmup)
-    setups = ["single", "siblings"] + (["workers"] if args.workers_cmd else [])
+    setups = args.setups.split(",") + (["workers"] if args.workers_cmd else [])
     rows = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="afpa-zipf-") as tmpdir:
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     bad += replay(ports, trace[warm:], choice[warm:], args.seed, args.clients)
                     fetched = origin_count(oport) - before
                     measured = len(trace) - warm
-                    rows.append((setup, len(ports), budget // (args.siblings if setup == "siblings" else 1),
+                    rows.append((setup, len(ports), budget // len(ports) if setup != "workers" else budget,
                                  measured, fetched, 1 - fetched / measured, bad, time.monotonic() - t0))
                     failed = failed or bad > 0
                 finally:

@@ -118,6 +118,17 @@ class HttpGlobal:
         yield served
         yield CounterMetricFamily("afpa_cache_hit_for_miss", "Misses forwarded without coalescing because "
                                   "the key was recently not cacheable", value=self.flights.hit_for_miss_total)
+        if self.siblings is not None:
+            asked = CounterMetricFamily("afpa_sibling_requests", "Misses sent to the sibling that owns "
+                                        "their URL", labels=["member"])
+            fallbacks = CounterMetricFamily("afpa_sibling_fallbacks", "Of those, answered by the origin "
+                                            "because the owner gave no answer", labels=["member"])
+            for entry in self.siblings.status(self.reactor.seconds()):
+                if not entry["self"]:
+                    asked.add_metric([entry["member"]], entry["forwarded"])
+                    fallbacks.add_metric([entry["member"]], entry["fallbacks"])
+            yield asked
+            yield fallbacks
 
     def sweep(self, now: float) -> None:
         """Periodic housekeeping (called by the server's sweep): idle backend

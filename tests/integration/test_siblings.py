@@ -4,6 +4,7 @@ cache in front of one backend, each URL fetched and stored by its owner."""
 from __future__ import annotations
 
 import signal
+import urllib.request
 
 import pytest
 
@@ -128,6 +129,9 @@ def test_a_killed_owner_falls_back_to_the_origin(pair):
     assert fetch(procs[1].port, owned[0][1])[1]["cache-status"] == "afpa; hit"
     for path in owned[1]:   # its own URLs are unaffected
         assert fetch(procs[1].port, path)[0] == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{procs[1].admin_port}/metrics", timeout=5).read().decode()
+    assert f'afpa_sibling_fallbacks_total{{member="{members[0]}"}} 1.0' in metrics
+    assert f'afpa_sibling_requests_total{{member="{members[0]}"}} 2.0' in metrics
 
 
 def test_a_sibling_never_forwards_a_siblings_request(pair):

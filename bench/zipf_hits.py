@@ -48,6 +48,7 @@ import os
 import random
 import secrets
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -202,8 +203,8 @@ def start_afpas(setup: str, args: argparse.Namespace, origin: str, budget: int, 
     return ports
 
 
-def start_env(cmd: list[str], log: Path, env: dict) -> "subprocess.Popen":
-    import subprocess
+def start_env(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # As throughput.start, plus the sibling token in the environment.
     with open(log, "wb") as f:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=REPO, env=env)

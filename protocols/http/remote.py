@@ -1170,5 +1170,5 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
 
 
 FUNCTIONS = (derive_remote_response, derive_sibling_response, refresh_stale, backend_buffer_body, backend_connect,
-             backend_wait_turn, backend_send_request, backend_read_head, backend_refresh, backend_stream_body, backend_tunnel,
-             backend_finish)
+             backend_wait_turn, backend_send_request, backend_read_head, backend_refresh, backend_stream_body,
+             backend_tunnel, backend_finish)

@@ -181,6 +181,24 @@ def _url(value: Any) -> str:
     return text
 
 
+def _members(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    out = []
+    for text in value:
+        try:
+            host, port = parse_hostport(text, "")
+        except ValueError:
+            raise _Detail(f"{text!r} is not HOST:PORT") from None
+        if not host or not port:
+            raise _Detail(f"{text!r} needs a host and a port other than 0")
+        member = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if member in out:
+            raise _Detail(f"{text!r} is listed twice")
+        out.append(member)
+    return tuple(out)
+
+
 def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """``"10.0.0.0/8"`` or ``"127.0.0.1"`` -> network; ValueError naming the entry."""
     if not isinstance(text, str):
@@ -277,6 +295,8 @@ SET_COOKIE = Kind('"pass" or "strip"', lambda v: _text(v) if v in ("pass", "stri
 ADMIN_AUTH = Kind('"writes" or "all"', lambda v: _text(v) if v in ("writes", "all") else _no(v))
 FIELD_NAMES = Kind("a list of HTTP field names (e.g. [\"X-Device\"])", _names(_TOKEN_RE, True))
 COOKIE_NAMES = Kind("a list of cookie names (e.g. [\"lang\"])", _names(_TOKEN_RE, False))
+MEMBERS = Kind('a list of HOST:PORT sibling addresses (e.g. ["127.0.0.1:9301", "127.0.0.1:9302"])',
+               _members)
 DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
@@ -393,6 +413,17 @@ class Settings:
     backend_max_queue: int = 1024       # requests waiting for a connection, per backend; then 503
     backend_queue_timeout: float = 10.0  # longest wait for a connection; then 503
 
+    # Siblings (routing/siblings.py): afpa instances sharing one cache, each URL
+    # owned by one of them.  The same ordered member list on every member; this
+    # one is members[sibling_self] and accepts siblings on sibling_listen
+    # (default: its own member address).  The shared token comes from
+    # sibling_token_file or $AFPA_SIBLING_TOKEN, never the command line.
+    sibling_members: tuple[str, ...] = ()
+    sibling_self: int | None = None
+    sibling_listen: tuple[str, int] | None = None
+    sibling_token_file: str | None = None
+    sibling_connect_timeout: float = 1.0  # an owner that does not accept by then: origin instead
+    sibling_retry_after: float = 2.0    # a failed owner's URLs go to the origin this long
 
     def __attrs_post_init__(self) -> None:
         validate(self)
@@ -458,6 +489,12 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "backends.queue_timeout": ("backend_queue_timeout", SECONDS),
     "tls.listen": ("tls_listen", HOSTPORT),
     "dotfiles_allow": ("dotfiles_allow", DOT_NAMES),
+    "siblings.members": ("sibling_members", MEMBERS),
+    "siblings.self_index": ("sibling_self", COUNT0),
+    "siblings.listen": ("sibling_listen", HOSTPORT),
+    "siblings.token_file": ("sibling_token_file", PATH),
+    "siblings.connect_timeout": ("sibling_connect_timeout", SECONDS),
+    "siblings.retry_after": ("sibling_retry_after", SECONDS0),
 }
 
 # Fields without a config key that are still checked when Settings are made.
@@ -503,6 +540,32 @@ def validate(settings: Settings) -> None:
             setattr(settings, field, kind(value))
         except ValueError as exc:
             raise SettingError(field, str(exc)) from None
+    _check_siblings(settings)
+
+
+def _check_siblings(settings: Settings) -> None:
+    """The sibling settings that only make sense together."""
+    members, me = settings.sibling_members, settings.sibling_self
+    if not members:
+        for field in ("sibling_self", "sibling_listen", "sibling_token_file"):
+            if getattr(settings, field) is not None:
+                raise SettingError(field, "needs siblings.members (the list of every sibling's address)")
+        return
+    if me is None:
+        raise SettingError("sibling_self", f"required with siblings.members: which of the {len(members)} "
+                                           f"members this is (0 to {len(members) - 1})")
+    if me >= len(members):
+        raise SettingError("sibling_self", f"{me} is not an index of siblings.members "
+                                           f"(0 to {len(members) - 1})")
+
+
+def sibling_address(settings: Settings) -> tuple[str, int] | None:
+    """Where this instance accepts its siblings' requests (None: no siblings)."""
+    if not settings.sibling_members:
+        return None
+    if settings.sibling_listen is not None:
+        return settings.sibling_listen
+    return parse_hostport(settings.sibling_members[settings.sibling_self])
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -567,6 +630,7 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 ADMIN_TOKEN_ENV = "AFPA_ADMIN_TOKEN"
+SIBLING_TOKEN_ENV = "AFPA_SIBLING_TOKEN"
 MIN_TOKEN = 16  # characters; e.g. `openssl rand -hex 32` gives 64
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what fits in "Authorization: Bearer <token>" as it is
 
@@ -577,9 +641,26 @@ def read_admin_token(settings: Settings, environ: Any = None) -> bytes | None:
     writes refused).  Never from the command line, where every local user can
     read it.  Raises ValueError ``<where>: <problem>`` for a token that cannot be read
     or is too weak."""
-    if settings.admin_token_file is not None:
-        path = settings.admin_token_file
-        where = f"{path}: admin_token_file"
+    return _read_token(settings.admin_token_file, "admin_token_file", ADMIN_TOKEN_ENV, _TOKEN, environ)
+
+
+# A sibling token travels as the first item of the Afpa-Sibling field, so it
+# cannot hold the field's separators (";", ",") or quotes.
+_SIBLING_TOKEN = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x7e]+")
+
+
+def read_sibling_token(settings: Settings, environ: Any = None) -> bytes | None:
+    """The token siblings prove themselves with: the contents of
+    ``siblings.token_file``, else ``$AFPA_SIBLING_TOKEN``, else None.  Raises
+    ValueError ``<where>: <problem>`` for one that cannot be read or is too weak."""
+    return _read_token(settings.sibling_token_file, "siblings.token_file", SIBLING_TOKEN_ENV,
+                       _SIBLING_TOKEN, environ, "printable ASCII without spaces, quotes, ';' or ','")
+
+
+def _read_token(path: str | None, key: str, env: str, allowed: re.Pattern, environ: Any,
+                allowed_text: str = "printable ASCII") -> bytes | None:
+    if path is not None:
+        where = f"{path}: {key}"
         try:
             with open(path, "rb") as f:
                 raw = f.read(4097)
@@ -588,20 +669,20 @@ def read_admin_token(settings: Settings, environ: Any = None) -> bytes | None:
         try:
             token = raw.decode("ascii").strip()
         except UnicodeDecodeError:
-            raise ValueError(f"{where}: the token must be printable ASCII") from None
+            raise ValueError(f"{where}: the token must be {allowed_text}") from None
     else:
         import os
         environ = os.environ if environ is None else environ
-        token = environ.get(ADMIN_TOKEN_ENV)
+        token = environ.get(env)
         if token is None:
             return None
-        where = ADMIN_TOKEN_ENV
+        where = env
         token = token.strip()
     if len(token) > 4096:
         raise ValueError(f"{where}: the token is longer than 4096 characters")
     if len(token) < MIN_TOKEN:
         raise ValueError(f"{where}: the token is shorter than {MIN_TOKEN} characters "
                          f"(make one with: openssl rand -hex 32)")
-    if _TOKEN.fullmatch(token) is None:
-        raise ValueError(f"{where}: the token must be one word of printable ASCII")
+    if allowed.fullmatch(token) is None:
+        raise ValueError(f"{where}: the token must be one word of {allowed_text}")
     return token.encode("ascii")

@@ -363,7 +363,7 @@ class MachineProtocol(Protocol, Driver):
         if state is not None:
             # Pipelined input is waiting.  The caller's loop holds the old
             # machine's counters, so the new machine runs from here instead.
-            self.run(machine.start, None)
+            self.run(self.conn.machine.start, None)
         return None
 
     def _switch(self, machine: Any, g: Any) -> None:

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from afpa import config, tables
 from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
-from afpa.config import Settings
+from afpa.config import Settings, sibling_address
 from afpa.modules import Registry
 from afpa.scopes import Runtime
 from afpa.trust import TrustedProxies
@@ -334,6 +334,8 @@ def prepare(server: Any, settings: Settings | None = None) -> Prepared | list[Pr
     if settings.module != old.module:
         return [config_problem(f"module: changing the protocol module needs a restart "
                                f"({old.module!r} -> {settings.module!r})", path)]
+    if sibling_address(settings) != sibling_address(old):
+        return [config_problem("siblings: changing this member's sibling listener needs a restart", path)]
     cache, helpers = server.runtime.cache, server.runtime.helpers
 
     def live_runtime(s: Settings, companions: dict) -> Runtime:

@@ -62,6 +62,7 @@ class Connection:
     closed: bool = False
     reset: bool = False          # closed by a reset or an error, not a clean close
     tls: bool = False
+    listener: str = ""           # which kind of listener accepted it ("" for clients, "sibling", ...)
     sink: Any = None
     on_lost: Any = None
     on_timeout: Any = None

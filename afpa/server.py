@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
@@ -19,7 +20,7 @@ from twisted.logger import Logger
 from afpa import reload, tables
 from afpa.accesslog import AccessLog
 from afpa.cache import CacheStore
-from afpa.config import Settings, read_admin_token
+from afpa.config import Settings, read_admin_token, sibling_address
 from afpa.engine import MachineProtocol
 from afpa.helpers import Helpers
 from afpa.intrinsics import default_registry
@@ -42,6 +43,7 @@ def listener_plan(settings: Settings) -> list[tuple[str, tuple[str, int]]]:
 class MachineFactory(ServerFactory):
     noisy = False
     tls = False
+    listener = ""  # the kind of listener (Connection.listener); "" for clients
 
     def __init__(self, server: Server):
         self.server = server
@@ -50,6 +52,47 @@ class MachineFactory(ServerFactory):
         p = MachineProtocol(self.server)
         p.factory = self
         return p
+
+
+class EntryFactory(MachineFactory):
+    """A listener whose connections start with a module-given wrapper of the
+    table's start function (e.g. the HTTP module's sibling check), on the same
+    machine: same table, states and counters, only the first step differs."""
+
+    def __init__(self, server: Server, listener: str, entry: Any):
+        super().__init__(server)
+        self.listener = listener
+        self.entry = entry
+        self._of: Any = None
+        self._view: Any = None
+
+    def view(self, machine: tables.Machine) -> tables.Machine:
+        """``machine`` with its start function wrapped (made once per machine,
+        so a reload's new machine gets its own)."""
+        if self._of is not machine:
+            start = machine.start
+            wrapped = tables.CompiledState(start.name, start.index, self.entry(start.fn), start.function,
+                                           start.on)
+            self._view, self._of = attrs.evolve(machine, start=wrapped), machine
+        return self._view
+
+    def buildProtocol(self, addr: Any) -> MachineProtocol:
+        p = _EntryProtocol(self.server)
+        p.factory = self
+        return p
+
+
+class _EntryProtocol(MachineProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        conn = self.conn
+        conn.listener = self.factory.listener
+        conn.machine = self.factory.view(conn.machine)
+        conn.state = conn.machine.start
+
+    def _switch(self, machine: Any, g: Any) -> None:
+        # A reload's machine, with this listener's start function wrapped as well.
+        super()._switch(self.factory.view(machine), g)
 
 
 class Server:
@@ -93,6 +136,7 @@ class Server:
         self.tls_context: Any = None  # shared by the TLS listeners; a reload swaps its certificates
         self.tls_digest = reload.tls_digest(settings)
         self._admin_site: Any = None
+        self.sibling_port: Any = None
         self.stopped = False
         self.tls_ports: list[Any] = []
         # Every accepted connection until its transport is gone (connections drops
@@ -118,7 +162,10 @@ class Server:
         lines = []
         for port in self.ports:
             addr = port.getHost()
-            if port is self.admin_port:
+            if port is self.sibling_port:
+                lines.append(f"siblings (member {self.settings.sibling_self} of "
+                             f"{len(self.settings.sibling_members)}) on http://{addr.host}:{addr.port}/")
+            elif port is self.admin_port:
                 if self.settings.admin_auth == "all":
                     writes = "every endpoint but /healthz needs the admin token"
                 elif self.admin_token is not None:
@@ -161,6 +208,15 @@ class Server:
             self.listening = True
             for kind, addr in reload.wanted_listeners(s):
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
+        sibling = sibling_address(s)
+        if sibling is not None:
+            # Siblings' requests (settings siblings.*): the module checks their token.
+            entry = getattr(self.g, "sibling_entry", None)
+            if entry is None:
+                raise ValueError(f"protocol module {self.machine.module.name!r} cannot serve siblings")
+            self.sibling_port = self.reactor.listenTCP(sibling[1], EntryFactory(self, "sibling", entry),
+                                                       backlog=1024, interface=sibling[0])
+            self.ports.append(self.sibling_port)
         self.runtime.helpers.start()
         self.start_sweep()
 

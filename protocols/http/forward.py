@@ -33,7 +33,8 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
                            b"x-client-ip", b"x-cluster-client-ip", b"fastly-client-ip",
                            b"x-original-forwarded-for", b"x-originating-ip", b"client-ip"})
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
-REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via"})
+# Afpa-Sibling is afpa's own (protocols/http/siblings.py): never sent to a backend.
+REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via", b"afpa-sibling"})
 # A client's own preconditions, replaced by afpa's when it revalidates a stored
 # response (the client's are then answered from the refreshed object).
 # (If-Range stays: without it a Range request would get a part of a changed body.)
@@ -144,12 +145,34 @@ def websocket_upgrade(req: Any) -> bytes | None:
     return None
 
 
-def response_lines(resp: Any, hide: frozenset[bytes] = frozenset()) -> list[bytes]:
+def response_lines(resp: Any, hide: frozenset[bytes] = frozenset(), via: bool = True) -> list[bytes]:
     """The backend response's end-to-end header lines, plus Via; fields named
-    (lower-case) in ``hide`` left out."""
-    lines, via = _end_to_end(resp, RESPONSE_REPLACED | hide if hide else RESPONSE_REPLACED)
-    lines.append(b"Via: " + b", ".join([*via, VIA]) + b"\r\n")
+    (lower-case) in ``hide`` left out.  ``via`` False: Via relayed as it came
+    (a sibling's answer, which already names afpa)."""
+    if not via:
+        return _end_to_end(resp, _SIBLING_RESPONSE_DROP | hide)[0]
+    lines, vias = _end_to_end(resp, RESPONSE_REPLACED | hide if hide else RESPONSE_REPLACED)
+    lines.append(b"Via: " + b", ".join([*vias, VIA]) + b"\r\n")
     return lines
+
+
+_SIBLING_RESPONSE_DROP = RESPONSE_REPLACED - {b"via"}
+# What a sibling does not pass on to the owner: what afpa frames itself and
+# any Afpa-Sibling a client sent (its own replaces it).  Everything else of the
+# client's request goes as it came, so the owner applies to it exactly the
+# rules a single afpa applies to a client (trust, X-Forwarded-*, Via).
+_SIBLING_REQUEST_DROP = frozenset({b"host", b"content-length", b"expect", b"afpa-sibling"})
+
+
+def sibling_request_head(req: Any, token: bytes, client_ip: str, tls: bool) -> bytes:
+    """The request head a sibling sends to a key's owner: the client's request
+    (hop-by-hop fields removed, as on any hop) plus ``Afpa-Sibling: <token>;
+    for=<client address>; proto=<http|https>``, which the owner checks, takes
+    as the client's facts and removes."""
+    lines, _ = _end_to_end(req, _SIBLING_REQUEST_DROP, ())
+    return b"".join([req.method, b" ", req.target, b" HTTP/1.1\r\nHost: ", req.host, b"\r\n", *lines,
+                     b"Afpa-Sibling: ", token, b"; for=", client_ip.encode("ascii"), b"; proto=",
+                     b"https" if tls else b"http", b"\r\n\r\n"])
 
 
 def status_line(resp: Any) -> bytes:

@@ -75,6 +75,7 @@ from afpa.outbound import Exchange
 from afpa.scopes import Connection, Request
 from afpa.splice import splice_to
 from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges
+from protocols.http import siblings as siblings_rules
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import http_date, set_error
@@ -143,6 +144,7 @@ class BackendExchange(Request):
     vary: tuple | None = None    # the response's Vary names (its variant's selector)
     revalidating: Any = None     # the stale stored object a conditional request asks about
     background: bool = False     # a refresh with no client (stale-while-revalidate, grace)
+    sibling: Any = None          # routing.siblings.Siblings when asking a key's owner (siblings.py)
 
     # -- failure paths --------------------------------------------------------
 
@@ -154,6 +156,13 @@ class BackendExchange(Request):
         backend's failure."""
         if reason:
             self.pool.failed(reason, detail if reason == "malformed_head" else "")
+        if self.sibling is not None and not (self.relaying or self.creq.sent_head or self.client_gone):
+            # The owner gave no answer: the client machine asks the origin
+            # instead (a busy owner is tried again next time, a gone one not for a while).
+            self.sibling.failed(self.pool, self.g.reactor.seconds(),
+                                down=reason not in ("queue_full", "queue_timeout"))
+            self.result = "fallback"
+            return
         if self.background:
             self.result = "failed"  # nobody to answer; the stale copy stays as it was
             return
@@ -333,6 +342,30 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
     exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
     ex.whole = (req.range is not None and req.key is not None and req.method == b"GET"
                 and g.settings.range_miss == "whole")
+
+    def client_lost(_reason: Any) -> None:
+        ex.client_gone = True
+        if ex.proto is not None:
+            ex.proto.transport.abortConnection()
+        exchange.poke()
+
+    conn.on_lost = client_lost
+    return exchange.start()
+
+
+@state("relayed", "close", "failed", "aborted", "fallback", needs=("request", "route"),
+       provides={"failed": ("response",)})
+def derive_sibling_response(g: Any, conn: Any, req: Any) -> Any:
+    """Ask the key's owner: its answer is relayed (``relayed``/``close``), or a
+    response was cut short (``aborted``), or the owner gave none and the origin
+    is to be asked instead (``fallback``)."""
+    siblings = g.siblings
+    pool = (siblings.pool_for(siblings_rules.key_bytes(req.key), g.reactor.seconds(), count=True)
+            if siblings is not None else None)
+    if pool is None:
+        return "fallback"  # the owner failed a moment ago (or an edited table got here)
+    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings)
+    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(pool.backend))
 
     def client_lost(_reason: Any) -> None:
         ex.client_gone = True
@@ -542,10 +575,14 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
         ex.upgrade = forward.websocket_upgrade(creq)
     ex.request_time = g.reactor.seconds()
     conditional = _validators(ex, creq.stale) if creq.stale is not None else b""
-    sendengine.write(conn, [forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
-                                                 body=framing, upgrade=ex.upgrade,
-                                                 drop=_RANGE_FIELDS if ex.whole else frozenset(),
-                                                 conditional=conditional)])
+    if ex.sibling is not None:
+        head = forward.sibling_request_head(creq, ex.sibling.token, client_ip, cconn.tls)
+    else:
+        head = forward.request_head(creq, client_ip, cconn.tls, g.trusted.trusts(client_ip),
+                                    body=framing, upgrade=ex.upgrade,
+                                    drop=_RANGE_FIELDS if ex.whole else frozenset(),
+                                    conditional=conditional)
+    sendengine.write(conn, [head])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
@@ -716,6 +753,9 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     # Targeted cache-control fields (RFC 9213) are for afpa: never relayed.
     targeted = _targeted(g.settings)
     hide = frozenset(t for t in targeted if t in ex.lnames)
+    if ex.sibling is not None:
+        _relay_sibling_head(g, conn, ex, forward.response_lines(ex, hide, via=False))
+        return
     lines = forward.response_lines(ex, hide)
     if ex.content_length >= 0 and not (status == 304):
         lines.append(b"Content-Length: %d\r\n" % ex.content_length)
@@ -781,6 +821,37 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if ex.store is None and g.flights.inflight:
         # Coalescing: nothing will be stored, so nobody waits for this answer.
         coalesce.leader_uncacheable(g, creq, status, transient=meta is not None)  # busy
+
+
+def _relay_sibling_head(g: Any, conn: Any, ex: BackendExchange, lines: list[bytes]) -> None:
+    """The owner's answer to a sibling request: relayed as the owner gave it
+    (its Via and Cache-Status, which already say what afpa did), re-framed for
+    this client, never stored here.  ``ex.reader`` is set."""
+    creq, cconn = ex.creq, ex.cconn
+    status = ex.status
+    if ex.content_length >= 0 and status != 304:
+        lines.append(b"Content-Length: %d\r\n" % ex.content_length)
+    elif ex.reader is not None:
+        if creq.version == 11:
+            ex.client_chunked = True
+            lines.append(b"Transfer-Encoding: " + ex.codings + b", chunked\r\n" if ex.codings
+                         else b"Transfer-Encoding: chunked\r\n")
+        else:
+            ex.client_close = True
+    for lname, (_, value) in zip(ex.lnames, ex.headers):
+        if lname == b"cache-status":
+            creq.cache_status = value  # for this instance's access log
+    ex.client_close = ex.client_close or creq.close
+    if ex.client_close:
+        lines.append(b"Connection: close\r\n")
+    elif creq.version == 10:
+        lines.append(b"Connection: keep-alive\r\n")
+    creq.status = status
+    creq.sent_head = True
+    ex.relaying = True
+    ex.out = [b"".join([forward.status_line(ex), *lines, b"\r\n"])]
+    if ex.reader is not None:
+        cconn.transport.registerProducer(conn.transport, True)
 
 
 _TARGETED: dict[str, tuple[bytes, ...]] = {}
@@ -1098,6 +1169,6 @@ def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "close"
 
 
-FUNCTIONS = (derive_remote_response, refresh_stale, backend_buffer_body, backend_connect, backend_wait_turn,
-             backend_send_request, backend_read_head, backend_refresh, backend_stream_body, backend_tunnel,
-             backend_finish)
+FUNCTIONS = (derive_remote_response, derive_sibling_response, refresh_stale, backend_buffer_body, backend_connect,
+             backend_wait_turn, backend_send_request, backend_read_head, backend_refresh, backend_stream_body,
+             backend_tunnel, backend_finish)

@@ -8,11 +8,14 @@ from typing import Any
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from afpa.config import SIBLING_TOKEN_ENV, read_sibling_token
 from afpa.scopes import Request
 from protocols.http.coalesce import Flights
+from protocols.http.siblings import sibling_entry
 from protocols.http.responses import DateCache
 from routing.pool import Pools
 from routing.router import Route, Router, build_router
+from routing.siblings import Siblings
 
 
 @attrs.define(slots=True, eq=False)
@@ -67,6 +70,12 @@ class HttpGlobal:
     # its BackendExchange; see remote.refresh_stale).
     stale_served: dict = attrs.field(factory=lambda: {"while-revalidate": 0, "if-error": 0, "grace": 0})
     refreshing: dict = attrs.field(factory=dict)
+    siblings: Any = None  # routing.siblings.Siblings when siblings.members is set
+
+    def sibling_entry(self, start: Any) -> Any:
+        """The start function of connections on the sibling listener (see
+        protocols/http/siblings.py): ``start``, then the Afpa-Sibling check."""
+        return sibling_entry(start)
 
     def metrics(self) -> Iterator[Metric]:
         """Backend pool metrics for /metrics (one label value per configured backend)."""
@@ -82,7 +91,10 @@ class HttpGlobal:
                                    labels=["backend"])
         failures = CounterMetricFamily("afpa_backend_failures", "Failed backend exchanges by reason",
                                        labels=["backend", "reason"])
-        for backend, pool in sorted(self.pools.pools.items(), key=lambda kv: str(kv[0])):
+        pools = list(self.pools.pools.items())
+        if self.siblings is not None:
+            pools += [(pool.backend, pool) for pool in self.siblings.pools if pool is not None]
+        for backend, pool in sorted(pools, key=lambda kv: str(kv[0])):
             name = str(backend)
             opened.add_metric([name], pool.opened)
             reused.add_metric([name], pool.reused)
@@ -106,12 +118,25 @@ class HttpGlobal:
         yield served
         yield CounterMetricFamily("afpa_cache_hit_for_miss", "Misses forwarded without coalescing because "
                                   "the key was recently not cacheable", value=self.flights.hit_for_miss_total)
+        if self.siblings is not None:
+            asked = CounterMetricFamily("afpa_sibling_requests", "Misses sent to the sibling that owns "
+                                        "their URL", labels=["member"])
+            fallbacks = CounterMetricFamily("afpa_sibling_fallbacks", "Of those, answered by the origin "
+                                            "because the owner gave no answer", labels=["member"])
+            for entry in self.siblings.status(self.reactor.seconds()):
+                if not entry["self"]:
+                    asked.add_metric([entry["member"]], entry["forwarded"])
+                    fallbacks.add_metric([entry["member"]], entry["fallbacks"])
+            yield asked
+            yield fallbacks
 
     def sweep(self, now: float) -> None:
         """Periodic housekeeping (called by the server's sweep): idle backend
         connections, expired hit-for-miss entries."""
         self.pools.sweep(now)
         self.flights.sweep(now)
+        if self.siblings is not None:
+            self.siblings.sweep(now)
         for ex in list(self.refreshing.values()):
             # A background refresh has no client connection in the server's
             # sweep: its deadline (BackendExchange.arm) is enforced here.
@@ -125,6 +150,9 @@ class HttpGlobal:
             where = route.root if route.kind == "docroot" else ", ".join(map(str, route.backends))
             scope = (route.host.decode() if route.host else "*") + route.prefix.decode()
             out.append(f"misses for {scope} -> {route.kind} {where}")
+        if self.siblings is not None:
+            others = [m for i, m in enumerate(self.siblings.members) if i != self.siblings.me]
+            out.append(f"cacheable misses for URLs a sibling owns -> that sibling ({', '.join(others) or 'none'})")
         return out
 
     @classmethod
@@ -135,12 +163,26 @@ class HttpGlobal:
                       idle_timeout=settings.backend_pool_idle_timeout,
                       max_connections=settings.backend_max_connections,
                       max_queue=settings.backend_max_queue)
+        siblings = None
+        if settings.sibling_members:
+            token = read_sibling_token(settings)
+            if token is None:
+                raise ValueError(f"siblings.members is set but no token: give siblings.token_file or "
+                                 f"${SIBLING_TOKEN_ENV}")
+            siblings = Siblings(runtime.reactor, settings.sibling_members, settings.sibling_self, token,
+                                connect_timeout=settings.sibling_connect_timeout,
+                                retry_after=settings.sibling_retry_after,
+                                max_idle=settings.backend_max_idle,
+                                idle_timeout=settings.backend_pool_idle_timeout,
+                                max_connections=settings.backend_max_connections,
+                                max_queue=settings.backend_max_queue)
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
                    backend_machine=runtime.machines.get("http-backend"), dates=DateCache(),
                    trusted=runtime.trusted_proxies,
                    flights=Flights(hit_for_miss=settings.hit_for_miss,
-                                   max_waiters=settings.coalesce_max_waiters))
+                                   max_waiters=settings.coalesce_max_waiters),
+                    siblings=siblings)
 
 
 def carry_over(old: HttpGlobal, new: HttpGlobal) -> None:
@@ -168,3 +210,7 @@ def carry_over(old: HttpGlobal, new: HttpGlobal) -> None:
     new.refreshing = old.refreshing
     new.stale_served = old.stale_served
     new.dates = old.dates
+    if old.siblings is not None and new.siblings is not None and (
+            old.siblings.members, old.siblings.me, old.siblings.token) == (
+            new.siblings.members, new.siblings.me, new.siblings.token):
+        new.siblings = old.siblings  # same members: keep their pools and who is skipped

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from afpa.cache import CacheObject, Variants, fragments_of
 from afpa.modules import state
 from afpa.sendengine import FileBody, Pieces
-from protocols.http import cachepolicy, conditional, files, ranges
+from protocols.http import cachepolicy, conditional, files, ranges, siblings
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
@@ -228,21 +228,26 @@ def _directed_lookup(g: Any, conn: Any, req: Any, key: Any, now: float) -> str:
     return "hit"
 
 
-@state("docroot", "remote", "deferred", "collapsed", needs=("request",),
+@state("docroot", "remote", "deferred", "collapsed", "sibling", needs=("request",),
        provides={"docroot": ("route",), "remote": ("route",), "deferred": ("route",),
-                 "collapsed": ("route",)})
+                 "collapsed": ("route",), "sibling": ("route",)})
 def derive_miss_response(g: Any, conn: Any, req: Any) -> str:
     """Ask routing where a miss goes; the route's kind is the outcome.  An
     ``Upgrade`` request for a backend is forwarded like any other: the backend
     machine splices only once the backend has agreed to switch (101).
     ``collapsed``: a fetch for the same key is already in flight to the
-    backend; wait for it (see protocols/http/coalesce.py)."""
+    backend; wait for it (see protocols/http/coalesce.py).  ``sibling``: another
+    afpa of ``siblings.members`` owns the key; ask it (protocols/http/siblings.py)."""
     route = req.route
     if route is None:  # not chosen before the lookup (see routed_key)
         route = req.route = g.router.choose(req.host, req.path)
     kind = route.kind
     if kind == "remote" and req.key is not None:
-        return g.flights.on_miss(req, g.reactor.seconds())
+        now = g.reactor.seconds()
+        if (g.siblings is not None and siblings.eligible(req, conn)
+                and g.siblings.pool_for(siblings.key_bytes(req.key), now) is not None):
+            return "sibling"
+        return g.flights.on_miss(req, now)
     return kind
 
 

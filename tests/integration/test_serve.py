@@ -208,7 +208,9 @@ def test_invalid_table_never_runs(docroot, tmp_path):
 
 def test_tables_cli(tmp_path):
     def afpa(*args):
-        return subprocess.run([sys.executable, "-m", "afpa", *args], cwd=tmp_path, capture_output=True, text=True)
+        # PYTHONPATH: this checkout's afpa, not whichever one is installed.
+        return subprocess.run([sys.executable, "-m", "afpa", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
 
     shown = afpa("tables", "show", "http")
     assert shown.returncode == 0 and shown.stdout == (REPO / "statetables" / "http.toml").read_text()

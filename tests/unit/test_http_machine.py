@@ -258,7 +258,7 @@ def test_file_above_max_object_is_streamed_uncached(docroot):
 
 # -- a state function that raises -------------------------------------------
 
-@state("docroot", "remote", "deferred", "collapsed")
+@state("docroot", "remote", "deferred", "collapsed", "sibling")
 def explode(g, conn, req):
     """Always raises."""
     raise RuntimeError("boom")

@@ -346,19 +346,13 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
 
     reactor = install()
     from twisted.internet.error import CannotListenError
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
 
     from afpa.server import Server
 
     level = LogLevel.warn if args.quiet else LogLevel.info
     slot = _worker_slot(getattr(args, "worker_slot", None))
-    text = textFileLogObserver(sys.stderr) if slot is None else _worker_log_observer(slot[0])
+    text = _log_observer(None if slot is None else slot[0])
     observer = FilteringLogObserver(text, [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
@@ -367,9 +361,9 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
     try:
         def load() -> Settings:
             fresh = settings_from_args(args)
-            if slot is not None:  # a worker: the supervisor keeps the admin listener
-                fresh.worker_index, fresh.worker_count = slot
-                fresh.workers, fresh.admin = 1, None
+            if slot is not None:  # a worker: see supervisor.worker_settings
+                from afpa.supervisor import worker_settings
+                fresh = worker_settings(fresh, *slot)
             return fresh
 
         settings = load()
@@ -431,18 +425,19 @@ def _worker_slot(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _worker_log_observer(index: int) -> Any:
-    """Log lines of worker ``index`` on standard error (shared with the supervisor
-    and the other workers), with the worker named in the bracket: ``[w1 afpa#info]``."""
+def _log_observer(worker: int | None) -> Any:
+    """Log lines on standard error; a worker's (shared with the supervisor and the
+    other workers) name it in the bracket: ``[w1 afpa#info]``."""
     from twisted.logger import FileLogObserver, LogLevel, formatEventAsClassicLogText
 
     def fmt(event: dict) -> str | None:
-        # Twisted's own chatter (ports opening and closing) is the supervisor's to tell.
+        # Twisted's own chatter ("MachineFactory starting on 8080") says less than
+        # afpa's own "listening on" lines; its warnings and errors still show.
         if not event.get("log_namespace", "").startswith("afpa") and event.get("log_level") != LogLevel.warn \
                 and event.get("log_level") not in (LogLevel.error, LogLevel.critical):
             return None
         text = formatEventAsClassicLogText(event)
-        return text.replace(" [", f" [w{index} ", 1) if text else text
+        return text.replace(" [", f" [w{worker} ", 1) if text and worker is not None else text
     return FileLogObserver(sys.stderr, fmt)
 
 

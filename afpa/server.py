@@ -197,6 +197,10 @@ class Server:
             # Bound by a supervisor, which owns the addresses: ``listening`` stays
             # False, so a reload here never binds or closes one.
             for kind, fd, family in sockets:
+                if kind == "sibling":
+                    self.sibling_port = self.reactor.adoptStreamPort(fd, family, self._sibling_factory())
+                    self.ports.append(self.sibling_port)
+                    continue
                 factory: Any = self.factory(tls=kind == "https")
                 if kind == "https":
                     from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -209,16 +213,19 @@ class Server:
             for kind, addr in reload.wanted_listeners(s):
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
         sibling = sibling_address(s)
-        if sibling is not None:
-            # Siblings' requests (settings siblings.*): the module checks their token.
-            entry = getattr(self.g, "sibling_entry", None)
-            if entry is None:
-                raise ValueError(f"protocol module {self.machine.module.name!r} cannot serve siblings")
-            self.sibling_port = self.reactor.listenTCP(sibling[1], EntryFactory(self, "sibling", entry),
+        if sibling is not None and self.sibling_port is None:
+            self.sibling_port = self.reactor.listenTCP(sibling[1], self._sibling_factory(),
                                                        backlog=1024, interface=sibling[0])
             self.ports.append(self.sibling_port)
         self.runtime.helpers.start()
         self.start_sweep()
+
+    def _sibling_factory(self) -> EntryFactory:
+        """Siblings' requests (settings siblings.*): the module checks their token."""
+        entry = getattr(self.g, "sibling_entry", None)
+        if entry is None:
+            raise ValueError(f"protocol module {self.machine.module.name!r} cannot serve siblings")
+        return EntryFactory(self, "sibling", entry)
 
     def open_listener(self, kind: str, addr: tuple[str, int], tls: Any = None) -> Any:
         """Listen on ``addr``: ``http`` and ``https`` (with context factory ``tls``)

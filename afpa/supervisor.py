@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -92,6 +93,33 @@ def bind_listeners(settings: Settings) -> list[tuple[str, socket.socket]]:
     return out
 
 
+SIBLINGS_ENV = "AFPA_WORKER_SIBLINGS"  # the workers' sibling addresses, from their supervisor
+
+
+def bind_sibling_listeners(n: int) -> list[socket.socket]:
+    """One loopback listener per worker slot for the other workers' requests."""
+    out = []
+    for _ in range(n):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        sock.setblocking(False)
+        out.append(sock)
+    return out
+
+
+def worker_settings(settings: Settings, index: int, count: int, environ: Any = os.environ) -> Settings:
+    """The settings worker ``index`` of ``count`` runs: no admin listener (the
+    supervisor has it), its share of the cache budget, and the other workers as
+    its siblings (addresses from the supervisor, in the environment)."""
+    members = environ.get(SIBLINGS_ENV, "")
+    sib: dict[str, Any] = {}
+    if members:
+        sib = {"sibling_members": tuple(members.split(",")), "sibling_self": index, "sibling_listen": None}
+    return attrs.evolve(settings, worker_index=index, worker_count=count, workers=1, admin=None,
+                        cache_bytes=max(1, settings.cache_bytes // count), **sib)
+
+
 class _WorkerProcess(ProcessProtocol):
     def __init__(self, cluster: Cluster, slot: Slot):
         self.cluster = cluster
@@ -111,13 +139,21 @@ class Cluster:
 
     ``argv`` is the ``afpa`` command line the supervisor was started with (its
     workers get the same one, plus their slot).  ``sockets`` are
-    :func:`bind_listeners`' listeners, handed to every worker."""
+    :func:`bind_listeners`' listeners, handed to every worker.
+
+    The workers are each other's siblings (routing/siblings.py): every cacheable
+    URL has one owner worker that stores it, the others ask it, so the cache
+    budget (split N ways) holds for the whole server and each object is held
+    once.  ``sibling_sockets`` (one loopback listener per slot, bound here once
+    so a restarted worker gets the same address) go to their slot's worker."""
 
     def __init__(self, settings: Settings, argv: list[str], sockets: list[tuple[str, socket.socket]],
-                 reactor: Any):
+                 reactor: Any, sibling_sockets: list[socket.socket] | None = None):
         self.settings = settings
         self.argv = argv
         self.sockets = sockets
+        self.sibling_sockets = sibling_sockets or []
+        self.sibling_token = secrets.token_hex(32)
         self.reactor = reactor
         self.slots = [Slot(i) for i in range(settings.workers)]
         self.stopping = False
@@ -184,6 +220,9 @@ class Cluster:
         # The workers import this same afpa, wherever the supervisor found it.
         here = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.sibling_sockets:  # never on a command line: see worker_settings
+            env[SIBLINGS_ENV] = ",".join("%s:%d" % s.getsockname()[:2] for s in self.sibling_sockets)
+            env["AFPA_SIBLING_TOKEN"] = self.sibling_token
         # The worker shares our standard input, output (access_log = "-") and error.
         fds: dict[int, Any] = {fd: fd for fd in (0, 1, 2) if _is_open(fd)}
         fds[3] = child.fileno()
@@ -207,15 +246,19 @@ class Cluster:
         factory.buildProtocol = lambda addr: channel  # type: ignore[method-assign]
         self.reactor.adoptStreamConnection(parent.fileno(), socket.AF_UNIX, factory)
         parent.close()  # adopted as a duplicate
-        listeners = [{"kind": kind, "family": int(sock.family)} for kind, sock in self.sockets]
+        socks = list(self.sockets)
+        if self.sibling_sockets:
+            socks.append(("sibling", self.sibling_sockets[slot.index]))
+        listeners = [{"kind": kind, "family": int(sock.family)} for kind, sock in socks]
         d = channel.request("listen", {"listeners": listeners}, LISTEN_TIMEOUT,
-                            fds=[sock.fileno() for _, sock in self.sockets])
+                            fds=[sock.fileno() for _, sock in socks])
         pid = slot.pid
 
         def up(_: Any) -> None:
             if slot.pid == pid:
                 slot.up = True
                 log.info("worker {i} (pid {pid}) serving", i=slot.index, pid=pid)
+                self._sibling_state(slot.index, True)
 
         def failed(f: Any) -> None:
             if slot.pid == pid and slot.ended is not None and not slot.ended.called and not self.stopping:
@@ -237,6 +280,7 @@ class Cluster:
         how = _how_it_ended(reason)
         for hook in self._exit_hooks:
             hook(slot.index)
+        self._sibling_state(slot.index, False)
         ended, slot.ended = slot.ended, None
         if self.stopping:
             log.info("worker {i} (pid {pid}) {how}", i=slot.index, pid=pid, how=how)
@@ -250,6 +294,12 @@ class Cluster:
             self._schedule_restart(slot, delay)
         if ended is not None:
             ended.callback(None)
+
+    def _sibling_state(self, index: int, up: bool) -> None:
+        """Tell the other workers that worker ``index`` is gone (they serve its URLs
+        themselves, without waiting on its listener's backlog) or back."""
+        if self.sibling_sockets and not self.stopping:
+            self.call("sibling", {"index": index, "up": up}, 5.0)
 
     def _schedule_restart(self, slot: Slot, delay: float) -> None:
         def restart() -> None:
@@ -320,6 +370,8 @@ class Cluster:
 
     def _close_listeners(self) -> None:
         for _, sock in self.sockets:
+            sock.close()
+        for sock in self.sibling_sockets:
             sock.close()
 
     def stop(self) -> None:
@@ -452,6 +504,10 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
     one-line error and returns 1 when a listener cannot be bound."""
     from twisted.internet import process
 
+    if settings.sibling_members:
+        print("afpa: siblings: with workers, the supervisor makes its workers each other's siblings; "
+              "remove [siblings] or run one worker", file=sys.stderr)
+        return 1
     if server.access_log is not None:
         server.access_log.close()  # the workers write it
     if settings.tls_certs:
@@ -462,7 +518,7 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
     except OSError as exc:
         print(f"afpa: cannot listen on {getattr(exc, 'address', '?')}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    cluster = Cluster(settings, argv, sockets, reactor)
+    cluster = Cluster(settings, argv, sockets, reactor, bind_sibling_listeners(settings.workers))
     reloader = ClusterReload(cluster, server)
     admin_port = None
     if settings.admin is not None:

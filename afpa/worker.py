@@ -60,8 +60,19 @@ def _drain(server: Any, args: dict) -> Any:
     return server.drain(float(timeout)).addCallback(lambda cut: {"cut": cut})
 
 
+def _sibling(server: Any, args: dict) -> dict:
+    """Worker ``index`` left (its URLs are served here meanwhile) or is back."""
+    siblings = getattr(server.g, "siblings", None)
+    index = args.get("index")
+    if siblings is None or not isinstance(index, int) or not 0 <= index < len(siblings.members):
+        return {}
+    siblings.down_until[index] = 0.0 if args.get("up") else float("inf")
+    return {}
+
+
 register("ping", _ping)
 register("drain", _drain)
+register("sibling", _sibling)
 register_worker_ops(register)  # snapshot (merged /metrics), machines (live page), cache (purges)
 clusterreload.register_worker_ops(register)  # reload_prepare/commit/abort, reopen_logs
 # "stop" is the worker's own (it needs the channel): see Worker.

@@ -29,7 +29,7 @@ from afpa.modules import ProtocolModule, collect, state
 from protocols.http.states import derive_miss_response
 
 
-@state("docroot", "remote", "deferred", "collapsed")
+@state("docroot", "remote", "deferred", "collapsed", "sibling")
 def miss_or_boom(g, conn, req):
     """derive_miss_response, but raises for a path containing "boom"."""
     if b"boom" in req.path:

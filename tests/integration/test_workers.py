@@ -81,14 +81,23 @@ def request(s: socket.socket, path: str = "/hello.txt") -> tuple[int, bytes]:
     return status, body
 
 
-def connect_to(p, pid: int, others: list[int]) -> socket.socket:
+def connect_to(p, pid: int, others: list[int], probe: bool = True) -> socket.socket:
     """A keep-alive connection served by worker ``pid``: the others are stopped
-    (SIGSTOP) while it is accepted, so only that worker can take it."""
+    (SIGSTOP) while it is accepted, so only that worker can take it.  ``probe``:
+    prove it with a request for /hello.txt; else wait until the worker holds it."""
     for other in others:
         os.kill(other, signal.SIGSTOP)
     try:
         s = socket.create_connection(("127.0.0.1", p.port), timeout=30)
-        assert request(s) == (200, b"hello world\n")
+        if probe:
+            assert request(s) == (200, b"hello world\n")
+        else:
+            for _ in range(400):
+                try:
+                    if owner(s, [pid, *others]) == pid:
+                        break
+                except AssertionError:  # not accepted yet
+                    time.sleep(0.025)
     finally:
         for other in others:
             os.kill(other, signal.SIGCONT)
@@ -372,3 +381,32 @@ def test_reload_swaps_every_worker_or_none(afpa_process, tmp_path):
         for s in conns:
             s.close()
     assert [w["restarts"] for w in workers(p)] == [0, 0]
+
+
+def test_workers_share_one_cache_each_url_fetched_once(afpa_process, backend):
+    """Each URL has one owner worker that stores it; the other asks the owner, so a
+    URL requested through both workers reaches the origin once, and a killed owner
+    costs no failed request (the other serves its URLs meanwhile)."""
+    origin = backend(lambda head, body: b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+                                        b"Content-Length: 6\r\n\r\norigin")
+    p = afpa_process("--workers", "2", "--backend", origin.url, "--cache-size", "64M")
+    a, b = (w["pid"] for w in wait_up(p, 2))
+    conns = {a: connect_to(p, a, [b], probe=False), b: connect_to(p, b, [a], probe=False)}
+    paths = [f"/u{i}" for i in range(20)]
+    try:
+        for path in paths:
+            for s in conns.values():
+                assert request(s, path) == (200, b"origin")
+        seen = [h.split(b" ")[1].decode() for h in origin.requests]
+        assert sorted(x for x in seen if x.startswith("/u")) == sorted(paths)  # once each
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "afpa_cache_budget_bytes 6.7108864e+07" in text  # 64M for the whole server
+        os.kill(b, signal.SIGKILL)  # the owner of about half of them
+        conns.pop(b).close()
+        for path in paths:
+            assert request(conns[a], path) == (200, b"origin")
+        wait_up(p, 2, not_pids={b})
+    finally:
+        for s in conns.values():
+            s.close()

@@ -67,7 +67,7 @@ def test_counts_follow_traffic(mem):
     assert http["requests"] == 2
 
 
-@state("docroot", "remote", "deferred", "collapsed")
+@state("docroot", "remote", "deferred", "collapsed", "sibling")
 def explode(g, conn, req):
     """Always raises."""
     raise RuntimeError("boom")

@@ -266,3 +266,16 @@ def test_restart_backoff_doubles_to_30s_and_resets_after_a_minute_up():
     cluster.stopping = True
     cluster._ended(slot, slot.pid, Failure(ProcessTerminated(0)))  # while stopping: no restart
     assert not clock.getDelayedCalls()
+
+
+def test_a_worker_gets_its_share_of_the_cache_and_the_others_as_siblings():
+    from afpa.supervisor import SIBLINGS_ENV, worker_settings
+
+    s = Settings(cache_bytes=300 << 20, admin=("127.0.0.1", 9100), workers=3)
+    env = {SIBLINGS_ENV: "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003", "AFPA_SIBLING_TOKEN": "t" * 32}
+    w = worker_settings(s, 1, 3, env)
+    assert (w.worker_index, w.worker_count, w.workers, w.admin) == (1, 3, 1, None)
+    assert w.cache_bytes == 100 << 20  # the budget holds for the whole server
+    assert w.sibling_members == ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
+    assert w.sibling_self == 1
+    assert worker_settings(s, 0, 3, {}).sibling_members == ()  # no siblings without the supervisor's list

@@ -53,6 +53,25 @@ def mem(docroot):
     return MemoryServer(str(docroot))
 
 
+def admin_call(server: Server, method: str, path: str, token: str | None = None):
+    """One request to ``server``'s admin site over an in-memory transport:
+    ``(status, headers, body)``."""
+    from afpa import admin
+    from tests.httpclient import parse_responses
+
+    site = admin.admin_site(server)
+    channel = site.buildProtocol(None)
+    channel.callLater = server.reactor.callLater
+    t = StringTransport()
+    channel.makeConnection(t)
+    head = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n"
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    channel.dataReceived(head.encode() + b"\r\n")
+    [answer] = parse_responses(t.value())
+    return answer
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

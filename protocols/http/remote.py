@@ -339,9 +339,15 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
         settle_body(g, conn, req)
         return "failed"
     ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
-    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
     ex.whole = (req.range is not None and req.key is not None and req.method == b"GET"
                 and g.settings.range_miss == "whole")
+    return _start_exchange(g, conn, ex)
+
+
+def _start_exchange(g: Any, conn: Any, ex: BackendExchange) -> Any:
+    """Run the backend machine for ``ex``; a client that leaves meanwhile aborts
+    the backend connection and lets the machine know."""
+    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
 
     def client_lost(_reason: Any) -> None:
         ex.client_gone = True
@@ -364,17 +370,7 @@ def derive_sibling_response(g: Any, conn: Any, req: Any) -> Any:
             if siblings is not None else None)
     if pool is None:
         return "fallback"  # the owner failed a moment ago (or an edited table got here)
-    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings)
-    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(pool.backend))
-
-    def client_lost(_reason: Any) -> None:
-        ex.client_gone = True
-        if ex.proto is not None:
-            ex.proto.transport.abortConnection()
-        exchange.poke()
-
-    conn.on_lost = client_lost
-    return exchange.start()
+    return _start_exchange(g, conn, BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings))
 
 
 # -- stale serving (RFC 5861, operator grace) -------------------------------------

@@ -8,12 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from twisted.internet.testing import StringTransport
 
-from afpa import admin
 from afpa.cli import build_parser, settings_from_args
-from tests.conftest import REPO, MemoryServer
-from tests.httpclient import parse_responses
+from tests.conftest import REPO, MemoryServer, admin_call
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -31,17 +28,7 @@ def token_file(tmp_path):
 
 
 def call(mem, path, token=None, method="GET"):
-    site = admin.admin_site(mem.server)
-    channel = site.buildProtocol(None)
-    channel.callLater = mem.clock.callLater
-    t = StringTransport()
-    channel.makeConnection(t)
-    head = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n"
-    if token is not None:
-        head += f"Authorization: Bearer {token}\r\n"
-    channel.dataReceived(head.encode() + b"\r\n")
-    [(status, headers, body)] = parse_responses(t.value())
-    return status, headers, body
+    return admin_call(mem.server, method, path, token)
 
 
 READS = ["/metrics", "/tables/", "/tables/http.toml", "/machines.json", "/machines/http.json",

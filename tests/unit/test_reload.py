@@ -10,13 +10,13 @@ import json
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from afpa import admin, tables
+from afpa import tables
 from afpa.cli import main
 from afpa.config import Settings
 from afpa.helpers import InlineHelpers
 from afpa.reload import ConfigSource, config_problem, format_problem
 from afpa.server import Server
-from tests.conftest import MemoryServer
+from tests.conftest import MemoryServer, admin_call
 from tests.httpclient import parse_responses
 
 TOKEN = "reload-token-0123456789"
@@ -204,16 +204,7 @@ def test_format_and_locate_problems(tmp_path):
 
 
 def call(server, method, path, token=TOKEN):
-    site = admin.admin_site(server)
-    channel = site.buildProtocol(None)
-    channel.callLater = server.reactor.callLater
-    t = StringTransport()
-    channel.makeConnection(t)
-    head = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n"
-    if token is not None:
-        head += f"Authorization: Bearer {token}\r\n"
-    channel.dataReceived(head.encode() + b"\r\n")
-    [(status, _, out)] = parse_responses(t.value())
+    status, _, out = admin_call(server, method, path, token)
     return status, json.loads(out)
 
 

@@ -292,6 +292,11 @@ class Settings:
     # file, else from $AFPA_ADMIN_TOKEN; neither: every write is refused.
     admin_token_file: str | None = None
     access_log: str | None = None       # path, or "-" for standard output
+    # Fields of an access-log line ($remote_addr "$request" $status ... $states,
+    # see afpa/accesslog.py); None: the module's default (HTTP: combined log
+    # format plus Cache-Status and the state path).  Checked when a server starts.
+    access_log_format: str | None = None
+    trace_loopback: bool = True         # Afpa-Trace is honoured from loopback peers (and trusted_proxies)
 
     # Cache
     cache_bytes: int = 256 << 20
@@ -382,6 +387,8 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "admin": ("admin", HOSTPORT),
     "admin_token_file": ("admin_token_file", PATH),
     "access_log": ("access_log", PATH),
+    "access_log_format": ("access_log_format", TEXT),
+    "trace.loopback": ("trace_loopback", BOOL),
     "root": ("root", PATH),
     "table": ("table", PATH),
     "backend_table": ("backend_table", PATH),

@@ -74,7 +74,7 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Connection, Request
 from afpa.splice import splice_to
-from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges
+from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges, tracing
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
 from protocols.http.responses import http_date, set_error
@@ -329,7 +329,7 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
         settle_body(g, conn, req)
         return "failed"
-    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
+    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route), trace=req.trace)
     exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
     ex.whole = (req.range is not None and req.key is not None and req.method == b"GET"
                 and g.settings.range_miss == "whole")
@@ -686,7 +686,8 @@ def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
     cache_status = (creq.cache_status or b"afpa; fwd=bypass") + b"; fwd-status=101"
     creq.cache_status = cache_status
     head = [forward.status_line(ex), *forward.response_lines(ex), b"Upgrade: ", ex.upgrade,
-            b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n\r\n"]
+            b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n",
+            _trace_line(creq), b"\r\n"]
     out = [b"".join(head)]
     if conn.unread():
         out.append(conn.inbuf[conn.inpos:])
@@ -764,7 +765,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         status = _range_from_whole(ex, lines)
         if not status:
             return  # held: answered from the stored object when it is complete
-    head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n"]
+    head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n", _trace_line(creq)]
     if ex.client_close:
         head.append(b"Connection: close\r\n")
     elif creq.version == 10:
@@ -781,6 +782,14 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     if ex.store is None and g.flights.inflight:
         # Coalescing: nothing will be stored, so nobody waits for this answer.
         coalesce.leader_uncacheable(g, creq, status, transient=meta is not None)  # busy
+
+
+def _trace_line(creq: Any) -> bytes:
+    """``Afpa-Trace`` for a relayed head, when the client asked for it."""
+    trace = creq.trace
+    if trace is None or not trace.header:
+        return b""
+    return tracing.header_line(trace, trace.clock())
 
 
 _TARGETED: dict[str, tuple[bytes, ...]] = {}
@@ -868,6 +877,8 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         out += forward.frame(pieces, ex.client_chunked, finished)
     if out and not ex.held:
         sendengine.write(ex.cconn, out)
+        if pieces:
+            ex.creq.relayed += sum(len(p) for p in pieces)  # $body_bytes_sent, trace "bytes"
     if pieces:
         if ex.store is not None:
             ex.store += pieces

@@ -3,7 +3,9 @@ tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
 (``/tables/<machine>.toml``), listed at ``/tables/``; ``/`` lists all of it.
 Bind it to loopback or a management network only.
 
-Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) need
+``GET /trace`` streams finished requests live (see :mod:`afpa.tracestream`).
+
+Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``) and ``/trace`` need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
 Reads stay open.  Only POST changes anything; a body is JSON of at most
@@ -80,7 +82,9 @@ class _Root(Resource):
                                               ("/tables/", "the running transition tables"),
                                               ("/cache/purge", "POST: purge a URL (token)"),
                                               ("/cache/ban", "POST: purge by path prefix or regex (token)"),
-                                              ("/cache/tag", "POST: purge by surrogate key (token)")])
+                                              ("/cache/tag", "POST: purge by surrogate key (token)"),
+                                              ("/trace", "live trace of requests, NDJSON (token); "
+                                                         "?host=&path=&status=&state=&sample=")])
 
 
 class _Tables(Resource):
@@ -265,6 +269,8 @@ def admin_site(server: Any) -> Site:
     for how in ("purge", "ban", "tag"):
         cache.putChild(how.encode(), _CacheWrite(server, how))
     root.putChild(b"cache", cache)
+    from afpa.tracestream import TraceStream  # it imports authorize from here
+    root.putChild(b"trace", TraceStream(server))
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.noisy = False
     site.log = lambda request: None  # scrapes every few seconds would drown the server log

@@ -154,8 +154,8 @@ class Server:
         for port in self.ports:
             addr = port.getHost()
             if port is self.admin_port:
-                writes = ("/cache/* writes need the admin token" if self.admin_token is not None
-                          else "writes refused: no admin token configured")
+                writes = ("/cache/* writes and /trace need the admin token" if self.admin_token is not None
+                          else "writes and /trace refused: no admin token configured")
                 lines.append(f"admin (/metrics, /healthz, /tables/) on http://{addr.host}:{addr.port}/ ({writes})")
             else:
                 scheme = "https" if port in self.tls_ports else "http"

@@ -24,6 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from twisted.logger import Logger
+
+_log = Logger(namespace="afpa.trace")
+
 # One recorded step: [label, start, end (None while it runs), note (None or e.g. "raised")].
 Step = list
 
@@ -140,6 +144,33 @@ def event(conn: Any, req: Any, machine: str, now: float, fields: Mapping[str, An
     if fields:
         out.update(fields)
     return out
+
+
+def format_event(ev: Mapping[str, Any]) -> str:
+    """One readable line for an event (``afpa trace``): time, peer, the request,
+    status, Cache-Status, size, duration and the state path."""
+    import time
+
+    when = ev.get("time", 0.0)
+    parts = [time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}",
+             str(ev.get("peer", "-"))]
+    if "method" in ev:
+        target = str(ev.get("path", "")) + ("?" + str(ev["query"]) if ev.get("query") else "")
+        parts.append(f"{ev['method']} {ev.get('host', '')}{target}")
+    parts.append(str(ev.get("status", "-")))
+    if "cache_status" in ev:
+        parts.append(f"\"{ev['cache_status']}\"")
+    if "bytes" in ev:
+        parts.append(f"{ev['bytes']}B")
+    parts.append(f"{ev.get('duration_ms', 0)}ms")
+    steps = []
+    for step in ev.get("states", ()):
+        text = f"{step[0]} {step[1]}us"
+        if len(step) > 2:
+            text += f" ({step[2]})"
+        steps.append(text)
+    parts.append(" > ".join(steps) if steps else "-")
+    return " ".join(parts)
 
 
 class FilterError(ValueError):
@@ -274,4 +305,8 @@ class TraceHub:
         self.published += 1
         for flt, callback in list(self.subscribers):
             if flt.take(ev):
-                callback(ev)
+                try:
+                    callback(ev)
+                except Exception:
+                    # One broken subscriber must not fail the request being finished.
+                    _log.failure("trace subscriber {callback!r} raised", callback=callback)

@@ -126,7 +126,7 @@ class Driver:
                     req = conn.req = self.new_request()
                     trace = req.trace = self.new_trace(req) if self.trace_all else None
                 if trace is not None:
-                    trace.enter(prefix, state, trace.clock())
+                    trace.enter(prefix, state)  # opened already when we moved here
                 entries[state.index] += 1
                 try:
                     outcome = state.fn(g, conn, req)
@@ -155,11 +155,10 @@ class Driver:
             if nxt.fn is not None:
                 if trace is not None:
                     now = trace.clock()
-                    trace.leave(prefix, now)
+                    trace.move(prefix, nxt, now)
                     if trace.header and nxt.fn is SEND_ENGINE and not req.sent_head and req.head:
                         # The answer is complete but not written: the trace so
                         # far goes into it (the Send Engine's own time cannot).
-                        trace.enter(prefix, nxt, now)
                         self.trace_answer(req, trace.text(now))
                 state = nxt
                 continue

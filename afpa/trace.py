@@ -70,12 +70,21 @@ class Trace:
         self.header = header
         self.open: dict[str, tuple[Any, Step]] = {}  # machine prefix -> (state, its running step)
 
-    def enter(self, prefix: str, state: Any, now: float) -> None:
-        """``state`` starts (unless it is the one still open: a re-run after
-        waiting for input is the same step)."""
+    def enter(self, prefix: str, state: Any, now: float | None = None) -> None:
+        """``state`` starts at ``now`` (default: the clock), unless it is the one
+        still open (a re-run after waiting for input is the same step)."""
         cur = self.open.get(prefix)
         if cur is not None and cur[0] is state:
             return
+        step = [prefix + state.name, self.clock() if now is None else now, None, None]
+        self.steps.append(step)
+        self.open[prefix] = (state, step)
+
+    def move(self, prefix: str, state: Any, now: float) -> None:
+        """The open step of machine ``prefix`` ends and ``state`` starts, at ``now``."""
+        cur = self.open.get(prefix)
+        if cur is not None:
+            cur[1][2] = now
         step = [prefix + state.name, now, None, None]
         self.steps.append(step)
         self.open[prefix] = (state, step)
@@ -123,9 +132,8 @@ class Trace:
         """The path without spaces, for a log field: ``derive_request:12us>send_engine:30us``."""
         if not self.steps:
             return "-"
-        return ">".join(f"{label}:{_us((end if end is not None else start) - start)}us"
-                        + (f"!{note}" if note else "")
-                        for label, start, end, note in self.steps)
+        return ">".join([f"{label}:{int(((end or start) - start) * 1e6 + 0.5)}us{'!' + note if note else ''}"
+                         for label, start, end, note in self.steps])
 
 
 def _us(seconds: float) -> int:

@@ -10,8 +10,10 @@ function once, at startup, so a line costs one call per field and a join; an
 unknown field is refused then, with its name.
 
 Lines are buffered in memory and flushed by the server's once-a-second sweep
-(and on shutdown), so logging costs the fast path one string format and one
-list append, not a write system call per request.  ``reopen()`` (on SIGHUP)
+(and on shutdown), so logging costs the fast path the line's fields and one
+list append, not a write system call per request.  ``$states`` needs every
+request traced (the server then runs the tracing loop, see afpa/trace.py);
+a format without it records nothing.  ``reopen()`` (on SIGHUP)
 lets logrotate move the file away.
 """
 

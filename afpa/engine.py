@@ -44,9 +44,9 @@ from zope.interface import implementer
 
 from afpa import sendengine
 from afpa.modules import UnmetNeed
-from afpa.trace import Begin, Trace
 from afpa.scopes import Connection
 from afpa.tables import CLOSE, WAIT
+from afpa.trace import Begin, Trace
 
 log = Logger(namespace="afpa.engine")
 SEND_ENGINE = sendengine.send_engine

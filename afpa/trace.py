@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import attrs
 from twisted.logger import Logger
 
 _log = Logger(namespace="afpa.trace")
@@ -55,20 +56,18 @@ def begin(word: str) -> Begin:
     return marker
 
 
+@attrs.define(slots=True, eq=False)
 class Trace:
-    """The states of one request with their times.
+    """The states of one request with their times (``clock``: the driver's).
 
     ``header``: the request asked for its trace in its answer (the module
     writes :meth:`text` into the response before the Send Engine runs).
     """
 
-    __slots__ = ("clock", "steps", "header", "open")
-
-    def __init__(self, clock: Callable[[], float], header: bool = False):
-        self.clock = clock
-        self.steps: list[Step] = []
-        self.header = header
-        self.open: dict[str, tuple[Any, Step]] = {}  # machine prefix -> (state, its running step)
+    clock: Callable[[], float]
+    header: bool = False
+    steps: list = attrs.field(factory=list)   # [Step, ...] in the order the states began
+    open: dict = attrs.field(factory=dict)    # machine prefix -> (state, its running step)
 
     def enter(self, prefix: str, state: Any, now: float | None = None) -> None:
         """``state`` starts at ``now`` (default: the clock), unless it is the one

@@ -167,7 +167,9 @@ class Driver:
                 self.waiting()
                 return
             if trace is not None:
-                trace.leave(prefix, trace.clock())
+                now = trace.clock()
+                trace.leave(prefix, now)
+                self.trace_finished(req, now)  # here, not in finished(): no test on the fast path
             state = self.finished(req, nxt.name == CLOSE)
             if state is None:
                 return
@@ -197,6 +199,9 @@ class Driver:
         hook = self.conn.machine.module.trace_answer
         if hook is not None:
             hook(req, text)
+
+    def trace_finished(self, req: Any, now: float) -> None:
+        """A traced request reached ``@done`` or ``@close`` (its trace is complete)."""
 
     def resume(self, state: Any, outcome: str | None) -> None:
         """Step on from a parked state: in the tracing loop when the request is traced."""
@@ -429,8 +434,6 @@ class MachineProtocol(Protocol, Driver):
             self.stats.observe(req.status, now - req.started)
             if self.server.access_log is not None:
                 self.server.access_log.request(conn, req, now)
-            if req.trace is not None:
-                self.server.traced(conn, req, now)
         conn.req = None
         conn.requests += 1
         machine = conn.machine
@@ -449,6 +452,10 @@ class MachineProtocol(Protocol, Driver):
 
     def failed(self) -> None:
         self.abort_request(500)
+
+    def trace_finished(self, req: Any, now: float) -> None:
+        if req.status:
+            self.server.traced(self.conn, req, now)
 
     def drain(self) -> None:
         """The server is shutting down: close now if the connection is between

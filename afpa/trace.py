@@ -29,8 +29,8 @@ from twisted.logger import Logger
 
 _log = Logger(namespace="afpa.trace")
 
-# One recorded step: [label, start, end (None while it runs), note (None or e.g. "raised")].
-Step = list
+# One recorded step: [label, start, end (None while it runs), note (None or e.g.
+# "raised"), the state]: one list per state entered, nothing else allocated.
 
 
 class Begin:
@@ -66,33 +66,32 @@ class Trace:
 
     clock: Callable[[], float]
     header: bool = False
-    steps: list = attrs.field(factory=list)   # [Step, ...] in the order the states began
-    open: dict = attrs.field(factory=dict)    # machine prefix -> (state, its running step)
+    steps: list = attrs.field(factory=list)   # steps in the order the states began
+    open: dict = attrs.field(factory=dict)    # machine prefix -> its running step
 
     def enter(self, prefix: str, state: Any, now: float | None = None) -> None:
         """``state`` starts at ``now`` (default: the clock), unless it is the one
         still open (a re-run after waiting for input is the same step)."""
         cur = self.open.get(prefix)
-        if cur is not None and cur[0] is state:
+        if cur is not None and cur[4] is state:
             return
-        step = [prefix + state.name, self.clock() if now is None else now, None, None]
+        step = [prefix + state.name, self.clock() if now is None else now, None, None, state]
         self.steps.append(step)
-        self.open[prefix] = (state, step)
+        self.open[prefix] = step
 
     def move(self, prefix: str, state: Any, now: float) -> None:
         """The open step of machine ``prefix`` ends and ``state`` starts, at ``now``."""
-        cur = self.open.get(prefix)
+        open_ = self.open
+        cur = open_.get(prefix)
         if cur is not None:
-            cur[1][2] = now
-        step = [prefix + state.name, now, None, None]
+            cur[2] = now
+        step = open_[prefix] = [prefix + state.name, now, None, None, state]
         self.steps.append(step)
-        self.open[prefix] = (state, step)
 
     def leave(self, prefix: str, now: float, note: str | None = None) -> None:
         """The open step of machine ``prefix`` ends (``note``: how, when not normally)."""
-        cur = self.open.pop(prefix, None)
-        if cur is not None:
-            step = cur[1]
+        step = self.open.pop(prefix, None)
+        if step is not None:
             step[2] = now
             if note is not None:
                 step[3] = note
@@ -102,7 +101,7 @@ class Trace:
         step still running counts up to ``now`` and gets a third item
         ``"running"``; a step that failed names how (``"raised"``)."""
         out = []
-        for label, start, end, note in self.steps:
+        for label, start, end, note, _ in self.steps:
             if end is None:
                 item = [label, _us((now if now is not None else start) - start), "running"]
             else:
@@ -119,7 +118,7 @@ class Trace:
         state waiting for a backend) shows the time so far with a ``+``, or
         no time when it has only just begun."""
         parts = []
-        for label, start, end, note in self.steps:
+        for label, start, end, note, _ in self.steps:
             if end is None:
                 us = _us(now - start)
                 parts.append(f"{label} {us}us+" if us else label)
@@ -132,7 +131,7 @@ class Trace:
         if not self.steps:
             return "-"
         return ">".join([f"{label}:{int(((end or start) - start) * 1e6 + 0.5)}us{'!' + note if note else ''}"
-                         for label, start, end, note in self.steps])
+                         for label, start, end, note, _ in self.steps])
 
 
 def _us(seconds: float) -> int:

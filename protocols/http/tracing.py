@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from afpa.accesslog import Field
@@ -84,17 +85,28 @@ def trace_fields(conn: Any, req: Any) -> dict:
 # Bytes a log line must not carry as they are: controls, quote, backslash and
 # non-ASCII become \xHH (as nginx writes them), so a client cannot forge lines
 # or break the quoting.
+_UNSAFE = re.compile(rb'[\x00-\x1f"\\\x7f-\xff]')
 _ESCAPE = str.maketrans({c: f"\\x{c:02X}" for c in (*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100))})
 
 
 def _text(value: bytes) -> str:
-    return value.decode("latin-1").translate(_ESCAPE) if value else "-"
+    if not value:
+        return "-"
+    if _UNSAFE.search(value) is None:
+        return value.decode("ascii")  # the common case: nothing to escape
+    return value.decode("latin-1").translate(_ESCAPE)
+
+
+def _ascii(value: bytes) -> str:
+    """A value the parser (or afpa itself) made of visible ASCII only: method, Host, Cache-Status."""
+    return value.decode("ascii", "replace") if value else "-"
 
 
 def _request(_conn: Any, req: Any, _now: float) -> str:
-    if not req.method:
+    method = req.method
+    if not method:
         return "-"  # refused before a request line could be read
-    return f"{_text(req.method)} {_text(req.target)} HTTP/1.{0 if req.version == 10 else 1}"
+    return method.decode("ascii") + " " + _text(req.target) + (" HTTP/1.0" if req.version == 10 else " HTTP/1.1")
 
 
 def _protocol(_conn: Any, req: Any, _now: float) -> str:
@@ -103,22 +115,28 @@ def _protocol(_conn: Any, req: Any, _now: float) -> str:
 
 FIELDS: dict[str, Field] = {
     "request": _request,
-    "request_method": lambda c, req, n: _text(req.method),
+    "request_method": lambda c, req, n: _ascii(req.method),
     "request_uri": lambda c, req, n: _text(req.target),
     "uri": lambda c, req, n: _text(req.path),
     "args": lambda c, req, n: _text(req.query),
-    "host": lambda c, req, n: _text(req.host),
+    "host": lambda c, req, n: _ascii(req.host),
     "server_protocol": _protocol,
     "body_bytes_sent": lambda c, req, n: str(body_bytes(req)),
-    "cache_status": lambda c, req, n: _text(req.cache_status),
+    "cache_status": lambda c, req, n: _ascii(req.cache_status),
 }
 
 
 def _header(lname: bytes) -> Field:
     def field(_conn: Any, req: Any, _now: float) -> str:
         lnames = req.lnames
-        if not lnames or lname not in lnames:
+        if not lnames:
             return "-"
+        try:
+            i = lnames.index(lname)
+        except ValueError:
+            return "-"
+        if lnames.count(lname) == 1:
+            return _text(req.headers[i][1])
         return _text(b", ".join(v for n, (_, v) in zip(lnames, req.headers) if n == lname))
     return field
 

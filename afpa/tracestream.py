@@ -108,6 +108,9 @@ class TraceStream(Resource):
 
     def render_GET(self, request: Any) -> Any:
         try:
+            if request.method != b"GET":  # twisted.web sends HEAD here: a stream has no head-only form
+                request.setHeader(b"allow", b"GET")
+                raise _Refused(405, "use GET for /trace (it streams)")
             authorize(request, self.afpa.admin_token)
             args = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
                     for k, vs in request.args.items()}

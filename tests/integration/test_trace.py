@@ -109,3 +109,13 @@ def test_afpa_trace_shows_a_request_sent_after_it_started(afpa_process, token_fi
         if child.poll() is None:
             child.kill()
             child.communicate()
+
+
+def test_unknown_access_log_field_stops_afpa_with_one_line(tmp_path):
+    cfg = tmp_path / "afpa.toml"
+    cfg.write_text('access_log = "-"\naccess_log_format = \'$remote_addr "$reqest" $status\'\n')
+    done = subprocess.run([sys.executable, "-m", "afpa", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"afpa: {cfg}: access_log_format: unknown field $reqest (known: ")

@@ -120,13 +120,16 @@ class Driver:
         prefix = self.trace_prefix
         req = conn.req
         trace = None if req is None else req.trace
+        fresh = True  # the state about to run may not be recorded yet (moves record their target)
         while True:
             if outcome is None:
                 if req is None:
                     req = conn.req = self.new_request()
                     trace = req.trace = self.new_trace(req) if self.trace_all else None
-                if trace is not None:
-                    trace.enter(prefix, state)  # opened already when we moved here
+                if fresh:
+                    fresh = False
+                    if trace is not None:
+                        trace.enter(prefix, state)  # a no-op when it is open already (after @wait)
                 entries[state.index] += 1
                 try:
                     outcome = state.fn(g, conn, req)
@@ -161,6 +164,7 @@ class Driver:
                         # far goes into it (the Send Engine's own time cannot).
                         self.trace_answer(req, trace.text(now))
                 state = nxt
+                fresh = False
                 continue
             if nxt.name == WAIT:
                 conn.state = state  # its step stays open: waiting is part of it
@@ -175,6 +179,7 @@ class Driver:
                 return
             req = conn.req
             trace = None if req is None else req.trace
+            fresh = True
 
     def _traced(self, state: Any, req: Any) -> Trace:
         """The request's trace, begun now if it had none: ``state`` (which asked

@@ -49,7 +49,8 @@ class _Clock:
 
 
 def _remote_addr(conn: Any, _req: Any, _now: float) -> str:
-    return conn.peer_host
+    label = conn.peer_label or conn.peer  # host:port, looked up once per connection
+    return label[:label.rfind(":")]
 
 
 def _remote_port(conn: Any, _req: Any, _now: float) -> str:

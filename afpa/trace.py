@@ -128,10 +128,13 @@ class Trace:
 
     def compact(self) -> str:
         """The path without spaces, for a log field: ``derive_request:12us>send_engine:30us``."""
-        if not self.steps:
-            return "-"
-        return ">".join([f"{label}:{int(((end or start) - start) * 1e6 + 0.5)}us{'!' + note if note else ''}"
-                         for label, start, end, note, _ in self.steps])
+        out = []
+        for label, start, end, note, _ in self.steps:
+            if note is None:
+                out.append(f"{label}:{int(((end or start) - start) * 1e6 + 0.5)}us")
+            else:
+                out.append(f"{label}:{int(((end or start) - start) * 1e6 + 0.5)}us!{note}")
+        return ">".join(out) if out else "-"
 
 
 def _us(seconds: float) -> int:

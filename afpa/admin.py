@@ -5,7 +5,9 @@ running tables drawn as DOT (``/tables/<machine>.dot``) or shown as text
 (``/tables/<machine>.toml``), listed at ``/tables/``.  Bind it to loopback or a
 management network only.
 
-Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``, ``/reload``) need
+``GET /trace`` streams finished requests live (see :mod:`afpa.tracestream`).
+
+Writes (``POST /cache/purge``, ``/cache/ban``, ``/cache/tag``, ``/reload``) and ``/trace`` need
 ``Authorization: Bearer <token>`` with the server's admin token (401 without,
 403 with a wrong one); with no token configured every write is refused (403).
 Reads stay open unless ``admin_auth = "all"``: then every endpoint needs the
@@ -69,6 +71,10 @@ class AdminBackend(Protocol):
     def reload(self) -> dict[str, Any] | Deferred:
         """``POST /reload``: ``{"ok": true, ...}`` or ``{"ok": false, "problems": [...]}``."""
 
+    @property
+    def trace_hub(self) -> Any:
+        """The :class:`afpa.trace.TraceHub` whose events ``GET /trace`` streams."""
+
 
 class LocalBackend:
     """The admin backend of one running :class:`~afpa.server.Server`."""
@@ -102,6 +108,10 @@ class LocalBackend:
 
     def reload(self) -> dict[str, Any]:
         return self.server.reload()
+
+    @property
+    def trace_hub(self) -> Any:
+        return self.server.trace_hub
 
 
 def _answer(request: Any, result: Any, render: Callable[[Any], bytes]) -> Any:
@@ -510,6 +520,8 @@ def backend_site(backend: AdminBackend) -> Site:
         cache.putChild(how.encode(), _CacheWrite(backend, how))
     root.putChild(b"cache", cache)
     root.putChild(b"reload", _Reload(backend))
+    from afpa.tracestream import TraceStream  # it imports authorize from here
+    root.putChild(b"trace", TraceStream(backend))
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.backend = backend
     site.noisy = False

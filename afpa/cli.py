@@ -10,6 +10,7 @@
     afpa cache tag TAG... [--soft]
     afpa reload [--admin HOST:PORT] [--admin-token-file F] [--config F]
     afpa check [--config F] [the options of serve]
+    afpa trace [--host H] [--path P] [--status S] [--state NAME] [--sample N] [--json]
 """
 
 from __future__ import annotations
@@ -88,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="purge cached objects through a running server's admin API")
     csub = c.add_subparsers(dest="cache_command", required=True)
-    admin_opts = _Parser(add_help=False)
-    admin_opts.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
+    admin_conn = _Parser(add_help=False)  # how a client command reaches the admin API
+    admin_conn.add_argument("--admin", type=_hostport, metavar="HOST:PORT",
                             help=f"the server's admin address (default: the --config file's admin, "
                                  f"else {DEFAULT_ADMIN[0]}:{DEFAULT_ADMIN[1]})")
-    admin_opts.add_argument("--admin-token-file", metavar="FILE",
+    admin_conn.add_argument("--admin-token-file", metavar="FILE",
                             help="file holding the admin token (default: the --config file's "
                                  "admin_token_file, else $AFPA_ADMIN_TOKEN)")
-    admin_opts.add_argument("--config", help="take --admin and --admin-token-file from this config file")
-    r = sub.add_parser("reload", parents=[admin_opts], help="make a running server re-read its configuration, "
-                       "tables and TLS files (exit 1 listing file:line: problem if they fail; nothing changes then)")
-    r.set_defaults(soft=False)
+    admin_conn.add_argument("--config", help="take --admin and --admin-token-file from this config file")
+    sub.add_parser("reload", parents=[admin_conn], help="make a running server re-read its configuration, "
+                   "tables and TLS files (exit 1 listing file:line: problem if they fail; nothing changes then)")
+    admin_opts = _Parser(add_help=False, parents=[admin_conn])
     admin_opts.add_argument("--soft", action="store_true",
                             help="mark stale (kept for revalidation and grace) instead of removing")
     cp = csub.add_parser("purge", parents=[admin_opts], help="purge one URL (http://host[:port]/path?query)")
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     ct = csub.add_parser("tag", parents=[admin_opts], help="purge every object with these surrogate keys "
                          "(Surrogate-Key / Cache-Tag)")
     ct.add_argument("tags", nargs="+", metavar="TAG")
+
+    tr = sub.add_parser("trace", parents=[admin_conn],
+                        help="follow requests live (a line each, with the states they went through) "
+                             "through a running server's admin API; Ctrl-C stops")
+    tr.add_argument("--host", help="only requests for this Host")
+    tr.add_argument("--path", help="only requests whose path starts with this")
+    tr.add_argument("--status", help="only this status (404) or class (5xx)")
+    tr.add_argument("--state", metavar="NAME", help="only requests that went through this state")
+    tr.add_argument("--sample", type=_type(config.COUNT), metavar="N", help="1 request in N (after the filters)")
+    tr.add_argument("--json", action="store_true", help="print each event as the server sends it (NDJSON)")
     return p
 
 
@@ -144,6 +155,9 @@ def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
                         "whoever reaches the admin address) or 'all' (everything but /healthz)")
     s.add_argument("--access-log", metavar="PATH",
                    help="one line per request ('-' for standard output); SIGHUP reopens it")
+    s.add_argument("--access-log-format", metavar="FORMAT",
+                   help="fields of an access-log line, e.g. '$remote_addr \"$request\" $status $states' "
+                        "(default: combined log format plus $cache_status and $states; see README)")
     s.add_argument("--cache-size", dest="cache_bytes", type=_size, metavar="SIZE",
                    help=f"memory cache budget (default: {defaults.cache_bytes >> 20}M)")
     s.add_argument("--max-object-size", dest="max_object_bytes", type=_size, metavar="SIZE",
@@ -173,6 +187,18 @@ class _AdminError(Exception):
     """An admin API call that failed; the message is one line."""
 
 
+def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], bytes | None]:
+    """The admin address and token a client command uses (``--admin``,
+    ``--admin-token-file``, ``--config``); raises :class:`_AdminError` (one line)."""
+    try:
+        from_file = load_config(args.config) if args.config else {}
+        admin = args.admin or from_file.get("admin") or DEFAULT_ADMIN
+        token_file = args.admin_token_file or from_file.get("admin_token_file")
+        return admin, config.read_admin_token(Settings(admin_token_file=token_file))
+    except (ValueError, SettingError) as exc:
+        raise _AdminError(str(exc)) from None
+
+
 def _admin_post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> tuple[int, bytes, str]:
     """POST ``body`` as JSON to ``path`` of the admin API named by ``--admin``,
     ``--admin-token-file`` and ``--config`` (``afpa cache``, ``afpa reload``):
@@ -180,13 +206,7 @@ def _admin_post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> tu
     import http.client
     import json
 
-    try:
-        from_file = load_config(args.config) if args.config else {}
-        admin = args.admin or from_file.get("admin") or DEFAULT_ADMIN
-        token_file = args.admin_token_file or from_file.get("admin_token_file")
-        token = config.read_admin_token(Settings(admin_token_file=token_file))
-    except (ValueError, SettingError) as exc:
-        raise _AdminError(str(exc)) from None
+    admin, token = _admin_target(args)
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = "Bearer " + token.decode("ascii")
@@ -270,6 +290,70 @@ def _reload(args: argparse.Namespace) -> int:
         print(format_problem(p), file=sys.stderr)
     print("afpa: reload failed; the running configuration is unchanged", file=sys.stderr)
     return 1
+
+
+def _trace(args: argparse.Namespace) -> int:
+    """``afpa trace``: follow the admin API's ``/trace`` stream, one readable line
+    per request (or the raw NDJSON with ``--json``) until Ctrl-C (exit 0)."""
+    try:
+        return _follow_trace(args)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # e.g. piped into head
+        return 0
+
+
+def _follow_trace(args: argparse.Namespace) -> int:
+    import http.client
+    import json
+    from urllib.parse import urlencode
+
+    from afpa.trace import format_event
+
+    try:
+        admin, token = _admin_target(args)
+    except _AdminError as exc:
+        print(f"afpa: {exc}", file=sys.stderr)
+        return 1
+    query = urlencode([(k, str(v)) for k, v in (("host", args.host), ("path", args.path), ("status", args.status),
+                                                ("state", args.state), ("sample", args.sample)) if v])
+    headers = {} if token is None else {"Authorization": "Bearer " + token.decode("ascii")}
+    host, port = admin
+    where = f"admin API at {host}:{port}"
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/trace" + ("?" + query if query else ""), headers=headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            data = resp.read(1 << 20)
+            print(f"afpa: {_admin_refusal(where, resp.status, data)}", file=sys.stderr)
+            return 1
+        conn.sock.settimeout(None)  # a quiet server is not a dead one
+        out = sys.stdout
+        while True:
+            line = resp.readline(1 << 20)
+            if not line:
+                print(f"afpa: {where} closed the trace stream", file=sys.stderr)
+                return 1
+            if args.json:
+                out.write(line.decode("utf-8", "replace"))
+                out.flush()
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if "subscribed" in ev:
+                print(f"afpa: tracing requests at {host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            elif "dropped" in ev:
+                print(f"afpa: {ev['dropped']} request(s) left out: this reader was slower than the traffic "
+                      "(narrow it with --host/--path/--status/--state or --sample N)", file=sys.stderr, flush=True)
+            else:
+                out.write(format_event(ev) + "\n")
+                out.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"afpa: cannot reach the {where}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
 
 
 def _check(args: argparse.Namespace, registry: Registry) -> int:
@@ -369,6 +453,10 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
         settings = load()
         source = ConfigSource(getattr(args, "config", None), load)
         server = Server(settings, reactor=reactor, registry=registry, source=source)
+    except SettingError as exc:  # a setting only the server can judge (access_log_format)
+        print(f"afpa: {_setting_where(exc.field, vars(args), getattr(args, 'config', None))}: {exc.problem}",
+              file=sys.stderr)
+        return 1
     except tables.TableError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -539,12 +627,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**kwargs)
     except SettingError as exc:
-        if exc.field in from_cli:
-            where = "--" + {"trusted_proxies": "trusted-proxy", "cache_bytes": "cache-size",
-                            "max_object_bytes": "max-object-size"}.get(exc.field, exc.field.replace("_", "-"))
-        else:
-            where = f"{path}: {config.file_key(exc.field) or exc.field}" if path else exc.field
-        raise ValueError(f"{where}: {exc.problem}") from None
+        raise ValueError(f"{_setting_where(exc.field, from_cli, path)}: {exc.problem}") from None
+
+
+def _setting_where(field: str, from_cli: Any, path: str | None) -> str:
+    """Where a setting came from, for an error: its flag, or ``<file>: <key>``."""
+    if field in from_cli:
+        return "--" + {"trusted_proxies": "trusted-proxy", "cache_bytes": "cache-size",
+                       "max_object_bytes": "max-object-size"}.get(field, field.replace("_", "-"))
+    return f"{path}: {config.file_key(field) or field}" if path else field
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,4 +650,6 @@ def main(argv: list[str] | None = None) -> int:
         return _reload(args)
     if args.command == "check":
         return _check(args, registry)
+    if args.command == "trace":
+        return _trace(args)
     return _serve(args, registry, list(sys.argv[1:] if argv is None else argv))

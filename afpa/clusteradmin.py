@@ -160,6 +160,7 @@ class ClusterBackend:
             [r for r in replies if "error" not in r]))
 
     reloader: Any = None  # afpa.clusterreload.ClusterReload, when the supervisor offers reloads
+    trace_hub: Any = None  # afpa.clustertrace.ClusterTraces' hub: GET /trace over every worker
 
     def reload(self) -> Deferred:
         """Reload every worker, or none (:class:`afpa.clusterreload.ClusterReload`);

@@ -330,6 +330,11 @@ class Settings:
     # page shells, which show nothing until their data is fetched with the token).
     admin_auth: str = "writes"
     access_log: str | None = None       # path, or "-" for standard output
+    # Fields of an access-log line ($remote_addr "$request" $status ... $states,
+    # see afpa/accesslog.py); None: the module's default (HTTP: combined log
+    # format plus Cache-Status and the state path).  Checked when a server starts.
+    access_log_format: str | None = None
+    trace_loopback: bool = True         # Afpa-Trace is honoured from loopback peers (and trusted_proxies)
 
     # Cache
     cache_bytes: int = 256 << 20
@@ -440,6 +445,8 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "admin_token_file": ("admin_token_file", PATH),
     "admin_auth": ("admin_auth", ADMIN_AUTH),
     "access_log": ("access_log", PATH),
+    "access_log_format": ("access_log_format", TEXT),
+    "trace.loopback": ("trace_loopback", BOOL),
     "root": ("root", PATH),
     "table": ("table", PATH),
     "backend_table": ("backend_table", PATH),

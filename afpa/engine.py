@@ -14,6 +14,11 @@ server runs: :class:`MachineProtocol` drives the client-connection machine,
 and :class:`afpa.outbound.Exchange` drives a backend machine
 (``http-backend.toml``) for one forwarded request.
 
+Tracing: :meth:`Driver.run` records nothing.  A request that is traced (see
+:mod:`afpa.trace`) runs in :meth:`Driver.run_traced`, the same loop plus a
+clock reading per state; the fast loop only learns about tracing in a branch
+it already takes for Deferreds (a state returned something that is not a word).
+
 House rules:
 
 - A step is a function call plus a dict lookup plus two list increments
@@ -41,8 +46,10 @@ from afpa import sendengine
 from afpa.modules import UnmetNeed
 from afpa.scopes import Connection
 from afpa.tables import CLOSE, WAIT
+from afpa.trace import Begin, Trace
 
 log = Logger(namespace="afpa.engine")
+SEND_ENGINE = sendengine.send_engine
 INF = float("inf")
 
 
@@ -71,6 +78,9 @@ class Driver:
                     self.fail(state, Failure())
                     return
                 if outcome.__class__ is not str:
+                    if outcome.__class__ is Begin:
+                        # The request asked to be traced: on in the tracing loop.
+                        return self._begin(state, outcome.word)
                     outcome = self._suspend(state, outcome)
                     if outcome is None:
                         return
@@ -92,6 +102,119 @@ class Driver:
             if state is None:
                 return
             req = conn.req
+
+    # -- tracing --------------------------------------------------------------
+
+    trace_prefix = ""      # step labels of this machine (a companion's: "<machine>:")
+    trace_all = False      # every new request is traced (someone watches them all)
+
+    def run_traced(self, state: Any, outcome: str | None) -> None:
+        """:meth:`run` that records each state of a traced request (``req.trace``)
+        with its start and end; untraced requests go through it unrecorded.
+        ``outcome`` given: ``state`` ends now with it (a Deferred fired, or the
+        request has just asked to be traced)."""
+        conn = self.conn
+        g = self.g
+        machine = conn.machine
+        entries, transitions = machine.entries, machine.transitions
+        prefix = self.trace_prefix
+        req = conn.req
+        trace = None if req is None else req.trace
+        fresh = True  # the state about to run may not be recorded yet (moves record their target)
+        while True:
+            if outcome is None:
+                if req is None:
+                    req = conn.req = self.new_request()
+                    trace = req.trace = self.new_trace(req) if self.trace_all else None
+                if fresh:
+                    fresh = False
+                    if trace is not None:
+                        trace.enter(prefix, state)  # a no-op when it is open already (after @wait)
+                entries[state.index] += 1
+                try:
+                    outcome = state.fn(g, conn, req)
+                except Exception:
+                    if trace is not None:
+                        trace.leave(prefix, trace.clock(), "raised")
+                    self.fail(state, Failure())
+                    return
+                if outcome.__class__ is not str:
+                    if outcome.__class__ is Begin:
+                        trace = self._traced(state, req)
+                        outcome = outcome.word
+                    else:
+                        outcome = self._suspend(state, outcome)
+                        if outcome is None:
+                            return
+            edge = state.on.get(outcome)
+            if edge is None:
+                if trace is not None:
+                    trace.leave(prefix, trace.clock(), "unmapped")
+                self.fail(state, None, outcome)
+                return
+            transitions[edge.index] += 1
+            outcome = None
+            nxt = edge.target
+            if nxt.fn is not None:
+                if trace is not None:
+                    now = trace.clock()
+                    trace.move(prefix, nxt, now)
+                    if trace.header and nxt.fn is SEND_ENGINE and not req.sent_head and req.head:
+                        # The answer is complete but not written: the trace so
+                        # far goes into it (the Send Engine's own time cannot).
+                        self.trace_answer(req, trace.text(now))
+                state = nxt
+                fresh = False
+                continue
+            if nxt.name == WAIT:
+                conn.state = state  # its step stays open: waiting is part of it
+                self.waiting()
+                return
+            if trace is not None:
+                now = trace.clock()
+                trace.leave(prefix, now)
+                self.trace_finished(req, now)  # here, not in finished(): no test on the fast path
+            state = self.finished(req, nxt.name == CLOSE)
+            if state is None:
+                return
+            req = conn.req
+            trace = None if req is None else req.trace
+            fresh = True
+
+    def _traced(self, state: Any, req: Any) -> Trace:
+        """The request's trace, begun now if it had none: ``state`` (which asked
+        for it) counts from when the request began.  Its answer carries the trace."""
+        trace = req.trace
+        if trace is None:
+            trace = req.trace = self.new_trace(req)
+            trace.enter(self.trace_prefix, state, req.started)
+        trace.header = True
+        return trace
+
+    def _begin(self, state: Any, word: str) -> None:
+        self._traced(state, self.conn.req)
+        self.run_traced(state, word)
+
+    def new_trace(self, req: Any) -> Trace:
+        """A fresh trace for ``req`` (on the driver's clock)."""
+        return Trace(self.seconds)
+
+    def trace_answer(self, req: Any, text: str) -> None:
+        """Write the trace ``text`` into the answer on ``req`` (the module's job)."""
+        hook = self.conn.machine.module.trace_answer
+        if hook is not None:
+            hook(req, text)
+
+    def trace_finished(self, req: Any, now: float) -> None:
+        """A traced request reached ``@done`` or ``@close`` (its trace is complete)."""
+
+    def resume(self, state: Any, outcome: str | None) -> None:
+        """Step on from a parked state: in the tracing loop when the request is traced."""
+        req = self.conn.req
+        if req is not None and req.trace is not None:
+            self.run_traced(state, outcome)
+        else:
+            self.run(state, outcome)
 
     def _suspend(self, state: Any, d: Deferred) -> str | None:
         """A state returned a Deferred.  If it has already fired, return its
@@ -130,7 +253,7 @@ class Driver:
             self.fail(state, result)
             return
         self.resumed()
-        self.run(state, result)
+        self.resume(state, result)
 
     def fail(self, state: Any, failure: Failure | None, outcome: Any = None) -> None:
         """A state raised (or returned an unmapped outcome): log once, count, and
@@ -204,6 +327,10 @@ class MachineProtocol(Protocol, Driver):
         self.stats: Any = None
         self.make_request: Any = None
         self._next: Any = None  # (machine, g) a reload hands over after this request
+        # The loop data arrival runs: run, or run_traced while every request is
+        # traced (Server.set_trace_all); chosen here, not tested per request.
+        self.trace_all = server.trace_all
+        self.step = self.run_traced if self.trace_all else self.run
 
     # -- events ---------------------------------------------------------------
 
@@ -258,7 +385,7 @@ class MachineProtocol(Protocol, Driver):
             elif conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
                 self.pause_reading()
             return
-        self.run(conn.state, None)
+        self.step(conn.state, None)
 
     def connectionLost(self, reason: Failure = None) -> None:
         conn = self.conn
@@ -363,7 +490,7 @@ class MachineProtocol(Protocol, Driver):
         if state is not None:
             # Pipelined input is waiting.  The caller's loop holds the old
             # machine's counters, so the new machine runs from here instead.
-            self.run(self.conn.machine.start, None)
+            self.step(self.conn.machine.start, None)
         return None
 
     def _switch(self, machine: Any, g: Any) -> None:
@@ -373,6 +500,10 @@ class MachineProtocol(Protocol, Driver):
         self.g = g
         self.make_request = machine.module.make_request
         self.stats = self.server.stats_for(machine)
+
+    def trace_finished(self, req: Any, now: float) -> None:
+        if req.status:
+            self.server.traced(self.conn, req, now)
 
     def drain(self) -> None:
         """The server is shutting down: close now if the connection is between
@@ -408,11 +539,16 @@ class MachineProtocol(Protocol, Driver):
         req = conn.req
         if req is None:
             req = conn.req = self.new_request()
+            if self.trace_all:
+                req.trace = self.new_trace(req)
         if not req.sent_head:
             release(req)
             req.head, req.body, req.status = b"", None, 0
             conn.machine.module.fail(self.g, conn, req, status)
             if req.head:
+                trace = req.trace
+                if trace is not None and trace.header:
+                    self.trace_answer(req, trace.text(self.seconds()))
                 sendengine.write(conn, [req.head])
                 req.sent_head = True
         if req.status:
@@ -420,6 +556,8 @@ class MachineProtocol(Protocol, Driver):
             self.stats.observe(req.status, now - req.started)
             if self.server.access_log is not None:
                 self.server.access_log.request(conn, req, now)
+            if req.trace is not None:
+                self.server.traced(conn, req, now)
         conn.req = None
         self._close()
 

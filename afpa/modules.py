@@ -157,8 +157,14 @@ class ProtocolModule:
     - ``companions``: other machines the module runs (e.g. ``http-backend`` for
       backend connections); the server loads and validates them too and hands
       them over in ``runtime.machines``.
-    - ``access_line(conn, req, now)``: one access-log line (with its newline)
-      for a finished request, when the module supports ``--access-log``.
+    - ``access_field(name)``: the access-log field ``$name`` as a function
+      ``(conn, req, now) -> str``, or None when the module has no such field
+      (see :mod:`afpa.accesslog`); ``access_format``: the module's default
+      format.  A module without them writes no access log.
+    - ``trace_answer(req, text)``: put a request's trace (``text``) into the
+      answer on ``req`` before it is sent (HTTP: the ``Afpa-Trace`` response
+      field); ``trace_fields(conn, req)``: the module's fields of a traced
+      request's event (HTTP: method, host, path, cache_status, bytes).
     - ``make_global(settings, runtime)``: builds the module's global scope once per
       server (``runtime`` is :class:`afpa.scopes.Runtime`).
     - ``make_request(conn)``: a fresh request scope (subclass of
@@ -187,7 +193,10 @@ class ProtocolModule:
     make_request: Callable[[Any], Any]
     fail: Callable[[Any, Any, Any, int], None]
     companions: tuple[str, ...] = ()
-    access_line: Callable[[Any, Any, float], str] | None = None
+    access_field: Callable[[str], Callable[[Any, Any, float], str] | None] | None = None
+    access_format: str = ""
+    trace_answer: Callable[[Any, str], None] | None = None
+    trace_fields: Callable[[Any, Any], dict] | None = None
     facts: Mapping[str, str] = attrs.field(factory=dict)
     invalidation: Any = None
     carry_over: Callable[[Any, Any], None] | None = None

@@ -34,10 +34,13 @@ class Exchange(Driver):
         self.conn.req = req
         self.done: Deferred = Deferred()
         self.ended = False
+        # A traced client request (req.trace, shared) records this machine's
+        # states too, labelled with the machine's name.
+        self.trace_prefix = machine.name + ":"
 
     def start(self) -> Deferred:
         """Run the machine; the Deferred fires with ``req.result``."""
-        self.run(self.conn.state, None)
+        self.resume(self.conn.state, None)
         return self.done
 
     # -- events ---------------------------------------------------------------
@@ -63,7 +66,7 @@ class Exchange(Driver):
     def poke(self) -> None:
         """Re-run the waiting state (new input, a close, a timeout)."""
         if not self.ended and not self.conn.busy:
-            self.run(self.conn.state, None)
+            self.resume(self.conn.state, None)
 
     # -- driver hooks ---------------------------------------------------------
 

@@ -34,7 +34,7 @@ import attrs
 from twisted.logger import Logger
 
 from afpa import config, tables
-from afpa.accesslog import AccessLog
+from afpa.accesslog import AccessLog, FormatError, module_format
 from afpa.cache import CacheStore
 from afpa.config import Settings, sibling_address
 from afpa.modules import Registry
@@ -159,6 +159,7 @@ class Generation:
     tls: Any                  # afpa.tls context factory, None without certificates
     tls_digest: str           # of the certificate and key files, to tell a renewal
     admin_token: bytes | None
+    access_format: Any = None  # afpa.accesslog.LineFormat (None: the module writes no log)
 
 
 def wanted_listeners(s: Settings) -> list[tuple[str, tuple[str, int]]]:
@@ -273,13 +274,18 @@ def build(settings: Settings, registry: Registry, make_runtime: Callable[[Settin
     bad_log = _access_log_problem(settings.access_log)
     if bad_log:
         problems.append(problem(settings.access_log, None, bad_log))
-    g = runtime = None
+    g = runtime = access_format = None
     # Routes are checked even when a table is broken: every problem at once.
     module = machine.module if machine is not None else registry.modules.get(settings.module)
     if module is not None:
-        if settings.access_log and module.access_line is None:
-            problems.append(config_problem(f"access_log: protocol module {module.name!r} writes no access log",
-                                           config_path))
+        try:
+            access_format = module_format(module, settings.access_log_format)
+        except FormatError as exc:
+            problems.append(config_problem(f"access_log_format: {exc}", config_path))
+        else:
+            if settings.access_log and access_format is None:
+                problems.append(config_problem(f"access_log: protocol module {module.name!r} writes no access log",
+                                               config_path))
         runtime = make_runtime(settings, companions)
         try:
             g = module.make_global(settings, runtime)
@@ -287,7 +293,8 @@ def build(settings: Settings, registry: Registry, make_runtime: Callable[[Settin
             problems.append(config_problem(str(exc), config_path))
     if problems or machine is None:
         return None, problems
-    return Generation(settings, machine, companions, runtime, g, tls, tls_digest(settings), admin_token), []
+    return Generation(settings, machine, companions, runtime, g, tls, tls_digest(settings), admin_token,
+                      access_format), []
 
 
 def _file_problem(message: str, files: list[str]) -> ProblemDict:
@@ -348,7 +355,7 @@ def prepare(server: Any, settings: Settings | None = None) -> Prepared | list[Pr
     prepared = Prepared(server, gen, server.generation)
     if settings.access_log and settings.access_log != old.access_log:
         try:
-            prepared.access_log = AccessLog(settings.access_log, gen.machine.module.access_line)
+            prepared.access_log = AccessLog(settings.access_log, gen.access_format.line)
         except ValueError as exc:
             problems.append(_file_problem(str(exc), [settings.access_log]))
     if server.listening:
@@ -463,6 +470,10 @@ class Prepared:
             if server.access_log is not None:
                 server.access_log.close()
             server.access_log = self.access_log
+        elif server.access_log is not None:
+            server.access_log.flush()  # lines made with the old format go out as they were
+            server.access_log.line = gen.access_format.line
+        server.access_format = gen.access_format
         if gen.tls is not None:
             if server.tls_context is None:
                 server.tls_context = gen.tls
@@ -480,6 +491,7 @@ class Prepared:
         for proto in list(server.connections):
             proto.adopt(gen.machine, gen.g)
         server.settings_changed(old_settings)
+        server.trace_interest()  # the access log may print the state path now, or no longer
         server.generation += 1
         return {"ok": True, "generation": server.generation, "changed": list(self.changed)}
 

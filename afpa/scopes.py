@@ -104,3 +104,4 @@ class Request:
     status: int = 0
     close: bool = False
     sent_head: bool = False
+    trace: Any = None  # afpa.trace.Trace while the request is traced

@@ -18,9 +18,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from afpa import reload, tables
-from afpa.accesslog import AccessLog
+from afpa.accesslog import AccessLog, FormatError, module_format
 from afpa.cache import CacheStore
-from afpa.config import Settings, read_admin_token, sibling_address
+from afpa.config import SettingError, Settings, read_admin_token, sibling_address
 from afpa.engine import MachineProtocol
 from afpa.helpers import Helpers
 from afpa.intrinsics import default_registry
@@ -28,6 +28,7 @@ from afpa.metrics import RequestStats
 from afpa.modules import Registry
 from afpa.reload import ConfigSource
 from afpa.scopes import Runtime
+from afpa.trace import TraceHub, event
 from afpa.trust import TrustedProxies
 
 log = Logger(namespace="afpa.server")
@@ -122,10 +123,15 @@ class Server:
             raise ValueError('admin_auth: "all" needs an admin token (admin_token_file, '
                              '--admin-token-file or $AFPA_ADMIN_TOKEN)')
         self.access_log: AccessLog | None = None
+        self.access_format = self._access_format()
         if settings.access_log:
-            if self.machine.module.access_line is None:
+            if self.access_format is None:
                 raise ValueError(f"protocol module {self.machine.module.name!r} writes no access log")
-            self.access_log = AccessLog(settings.access_log, self.machine.module.access_line)
+            self.access_log = AccessLog(settings.access_log, self.access_format.line)
+        # Live traces (GET /trace, afpa trace): recorded for every request only
+        # while someone listens, or while the access log prints the state path.
+        self.trace_all = self.access_log is not None and self.access_format.traces
+        self.trace_hub = TraceHub(on_change=lambda _active: self.trace_interest())
         self.connections: set[MachineProtocol] = set()
         self.connections_total = 0
         self.request_stats: dict[str, RequestStats] = {}
@@ -149,6 +155,39 @@ class Server:
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
+    def _access_format(self) -> Any:
+        """The compiled access-log format (checked even with no access log, so a
+        bad one is found at startup); None when the module writes no log."""
+        try:
+            return module_format(self.machine.module, self.settings.access_log_format)
+        except FormatError as exc:
+            raise SettingError("access_log_format", str(exc)) from None
+
+    # -- tracing --------------------------------------------------------------
+
+    def trace_interest(self) -> None:
+        """Record every request while anyone listens to /trace or the access log prints the state path."""
+        self.set_trace_all(self.trace_hub.active
+                           or (self.access_log is not None and self.access_format.traces))
+
+    def set_trace_all(self, on: bool) -> None:
+        """Trace every request from now on (``on``), or only those that ask: switches
+        the stepping loop of every open connection and of those accepted later."""
+        if on == self.trace_all:
+            return
+        self.trace_all = on
+        for proto in self.live:
+            proto.trace_all = on
+            proto.step = proto.run_traced if on else proto.run
+
+    def traced(self, conn: Any, req: Any, now: float) -> None:
+        """A traced request finished: its event goes to the live subscribers."""
+        hub = self.trace_hub
+        if hub.subscribers:
+            module = conn.machine.module
+            fields = module.trace_fields(conn, req) if module.trace_fields is not None else None
+            hub.publish(event(conn, req, conn.machine.name, now, fields))
+
     # -- lifecycle ------------------------------------------------------------
 
     def factory(self, tls: bool = False) -> ServerFactory:
@@ -169,9 +208,9 @@ class Server:
                 if self.settings.admin_auth == "all":
                     writes = "every endpoint but /healthz needs the admin token"
                 elif self.admin_token is not None:
-                    writes = "/cache/* and /reload need the admin token"
+                    writes = "/cache/*, /reload and /trace need the admin token"
                 else:
-                    writes = "writes refused: no admin token configured"
+                    writes = "writes and /trace refused: no admin token configured"
                 lines.append(f"admin (live machine page, /metrics, /healthz, /tables/) on "
                              f"http://{addr.host}:{addr.port}/ ({writes})")
             else:

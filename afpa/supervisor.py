@@ -414,13 +414,14 @@ def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
     """The supervisor's admin web site: the same endpoints as one server's, over
     every worker (:func:`afpa.clusteradmin.supervisor_admin_site`: merged
     ``/metrics``, the live page's counts added up, ``/cache/*`` fanned out), plus
-    ``/workers``, the worker processes as JSON, and ``POST /reload`` through
-    ``reloader`` (:class:`afpa.clusterreload.ClusterReload`).  ``server`` is the
+    ``/workers``, the worker processes as JSON, ``GET /trace`` over every worker
+    (:mod:`afpa.clustertrace`), and ``POST /reload`` through ``reloader`` (:class:`afpa.clusterreload.ClusterReload`).  ``server`` is the
     supervisor's never-started Server, whose tables ``/tables/`` shows."""
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET
 
     from afpa.clusteradmin import supervisor_admin_site
+    from afpa.clustertrace import ClusterTraces
 
     class Workers(Resource):
         isLeaf = True
@@ -448,6 +449,7 @@ def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
     site = supervisor_admin_site(cluster, server.settings, machines=server.machines(),
                                  draining=lambda: cluster.draining)
     site.backend.reloader = reloader
+    site.backend.trace_hub = ClusterTraces(cluster, cluster.reactor).hub
     site.backend._machines = server.machines  # the current ones, after a reload too
     site.resource.putChild(b"workers", Workers())
     return site

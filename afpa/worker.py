@@ -29,7 +29,7 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from afpa import clusterreload
+from afpa import clusterreload, clustertrace
 from afpa.clusteradmin import register_worker_ops
 from afpa.control import WORKER_FD, Channel, ControlError
 
@@ -75,6 +75,7 @@ register("drain", _drain)
 register("sibling", _sibling)
 register_worker_ops(register)  # snapshot (merged /metrics), machines (live page), cache (purges)
 clusterreload.register_worker_ops(register)  # reload_prepare/commit/abort, reopen_logs
+clustertrace.register_worker_ops(register)  # trace_poll, trace_stop (the supervisor's /trace)
 # "stop" is the worker's own (it needs the channel): see Worker.
 
 

@@ -33,8 +33,9 @@ CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"true-client-ip", b"cf-c
                            b"x-client-ip", b"x-cluster-client-ip", b"fastly-client-ip",
                            b"x-original-forwarded-for", b"x-originating-ip", b"client-ip"})
 # Set by afpa toward the backend (framing, Host, Expect is answered by afpa).
-# Afpa-Sibling is afpa's own (protocols/http/siblings.py): never sent to a backend.
-REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via", b"afpa-sibling"})
+# Afpa-Sibling (protocols/http/siblings.py) and Afpa-Trace (protocols/http/tracing.py)
+# are for afpa alone: never sent to a backend.
+REQUEST_REPLACED = frozenset({b"host", b"content-length", b"expect", b"via", b"afpa-sibling", b"afpa-trace"})
 # A client's own preconditions, replaced by afpa's when it revalidates a stored
 # response (the client's are then answered from the refreshed object).
 # (If-Range stays: without it a Range request would get a part of a changed body.)
@@ -42,7 +43,8 @@ CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                          b"if-unmodified-since"})
 # Set by afpa toward the client.
 # Surrogate keys (purge by tag) are for afpa alone: never relayed or stored in a head.
-RESPONSE_REPLACED = frozenset({b"content-length", b"via", b"surrogate-key", b"cache-tag"})
+# A backend's Afpa-Trace is not relayed: the client's is this afpa's own.
+RESPONSE_REPLACED = frozenset({b"content-length", b"via", b"surrogate-key", b"cache-tag", b"afpa-trace"})
 VIA = b"1.1 afpa"
 
 

@@ -2,7 +2,7 @@
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
 from afpa.modules import ProtocolModule, collect
-from protocols.http import coalesce, deferred, invalidation, remote, states
+from protocols.http import coalesce, deferred, invalidation, remote, states, tracing
 from protocols.http.scopes import HttpGlobal, HttpRequest, carry_over
 
 FACTS = {
@@ -25,7 +25,10 @@ MODULE = ProtocolModule(
     make_global=HttpGlobal.build,
     make_request=lambda conn: HttpRequest(),
     fail=states.fail,
-    access_line=states.access_line,
+    access_field=tracing.access_field,
+    access_format=tracing.DEFAULT_FORMAT,
+    trace_answer=tracing.trace_answer,
+    trace_fields=tracing.trace_fields,
     facts=FACTS,
     invalidation=invalidation,
     carry_over=carry_over,

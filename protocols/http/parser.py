@@ -200,6 +200,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.range = value if req.range is None else req.range + b", " + value
         elif lname == b"if-range":
             req.if_range = value if req.if_range is None else req.if_range + b", " + value
+        elif lname == b"afpa-trace":
+            req.trace_asked = value == b"1"
 
     if pragma is not None and req.cache_control is None and b"no-cache" in pragma.lower():
         # RFC 9111 5.4: Pragma: no-cache counts only without Cache-Control.
@@ -289,7 +291,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
 _GOOD_HOSTS: set[bytes] = set()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
                       b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
-                      b"upgrade", b"cache-control", b"pragma", b"range", b"if-range"})
+                      b"upgrade", b"cache-control", b"pragma", b"range", b"if-range", b"afpa-trace"})
 
 
 def _diagnose_request_line(line: bytes) -> str:

@@ -74,7 +74,7 @@ from afpa.modules import state
 from afpa.outbound import Exchange
 from afpa.scopes import Connection, Request
 from afpa.splice import splice_to
-from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges
+from protocols.http import cachepolicy, coalesce, forward, invalidation, ranges, tracing
 from protocols.http import siblings as siblings_rules
 from protocols.http.errors import HttpError
 from protocols.http.parser import ChunkedBody, LengthBody, parse_response_head
@@ -338,7 +338,7 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
         set_error(g, req, 405, "CONNECT is not served here", extra=b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n")
         settle_body(g, conn, req)
         return "failed"
-    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route))
+    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=g.pools.pick(req.route), trace=req.trace)
     ex.whole = (req.range is not None and req.key is not None and req.method == b"GET"
                 and g.settings.range_miss == "whole")
     return _start_exchange(g, conn, ex)
@@ -370,7 +370,8 @@ def derive_sibling_response(g: Any, conn: Any, req: Any) -> Any:
             if siblings is not None else None)
     if pool is None:
         return "fallback"  # the owner failed a moment ago (or an edited table got here)
-    return _start_exchange(g, conn, BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings))
+    return _start_exchange(g, conn, BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings,
+                                                          trace=req.trace))
 
 
 # -- stale serving (RFC 5861, operator grace) -------------------------------------
@@ -719,7 +720,8 @@ def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
     cache_status = (creq.cache_status or b"afpa; fwd=bypass") + b"; fwd-status=101"
     creq.cache_status = cache_status
     head = [forward.status_line(ex), *forward.response_lines(ex), b"Upgrade: ", ex.upgrade,
-            b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n\r\n"]
+            b"\r\nConnection: Upgrade\r\nCache-Status: ", cache_status, b"\r\n",
+            _trace_line(creq), b"\r\n"]
     out = [b"".join(head)]
     if conn.unread():
         out.append(conn.inbuf[conn.inpos:])
@@ -800,7 +802,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         status = _range_from_whole(ex, lines)
         if not status:
             return  # held: answered from the stored object when it is complete
-    head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n"]
+    head = [forward.status_line(ex), *lines, b"Cache-Status: ", cache_status, b"\r\n", _trace_line(creq)]
     if ex.client_close:
         head.append(b"Connection: close\r\n")
     elif creq.version == 10:
@@ -845,9 +847,17 @@ def _relay_sibling_head(g: Any, conn: Any, ex: BackendExchange, lines: list[byte
     creq.status = status
     creq.sent_head = True
     ex.relaying = True
-    ex.out = [b"".join([forward.status_line(ex), *lines, b"\r\n"])]
+    ex.out = [b"".join([forward.status_line(ex), *lines, _trace_line(creq), b"\r\n"])]
     if ex.reader is not None:
         cconn.transport.registerProducer(conn.transport, True)
+
+
+def _trace_line(creq: Any) -> bytes:
+    """``Afpa-Trace`` for a relayed head, when the client asked for it."""
+    trace = creq.trace
+    if trace is None or not trace.header:
+        return b""
+    return tracing.header_line(trace, trace.clock())
 
 
 _TARGETED: dict[str, tuple[bytes, ...]] = {}
@@ -935,6 +945,8 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         out += forward.frame(pieces, ex.client_chunked, finished)
     if out and not ex.held:
         sendengine.write(ex.cconn, out)
+        if pieces:
+            ex.creq.relayed += sum(len(p) for p in pieces)  # $body_bytes_sent, trace "bytes"
     if pieces:
         if ex.store is not None:
             ex.store += pieces

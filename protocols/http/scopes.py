@@ -48,6 +48,8 @@ class HttpRequest(Request):
     stale: Any = None            # the stale cached object being revalidated
     route: Route | None = None
     cache_status: bytes = b""
+    trace_asked: bool = False    # Afpa-Trace: 1 (honoured from trusted peers only)
+    relayed: int = 0             # body bytes relayed from a backend
 
 
 @attrs.define(slots=True, eq=False)

@@ -13,7 +13,6 @@ call that brought the request, with no Deferred, timer or thread involved.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -21,7 +20,7 @@ from twisted.internet.defer import Deferred
 from afpa.cache import CacheObject, Variants, fragments_of
 from afpa.modules import state
 from afpa.sendengine import FileBody, Pieces
-from protocols.http import cachepolicy, conditional, files, ranges, siblings
+from protocols.http import cachepolicy, conditional, files, ranges, siblings, tracing
 from protocols.http.errors import HttpError
 from protocols.http.parser import KNOWN_METHODS, ChunkedBody, LengthBody, parse_head
 from protocols.http.responses import finish_head, object_heads, set_error
@@ -66,6 +65,8 @@ def derive_request(g: Any, conn: Any, req: Any) -> str:
         conn.pending = _Discard(reader, g.settings.max_discard_body)
     if not req.keep_alive or conn.requests + 1 >= g.settings.keepalive_requests:
         req.close = True
+    if req.trace_asked and tracing.allowed(g, conn):
+        return tracing.TRACE_COMPLETE  # "complete", and the answer carries its trace
     return "complete"
 
 
@@ -393,20 +394,6 @@ def fail(g: Any, conn: Any, req: Any, status: int) -> None:
     if not req.cache_status:
         req.cache_status = b"afpa; detail=error"
     set_error(g, req, status, close=True)
-
-
-def access_line(conn: Any, req: Any, now: float) -> str:
-    """One access-log line: time, client, request line, status, Cache-Status,
-    duration and Host, space-separated with the free-form fields quoted."""
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    client = conn.peer_host
-    if req.method:
-        line = b"%s %s HTTP/1.%d" % (req.method, req.target, 0 if req.version == 10 else 1)
-    else:
-        line = b"-"  # refused before a request line could be read
-    return (f'{when} {client} "{line.decode("latin-1").replace(chr(34), "%22")}" {req.status} '
-            f'"{req.cache_status.decode("latin-1")}" {(now - req.started) * 1000:.3f}ms '
-            f'"{req.host.decode("latin-1")}"\n')
 
 
 FUNCTIONS = (derive_request, derive_cached_response, derive_miss_response, derive_uncached_response)

@@ -254,9 +254,12 @@ def test_access_log(afpa_process, tmp_path):
     p.stop()  # flushes
     lines = log.read_text().splitlines()
     assert len(lines) == 3
-    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; fwd=uri-miss; stored"' in lines[0]
-    assert '"GET /hello.txt HTTP/1.1" 200 "afpa; hit"' in lines[1]
-    assert '"GET /missing HTTP/1.1" 404 ' in lines[2] and lines[2].endswith('"127.0.0.1"')
+    # Combined log format, then Cache-Status and the state path.
+    assert lines[0].startswith("127.0.0.1 - - [")
+    assert '"GET /hello.txt HTTP/1.1" 200 12 "-" "-" "afpa; fwd=uri-miss; stored" derive_request:' in lines[0]
+    assert '"GET /hello.txt HTTP/1.1" 200 12 "-" "-" "afpa; hit" derive_request:' in lines[1]
+    assert lines[1].split()[-1].split(">")[1].startswith("derive_cached_response:")
+    assert '"GET /missing HTTP/1.1" 404 ' in lines[2] and "send_engine:" in lines[2]
 
 
 def test_dotfiles_denied_and_redirects_stay_on_this_host(afpa_process, docroot, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 
+import attrs
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -251,3 +252,20 @@ def test_afpa_check(docroot, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["check", "--root", str(docroot), "--listen", "nope"])  # refused by the parser, as serve does
     assert exit_.value.code == 2
+
+
+def test_a_new_access_log_format_takes_effect_and_records_states_only_when_asked(docroot, tmp_path):
+    log = tmp_path / "access.log"
+    mem = MemoryServer(str(docroot), access_log=str(log), access_log_format="$status $request")
+    server = mem.server
+    assert server.trace_all is False  # nothing prints the state path: nothing is recorded
+    ask(mem, get("/hello.txt"))
+    assert server.reload(attrs.evolve(server.settings, access_log_format="$status $states"))["ok"]
+    assert server.trace_all is True
+    ask(mem, get("/hello.txt"))
+    bad = server.reload(attrs.evolve(server.settings, access_log_format="$status $nope"))
+    assert not bad["ok"] and "unknown field $nope" in bad["problems"][0]["problem"]
+    server.access_log.flush()
+    first, second = log.read_text().splitlines()
+    assert first == '200 GET /hello.txt HTTP/1.1'
+    assert second.startswith("200 derive_request") and "send_engine" in second

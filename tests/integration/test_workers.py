@@ -49,7 +49,7 @@ def gone(pid: int) -> bool:
     """Exited (a zombie nobody reaped counts: it runs no code)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: being reaped right now
         return True
     return stat[stat.rindex(")") + 2] in "ZX"
 
@@ -81,12 +81,22 @@ def request(s: socket.socket, path: str = "/hello.txt") -> tuple[int, bytes]:
     return status, body
 
 
+def sigstop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped (the signal lands asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    for _ in range(400):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] in "Tt":
+            return
+        time.sleep(0.005)
+
+
 def connect_to(p, pid: int, others: list[int], probe: bool = True) -> socket.socket:
     """A keep-alive connection served by worker ``pid``: the others are stopped
     (SIGSTOP) while it is accepted, so only that worker can take it.  ``probe``:
     prove it with a request for /hello.txt; else wait until the worker holds it."""
     for other in others:
-        os.kill(other, signal.SIGSTOP)
+        sigstop(other)
     try:
         s = socket.create_connection(("127.0.0.1", p.port), timeout=30)
         if probe:
@@ -204,10 +214,12 @@ def test_sigterm_drains_every_worker(afpa_process, held_backend):  # noqa: F811
         # Half the requests on each worker (the other stopped while each is accepted).
         for i in range(40):
             pid, other = (a, b) if i % 2 else (b, a)
-            os.kill(other, signal.SIGSTOP)
+            sigstop(other)
             try:
                 s = socket.create_connection(("127.0.0.1", p.port), timeout=60)
-                s.sendall(get(f"/slow/{i}"))
+                # POST goes to the origin from the worker that took it (a GET would
+                # go through its owner worker, which may be the stopped one).
+                s.sendall(get(f"/slow/{i}", "Content-Length: 0", method="POST"))
                 for _ in range(400):
                     if len(held_backend.requests) > i:
                         break
@@ -279,7 +291,7 @@ def test_workers_serve_plain_and_tls_listeners(afpa_process, tmp_path):
     for pid, other in ((a, b), (b, a)):  # each worker, on each listener
         with connect_to(p, pid, [other]) as s:
             assert request(s) == (200, b"hello world\n")
-        os.kill(other, signal.SIGSTOP)
+        sigstop(other)
         try:
             with socket.create_connection(("127.0.0.1", tls_port), timeout=30) as raw:
                 with ctx.wrap_socket(raw, server_hostname="afpa.test") as s:

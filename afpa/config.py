@@ -429,6 +429,9 @@ class Settings:
     sibling_token_file: str | None = None
     sibling_connect_timeout: float = 1.0  # an owner that does not accept by then: origin instead
     sibling_retry_after: float = 2.0    # a failed owner's URLs go to the origin this long
+    # A key asked of its owner this many times is stored here too (0: never): hot
+    # objects answered locally, the tail held once.
+    sibling_replica_after: int = 4
 
     def __attrs_post_init__(self) -> None:
         validate(self)
@@ -502,6 +505,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "siblings.token_file": ("sibling_token_file", PATH),
     "siblings.connect_timeout": ("sibling_connect_timeout", SECONDS),
     "siblings.retry_after": ("sibling_retry_after", SECONDS0),
+    "siblings.replica_after": ("sibling_replica_after", COUNT0),
 }
 
 # Fields without a config key that are still checked when Settings are made.

@@ -5,6 +5,7 @@ Run from the checkout (stdlib only, Python 3.11+; needs wrk):
 
     python bench/workers.py --duration 10
     python bench/workers.py --duration 5 --repeat 3 --json out.json
+    python bench/workers.py --backend        # hits of a backend route (nginx origin)
 
 For each setup (``--workers 1``: one process, no supervisor; ``--workers 2``:
 a supervisor and two workers) it starts afpa, warms the cache, and runs wrk
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxy  # noqa: E402  (its nginx origin)
 import throughput as tp  # noqa: E402  (the shared bench helpers)
 
 SETUPS = (1, 2)
@@ -42,7 +44,8 @@ def bench_setup(n: int, args: argparse.Namespace, tmp: Path, root: Path, files: 
     """Start afpa with ``--workers n``, warm up, run both wrk cases, stop."""
     port = tp.free_port()
     log = tmp / f"afpa-w{n}.log"
-    cmd = args.afpa_cmd + ["serve", "--root", str(root), "--listen", f"{tp.HOST}:{port}", "--quiet",
+    source = ["--backend", args.origin_url] if args.origin_url else ["--root", str(root)]
+    cmd = args.afpa_cmd + ["serve", *source, "--listen", f"{tp.HOST}:{port}", "--quiet",
                            "--workers", str(n)]
     print(f"== {n} worker(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
     results: dict = {}
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--afpa-cmd", type=shlex.split, default=None,
                    help="command that runs afpa (default: `python -m afpa` of this checkout)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--backend", action="store_true",
+                   help="hits of a backend route (an nginx origin) instead of a document root: with "
+                        "2 workers the one that does not own the URL asks its owner (README, Workers)")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.connections <= 0 or args.repeat <= 0:
         p.error("--duration, --connections and --repeat must be positive")
@@ -92,8 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, dict[str, list[dict]]] = {n: {} for n in SETUPS}
     failures: dict[int, str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="afpa-bench-workers-"))
+    origin = None
+    args.origin_url = None
     try:
         root, files = tp.make_files(tmp, {"1k": 1024})
+        if args.backend:
+            tmp.chmod(0o755)  # nginx workers drop to an unprivileged user when run as root
+            oport = tp.free_port()
+            conf, _ = proxy.origin_conf(tmp, root, oport)
+            origin = tp.start(["nginx", "-c", str(conf)], tmp / "origin.out")
+            if not tp.wait_listening(origin, oport):
+                print("the nginx origin did not start", file=sys.stderr)
+                return 1
+            args.origin_url = f"http://{tp.HOST}:{oport}"
         for i in range(args.repeat):
             # Alternate the order so slow drifts of the host load fall on both.
             for n in (SETUPS if i % 2 == 0 else SETUPS[::-1]):
@@ -110,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; servers stopped", file=sys.stderr)
         return 130
     finally:
+        tp.stop(origin)
         shutil.rmtree(tmp, ignore_errors=True)
 
     res = {n: {mode: tp.median_result(rs) for mode, rs in by_mode.items()} for n, by_mode in runs.items()}
     print()
-    print(f"1 KiB cache hits; wrk -t1 -c{args.connections} -d{args.duration}s sharing the "
+    print(("1 KiB cache hits of a backend route" if args.backend else "1 KiB cache hits") + f"; wrk -t1 -c{args.connections} -d{args.duration}s sharing the "
           f"{len(os.sched_getaffinity(0))} CPUs with afpa (nothing pinned)"
           + (f"; medians of {args.repeat} runs" if args.repeat > 1 else ""))
     print("µs CPU/req = utime+stime of the supervisor and every worker (from /proc/PID/stat) "

@@ -21,6 +21,7 @@ sibling costs one failed attempt, not one per request.
 from __future__ import annotations
 
 from hashlib import blake2b
+from collections import OrderedDict
 from typing import Any
 
 from routing.pool import Backend, BackendPool
@@ -43,14 +44,23 @@ def owner_index(members: tuple[bytes, ...], key: bytes) -> int:
     return best
 
 
+ASKED_KEYS = 65536  # keys whose asks are remembered for hot()
+
+
 class Siblings:
     """This instance's view of its siblings: who owns what, a connection pool
     to each other member, and which are skipped after a failure."""
 
     def __init__(self, reactor: Any, members: tuple[str, ...], me: int, token: bytes, *,
                  connect_timeout: float = 1.0, retry_after: float = 2.0, max_idle: int = 32,
-                 idle_timeout: float = 30.0, max_connections: int = 256, max_queue: int = 1024):
+                 idle_timeout: float = 30.0, max_connections: int = 256, max_queue: int = 1024,
+                 replica_after: int = 0):
         self.reactor = reactor
+        # Hot keys get a local copy (see hot()): how many asks of the owner make a
+        # key hot (0: never), and the recent asks per key, oldest first, bounded.
+        self.replica_after = replica_after
+        self.asked: OrderedDict[bytes, int] = OrderedDict()
+        self.replicas = 0
         self.members = members
         self.ids = tuple(m.encode("ascii") for m in members)
         self.me = me
@@ -84,6 +94,24 @@ class Siblings:
         if count:
             self.forwarded[i] += 1
         return self.pools[i]
+
+    def hot(self, key: bytes) -> bool:
+        """Count one more ask of ``key``'s owner; True once it was asked
+        ``replica_after`` times among the last :data:`ASKED_KEYS` keys asked: this
+        instance then stores the owner's answer too (a replica), so a popular
+        object is answered on every member's fast path while the long tail stays
+        held once, by its owner."""
+        if not self.replica_after:
+            return False
+        asked = self.asked
+        n = asked.pop(key, 0) + 1
+        if n >= self.replica_after:
+            self.replicas += 1
+            return True
+        asked[key] = n
+        if len(asked) > ASKED_KEYS:
+            asked.popitem(last=False)
+        return False
 
     def failed(self, pool: BackendPool, now: float, down: bool) -> None:
         """A request to ``pool``'s member got no answer and went to the origin;

@@ -145,6 +145,7 @@ class BackendExchange(Request):
     revalidating: Any = None     # the stale stored object a conditional request asks about
     background: bool = False     # a refresh with no client (stale-while-revalidate, grace)
     sibling: Any = None          # routing.siblings.Siblings when asking a key's owner (siblings.py)
+    replica: bool = False        # ... for a hot key: its answer is stored here too, as an origin's
 
     # -- failure paths --------------------------------------------------------
 
@@ -370,8 +371,9 @@ def derive_sibling_response(g: Any, conn: Any, req: Any) -> Any:
             if siblings is not None else None)
     if pool is None:
         return "fallback"  # the owner failed a moment ago (or an edited table got here)
-    return _start_exchange(g, conn, BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings,
-                                                          trace=req.trace))
+    ex = BackendExchange(g=g, cconn=conn, creq=req, pool=pool, sibling=siblings, trace=req.trace,
+                         replica=siblings.hot(siblings_rules.key_bytes(req.key)))
+    return _start_exchange(g, conn, ex)
 
 
 # -- stale serving (RFC 5861, operator grace) -------------------------------------
@@ -751,7 +753,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     # Targeted cache-control fields (RFC 9213) are for afpa: never relayed.
     targeted = _targeted(g.settings)
     hide = frozenset(t for t in targeted if t in ex.lnames)
-    if ex.sibling is not None:
+    if ex.sibling is not None and not ex.replica:
         _relay_sibling_head(g, conn, ex, forward.response_lines(ex, hide, via=False))
         return
     lines = forward.response_lines(ex, hide)

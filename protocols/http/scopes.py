@@ -177,7 +177,8 @@ class HttpGlobal:
                                 max_idle=settings.backend_max_idle,
                                 idle_timeout=settings.backend_pool_idle_timeout,
                                 max_connections=settings.backend_max_connections,
-                                max_queue=settings.backend_max_queue)
+                                max_queue=settings.backend_max_queue,
+                                replica_after=settings.sibling_replica_after)
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
                    backend_machine=runtime.machines.get("http-backend"), dates=DateCache(),

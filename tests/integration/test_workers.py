@@ -422,3 +422,30 @@ def test_workers_share_one_cache_each_url_fetched_once(afpa_process, backend):
     finally:
         for s in conns.values():
             s.close()
+
+
+def test_a_hot_url_is_answered_by_every_worker_itself(afpa_process, backend):
+    """Asked of its owner often enough (siblings.replica_after, 4), a URL gets a copy
+    in the asking worker too: popular objects stay on every worker's fast path, so
+    each worker answers them even while the other is stopped."""
+    origin = backend(lambda head, body: b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+                                        b"Content-Length: 3\r\n\r\nhot")
+    p = afpa_process("--workers", "2", "--backend", origin.url)
+    a, b = (w["pid"] for w in wait_up(p, 2))
+    conns = {a: connect_to(p, a, [b], probe=False), b: connect_to(p, b, [a], probe=False)}
+    try:
+        for _ in range(5):
+            for s in conns.values():
+                assert request(s, "/hot") == (200, b"hot")
+        assert len(origin.requests) == 1
+        for pid, other in ((a, b), (b, a)):
+            sigstop(other)
+            try:
+                conns[pid].settimeout(10)
+                status, body = request(conns[pid], "/hot")
+                assert (status, body) == (200, b"hot")
+            finally:
+                os.kill(other, signal.SIGCONT)
+    finally:
+        for s in conns.values():
+            s.close()

@@ -202,3 +202,17 @@ def test_the_client_listener_ignores_the_field(owner):
     proto, transport = owner.connect()
     [(status, _, _)] = ask(proto, transport, "Afpa-Sibling: anything")
     assert status == 200 and proto.conn.listener == ""
+
+
+def test_a_key_asked_often_enough_is_hot_and_remembered_keys_are_bounded(monkeypatch):
+    from routing import siblings as mod
+
+    s = mod.Siblings(None, ("127.0.0.1:1", "127.0.0.1:2"), 0, b"t" * 32, replica_after=3)
+    assert [s.hot(b"k") for _ in range(4)] == [False, False, True, False]  # counting starts again
+    assert s.replicas == 1
+    monkeypatch.setattr(mod, "ASKED_KEYS", 10)
+    for i in range(50):
+        s.hot(b"%d" % i)
+    assert len(s.asked) <= 10
+    never = mod.Siblings(None, ("127.0.0.1:1", "127.0.0.1:2"), 0, b"t" * 32, replica_after=0)
+    assert not any(never.hot(b"k") for _ in range(10))

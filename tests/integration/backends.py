@@ -96,12 +96,15 @@ class RawBackend:
 
     def close(self):
         self.closing = True
-        self.sock.close()
-        for c in self.clients:
+        # shutdown() first: close() alone neither wakes a thread blocked in
+        # accept()/recv() on the socket nor sends a FIN while that thread holds
+        # it, so a peer could wait on a backend that is "closed".
+        for sock in (self.sock, *self.clients):
             try:
-                c.close()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()
 
 
 def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import io
 import json
 import re
@@ -42,6 +41,8 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from afpa import graph, machineview, metrics, tables
+from afpa.adminauth import _json, _Refused, authorize
+from afpa.tracestream import TraceStream
 
 log = Logger()
 
@@ -279,41 +280,6 @@ class _Tables(Resource):
 MAX_BODY = 64 * 1024  # bytes of a write request's JSON body
 
 
-class _Refused(Exception):
-    """An admin write answered with ``status`` and a one-line ``message``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-Refused = _Refused  # the public name, for backends that refuse a write
-
-
-def _json(request: Any, status: int, value: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(value, separators=(", ", ": ")).encode() + b"\n"
-
-
-def authorize(request: Any, token: bytes | None) -> None:
-    """Refuse (raise :class:`_Refused`) unless the request carries
-    ``Authorization: Bearer <token>``: 401 without credentials, 403 with a wrong
-    token, and 403 for everyone when no token is configured."""
-    if token is None:
-        raise _Refused(403, "this admin endpoint is disabled: no admin token is configured "
-                            "(admin_token_file, --admin-token-file or AFPA_ADMIN_TOKEN)")
-    header = request.getHeader(b"authorization") or b""
-    scheme, _, given = header.strip().partition(b" ")
-    given = given.strip()
-    if scheme.lower() != b"bearer" or not given:
-        request.setHeader(b"www-authenticate", b'Bearer realm="afpa admin"')
-        raise _Refused(401, "this endpoint needs Authorization: Bearer <admin token>")
-    if not hmac.compare_digest(given, token):
-        raise _Refused(403, "wrong admin token")
-
-
 class _CacheWrite(Resource):
     """One cache invalidation endpoint: POST a JSON object, get ``{"purged": N, ...}``."""
 
@@ -520,7 +486,6 @@ def backend_site(backend: AdminBackend) -> Site:
         cache.putChild(how.encode(), _CacheWrite(backend, how))
     root.putChild(b"cache", cache)
     root.putChild(b"reload", _Reload(backend))
-    from afpa.tracestream import TraceStream  # it imports authorize from here
     root.putChild(b"trace", TraceStream(backend))
     site = AdminSite(root, requestFactory=AdminRequest, timeout=TIMEOUT)
     site.backend = backend

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from twisted.logger import Logger
 
 import attrs
 
@@ -28,6 +27,7 @@ from afpa import config, graph, tables
 from afpa.config import Settings, SettingError, load_config
 from afpa.intrinsics import default_registry
 from afpa.modules import Registry
+from afpa.signals import install_signal_handlers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -495,10 +495,10 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
         raise
     for line in lines:
         print(f"afpa: {line}", file=sys.stderr, flush=True)
-    _install_signal_handlers(reactor, server)
+    install_signal_handlers(reactor, server)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     # Twisted's own handlers would stop the reactor on the first SIGTERM/SIGINT;
-    # ours drain first (see _Shutdown).  A handler only queues work for the reactor.
+    # ours drain first (see afpa.signals).  A handler only queues work for the reactor.
     reactor.run(installSignalHandlers=False)
     return 0
 
@@ -533,75 +533,6 @@ def _os_error(exc: OSError) -> str:
     """``<file>: <problem>`` for an OSError (one line)."""
     problem = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
     return f"{exc.filename}: {problem}" if exc.filename else problem
-
-
-class _Shutdown:
-    """SIGTERM/SIGINT: the first drains the server (``timeouts.drain``), then stops
-    the reactor; a second one stops it at once, cutting what is still open."""
-
-    def __init__(self, reactor: Any, server: Any):
-        self.reactor = reactor
-        self.server = server
-        self.requested = False
-        self.forced = False
-        self.log = Logger(namespace="afpa")
-
-    def signal(self, signame: str) -> None:
-        """Called in the reactor thread for each SIGTERM/SIGINT."""
-        if self.requested:
-            if not self.forced:
-                self.forced = True
-                self.log.warn("{signal} again: stopping now, cutting {n} connection(s)",
-                              signal=signame, n=len(self.server.live))
-                self._stop()
-            return
-        self.requested = True
-        timeout = self.server.settings.drain_timeout
-        self.log.info("{signal}: draining {n} connection(s) (up to {t:g} s; a second signal stops at once)",
-                      signal=signame, n=len(self.server.live), t=timeout)
-        self.server.drain(timeout).addCallback(self._drained)
-
-    def _drained(self, cut: int) -> None:
-        if self.forced:
-            return  # cut short by a second signal, which said so
-        if cut:
-            self.log.warn("drain timeout: cut {n} connection(s) still open; stopping", n=cut)
-        else:
-            self.log.info("drained: every connection finished; stopping")
-        self._stop()
-
-    def _stop(self) -> None:
-        from twisted.internet.error import ReactorNotRunning
-
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass  # already stopping
-
-
-def _hangup(server: Any) -> None:
-    """SIGHUP: reload the configuration (a failure is logged, one line per
-    problem, and the old configuration keeps serving), then reopen the access
-    log; never die."""
-    log = Logger(namespace="afpa")
-    try:
-        server.reload()  # logs its outcome
-    except Exception:
-        log.failure("SIGHUP: reload raised; the old configuration keeps serving")
-    if server.reopen_logs():
-        log.info("SIGHUP: access log reopened")
-    else:
-        log.info("SIGHUP: no access log configured, nothing to reopen")
-
-
-def _install_signal_handlers(reactor: Any, server: Any) -> None:
-    import signal
-
-    shutdown = _Shutdown(reactor, server)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        name = signal.Signals(signum).name
-        signal.signal(signum, lambda _n, _f, name=name: reactor.callFromThread(shutdown.signal, name))
-    signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(_hangup, server))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -32,7 +32,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from afpa import machineview, metrics, tables
-from afpa.admin import CACHE_WRITES, Refused, backend_site, cache_write, check_cache_spec
+from afpa.admin import CACHE_WRITES, backend_site, cache_write, check_cache_spec
+from afpa.adminauth import Refused
 from afpa.clustermetrics import SCRAPE_TIMEOUT, ClusterMetrics
 from afpa.config import Settings, read_admin_token
 

@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from afpa.admin import _json, _Refused, authorize
+from afpa.adminauth import _json, _Refused, authorize
 from afpa.trace import FilterError, TraceFilter, TraceHub
 
 MAX_QUEUED = 1000  # events held for one paused reader; past it they are dropped (and counted)

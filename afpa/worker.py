@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from afpa import clusterreload, clustertrace
 from afpa.clusteradmin import register_worker_ops
 from afpa.control import WORKER_FD, Channel, ControlError
+from afpa.signals import install_signal_handlers
 
 log = Logger(namespace="afpa.worker")
 
@@ -154,7 +155,6 @@ class Worker:
 
 def serve(server: Any, reactor: Any) -> int:
     """Run a worker until the supervisor stops it (or goes away); the exit status."""
-    from afpa.cli import _install_signal_handlers
 
     worker = Worker(server, reactor)
     worker.connect()
@@ -162,7 +162,7 @@ def serve(server: Any, reactor: Any) -> int:
     # reopens the access log: a reload is the supervisor's, for every worker at
     # once.  SIGINT is ignored: Ctrl-C reaches the whole process group, and the
     # supervisor decides how its workers stop.
-    _install_signal_handlers(reactor, server)
+    install_signal_handlers(reactor, server)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(server.reopen_logs))
     reactor.addSystemEventTrigger("before", "shutdown", setattr, worker, "exiting", True)

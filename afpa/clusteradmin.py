@@ -31,7 +31,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
-from afpa import machineview, metrics, tables
+from afpa import machineview, metrics, reload, tables
 from afpa.admin import CACHE_WRITES, backend_site, cache_write, check_cache_spec
 from afpa.adminauth import Refused
 from afpa.clustermetrics import SCRAPE_TIMEOUT, ClusterMetrics
@@ -128,8 +128,11 @@ class ClusterBackend:
 
     def __init__(self, cluster: Any, *, machines: Callable[[], list[tables.Machine]],
                  admin_token: bytes | None, admin_auth: str = "writes", draining: Callable[[], bool] | None = None,
+                 reloader: Any = None, trace_hub: Any = None,
                  scrape_timeout: float = SCRAPE_TIMEOUT, cache_timeout: float = CACHE_TIMEOUT):
         self.cluster = cluster
+        self.reloader = reloader    # afpa.clusterreload.ClusterReload, when the supervisor offers reloads
+        self.trace_hub = trace_hub  # afpa.clustertrace.ClusterTraces' hub: GET /trace over every worker
         self.admin_token = admin_token
         self.admin_auth = admin_auth
         self._machines = machines
@@ -160,9 +163,6 @@ class ClusterBackend:
         return d.addCallback(lambda replies: machineview.merge_views(
             [r for r in replies if "error" not in r]))
 
-    reloader: Any = None  # afpa.clusterreload.ClusterReload, when the supervisor offers reloads
-    trace_hub: Any = None  # afpa.clustertrace.ClusterTraces' hub: GET /trace over every worker
-
     def reload(self) -> Deferred:
         """Reload every worker, or none (:class:`afpa.clusterreload.ClusterReload`);
         the supervisor's own token and admin settings follow a successful one."""
@@ -184,26 +184,21 @@ class ClusterBackend:
         return d.addCallback(merge_cache_replies)
 
 
-def load_machines(settings: Settings, registry: Any = None) -> list[tables.Machine]:
-    """The client machine and its companions for ``settings``, as a Server would
-    load them (the supervisor shows them at ``/tables/`` without serving)."""
-    from afpa.intrinsics import default_registry
-    registry = registry or default_registry()
-    path = settings.table
-    if path is None:
-        path = str(tables.shipped_table_path(registry.modules[settings.module].table))
-    machine = tables.load(path, registry)
-    companions = [tables.load(settings.companion_tables.get(name) or str(tables.shipped_table_path(name)),
-                              registry) for name in machine.module.companions]
-    return [machine, *companions]
-
-
 def supervisor_admin_site(cluster: Any, settings: Settings, *, registry: Any = None,
-                          machines: list[tables.Machine] | None = None,
-                          draining: Callable[[], bool] | None = None) -> Site:
+                          machines: Callable[[], list[tables.Machine]] | None = None,
+                          draining: Callable[[], bool] | None = None, reloader: Any = None,
+                          trace_hub: Any = None) -> Site:
     """The supervisor's admin site (listen on it with ``reactor.listenTCP(port,
-    site, interface=host)`` from ``settings.admin``)."""
-    loaded = machines if machines is not None else load_machines(settings, registry)
-    backend = ClusterBackend(cluster, machines=lambda: loaded, admin_token=read_admin_token(settings),
-                             admin_auth=settings.admin_auth, draining=draining)
+    site, interface=host)`` from ``settings.admin``).  ``machines`` gives the
+    tables ``/tables/`` shows (default: those ``settings`` name, loaded once)."""
+    if machines is None:
+        from afpa.intrinsics import default_registry
+        machine, companions = reload.load_machines(settings, registry or default_registry())
+        loaded = [machine, *companions.values()]
+
+        def machines() -> list[tables.Machine]:
+            return loaded
+    backend = ClusterBackend(cluster, machines=machines, admin_token=read_admin_token(settings),
+                             admin_auth=settings.admin_auth, draining=draining, reloader=reloader,
+                             trace_hub=trace_hub)
     return backend_site(backend)

@@ -446,11 +446,9 @@ def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
             cluster.call("ping", {}, 5.0).addCallback(answer)
             return NOT_DONE_YET
 
-    site = supervisor_admin_site(cluster, server.settings, machines=server.machines(),
-                                 draining=lambda: cluster.draining)
-    site.backend.reloader = reloader
-    site.backend.trace_hub = ClusterTraces(cluster, cluster.reactor).hub
-    site.backend._machines = server.machines  # the current ones, after a reload too
+    site = supervisor_admin_site(cluster, server.settings, machines=server.machines,  # current after a reload
+                                 draining=lambda: cluster.draining, reloader=reloader,
+                                 trace_hub=ClusterTraces(cluster, cluster.reactor).hub)
     site.resource.putChild(b"workers", Workers())
     return site
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.httpclient import parse_responses
-from tests.integration.backends import RawBackend, response
+from tests.integration.backends import response
 from tests.integration.test_serve import exchange, get
 
 pytestmark = pytest.mark.integration
@@ -21,20 +21,14 @@ BODY = bytes(range(256)) * 400  # 100 KiB: several reads on the way in
 
 
 @pytest.fixture
-def slow_backend():
-    made = []
-
+def slow_backend(backend):
     def make(*headers):
         def respond(head, body):
             time.sleep(0.5)  # every client's miss arrives while the first is in flight
             return response(BODY, *headers)
-        b = RawBackend(respond)
-        made.append(b)
-        return b
+        return backend(respond)
 
-    yield make
-    for b in made:
-        b.close()
+    return make
 
 
 def _concurrent_gets(port: int, path: str) -> list[tuple[int, dict, bytes]]:

@@ -61,6 +61,18 @@ def held_backend():
     b.close()
 
 
+def sigterm_then_release(p, held_backend, clients) -> None:
+    """SIGTERM ``p`` (whose listener then closes), let the held backend answer, and
+    check that client ``i`` got its ``/slow/i`` whole, announcing the close."""
+    p.proc.send_signal(signal.SIGTERM)
+    wait_refused(p.port)
+    held_backend.gate.set()
+    for i, s in enumerate(clients):
+        [(status, h, body)] = parse_responses(read_response(s))
+        assert (status, body) == (200, f"done:/slow/{i}".encode())
+        assert h["connection"] == "close"
+
+
 def test_sigterm_lets_200_requests_in_flight_finish(afpa_process, held_backend):
     p = afpa_process("--backend", held_backend.url)
     clients = []
@@ -74,13 +86,8 @@ def test_sigterm_lets_200_requests_in_flight_finish(afpa_process, held_backend):
                 break
             time.sleep(0.05)
         assert len(held_backend.requests) == 200
-        p.proc.send_signal(signal.SIGTERM)
-        wait_refused(p.port)
-        held_backend.gate.set()
-        for i, s in enumerate(clients):
-            [(status, h, body)] = parse_responses(read_response(s))
-            assert (status, body) == (200, f"done:/slow/{i}".encode())
-            assert h["connection"] == "close"
+        sigterm_then_release(p, held_backend, clients)
+        for s in clients:
             assert s.recv(1) == b""  # and the connection closes after it
     finally:
         for s in clients:

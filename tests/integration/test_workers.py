@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import REPO
 from tests.httpclient import parse_responses
 from tests.integration.test_serve import get
-from tests.integration.test_shutdown import finish, held_backend, read_response, wait_refused  # noqa: F401
+from tests.integration.test_shutdown import finish, held_backend, read_response, sigterm_then_release  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -229,13 +229,7 @@ def test_sigterm_drains_every_worker(afpa_process, held_backend):  # noqa: F811
             assert owner(s, [a, b]) == pid
             clients.append(s)
         assert len(held_backend.requests) == 40
-        p.proc.send_signal(signal.SIGTERM)
-        wait_refused(p.port)
-        held_backend.gate.set()
-        for i, s in enumerate(clients):
-            [(status, h, body)] = parse_responses(read_response(s))
-            assert (status, body) == (200, f"done:/slow/{i}".encode())
-            assert h["connection"] == "close"
+        sigterm_then_release(p, held_backend, clients)
     finally:
         for s in clients:
             s.close()

@@ -225,7 +225,7 @@ def test_a_worker_that_does_not_answer_is_counted_and_the_scrape_still_answers(p
     for _ in range(2):
         ask(b, get("/hello.txt"))
     cluster = FakeCluster(pair, a.clock)
-    site = clusteradmin.supervisor_admin_site(cluster, a.settings, machines=a.server.machines())
+    site = clusteradmin.supervisor_admin_site(cluster, a.settings, machines=a.server.machines)
     status, _, text = request(site, a.clock, "GET", "/metrics")
     assert status == 200 and "afpa_cache_hits_total 1.0" in text.decode()
     cluster.workers[1].hang = True

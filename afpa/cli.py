@@ -23,11 +23,13 @@ from typing import Any, NoReturn
 
 import attrs
 
-from afpa import config, graph, tables
+from afpa import config
+
+from afpa.machine import graph, tables
 from afpa.config import Settings, SettingError, load_config
-from afpa.intrinsics import default_registry
-from afpa.modules import Registry
-from afpa.signals import install_signal_handlers
+from afpa.net.intrinsics import default_registry
+from afpa.machine.modules import Registry
+from afpa.process.signals import install_signal_handlers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +65,10 @@ class _Replaced(argparse.Action):
         parser.error(f"{self.option_strings[0]} was replaced by {self.replacement}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``afpa`` command."""
+def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``afpa`` command (``serve`` and ``check`` also
+    take the flags of every registered protocol module's settings)."""
+    registry = registry or default_registry()
     defaults = Settings()
     p = _Parser(prog="afpa", description="State-machine protocol accelerator and layer-7 router.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the server (defaults: serve the current directory on 127.0.0.1:8080)",
                        argument_default=argparse.SUPPRESS)
     _serve_options(s, defaults)
+    _module_options(s, registry)
     k = sub.add_parser("check", help="validate the configuration, its tables, routes and TLS files "
                        "without serving (takes the options of serve)", argument_default=argparse.SUPPRESS)
     _serve_options(k, defaults)
+    _module_options(k, registry)
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
     tsub = t.add_subparsers(dest="tables_command", required=True)
@@ -125,9 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _module_dest(module: str, field: str) -> str:
+    return f"module:{module}:{field}"
+
+
+def _module_options(s: argparse.ArgumentParser, registry: Registry) -> None:
+    """The flags protocol modules declare (``--upstream`` of ``dns``), in a group per module."""
+    for name, module in sorted(registry.modules.items()):
+        spec = module.settings
+        flagged = [opt for opt in (spec.options if spec else ()) if opt.flag]
+        if not flagged:
+            continue
+        group = s.add_argument_group(f"module {name} (with --module {name})")
+        for opt in flagged:
+            group.add_argument(opt.flag, dest=_module_dest(name, opt.field), type=_type(opt.kind),
+                               action="append" if opt.repeat else "store",
+                               metavar=opt.field.upper().rstrip("S") if opt.repeat else opt.field.upper(),
+                               help=f"{opt.help} (config: [{spec.section}] {opt.key})" if spec.section
+                               else f"{opt.help} (config: {opt.key})")
+
+
 def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
     """The options of ``afpa serve`` (``afpa check`` takes the same)."""
     s.add_argument("--config", help="TOML config file (see examples/afpa.toml); options given here override it")
+    s.add_argument("--module", metavar="NAME",
+                   help="the protocol module to serve (default: http; `afpa tables list` shows what is "
+                        "installed)")
     s.add_argument("--root", help="document root (default: current directory)")
     s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                    help="address to accept clients on (default: 127.0.0.1:8080)")
@@ -308,7 +337,7 @@ def _follow_trace(args: argparse.Namespace) -> int:
     import json
     from urllib.parse import urlencode
 
-    from afpa.trace import format_event
+    from afpa.machine.trace import format_event
 
     try:
         admin, token = _admin_target(args)
@@ -360,7 +389,7 @@ def _check(args: argparse.Namespace, registry: Registry) -> int:
     """``afpa check``: validate what ``afpa serve`` with these options would run."""
     from afpa.reload import check, format_problem
 
-    problems = check(lambda: settings_from_args(args), registry, getattr(args, "config", None))
+    problems = check(lambda: settings_from_args(args, registry), registry, getattr(args, "config", None))
     for p in problems:
         print(format_problem(p), file=sys.stderr)
     if problems:
@@ -426,7 +455,7 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int:
-    from afpa.reactor import install
+    from afpa.net.reactor import install
 
     reactor = install()
     from twisted.internet.error import CannotListenError
@@ -444,9 +473,9 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
 
     try:
         def load() -> Settings:
-            fresh = settings_from_args(args)
+            fresh = settings_from_args(args, registry)
             if slot is not None:  # a worker: see supervisor.worker_settings
-                from afpa.supervisor import worker_settings
+                from afpa.process.supervisor import worker_settings
                 fresh = worker_settings(fresh, *slot)
             return fresh
 
@@ -469,10 +498,10 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
         print(f"afpa: {_os_error(exc)}", file=sys.stderr)
         return 1
     if slot is not None:
-        from afpa import worker
+        from afpa.process import worker
         return worker.serve(server, reactor)
     if settings.workers > 1:
-        from afpa import supervisor
+        from afpa.process import supervisor
         try:
             return supervisor.serve(settings, argv, reactor, server)
         except ValueError as exc:  # a TLS file
@@ -498,7 +527,7 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
     install_signal_handlers(reactor, server)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     # Twisted's own handlers would stop the reactor on the first SIGTERM/SIGINT;
-    # ours drain first (see afpa.signals).  A handler only queues work for the reactor.
+    # ours drain first (see afpa.process.signals).  A handler only queues work for the reactor.
     reactor.run(installSignalHandlers=False)
     return 0
 
@@ -535,22 +564,52 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.filename}: {problem}" if exc.filename else problem
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, registry: Registry | None = None) -> Settings:
     """Settings from a config file (if any) overridden by command-line options.
 
     Raises ValueError with a one-line message naming the option or the config
     file and key at fault."""
+    registry = registry or default_registry()
+
+    def spec_of(name: str) -> Any:
+        module = registry.modules.get(name)
+        return module.settings if module is not None else None
+
     path = getattr(args, "config", None)
-    kwargs = load_config(path) if path else {}
+    kwargs = load_config(path, spec_of) if path else {}
+    file_module = kwargs.get("module", config.DEFAULT_MODULE)  # the module whose section the file gave
     given = vars(args)
     fields = attrs.fields_dict(Settings)
     from_cli = {name for name in given if name in fields}
     for name in from_cli:
         kwargs[name] = given[name]
+    module_name = kwargs.get("module", config.DEFAULT_MODULE)
+    if module_name not in registry.modules:
+        known = ", ".join(sorted(registry.modules)) or "none"
+        raise ValueError(f"{'--module' if 'module' in from_cli else (path + ': module' if path else 'module')}: "
+                         f"no protocol module {module_name!r} is installed (installed: {known})")
+    values = kwargs.pop("module_values", None)
+    if values is None or module_name != file_module:
+        values = {}
+    spec = spec_of(module_name)
+    for dest, value in given.items():
+        if not dest.startswith("module:"):
+            continue
+        _, owner, field = dest.split(":", 2)
+        opt = next(o for o in registry.modules[owner].settings.options if o.field == field)
+        if owner != module_name:
+            raise ValueError(f"{opt.flag}: an option of module {owner}, but the module is {module_name} "
+                             f"(add --module {owner})")
+        values[field] = tuple(value) if opt.repeat else value
+    if spec is not None:
+        try:
+            kwargs["module_settings"] = spec.build(values)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
     if ("tls_cert" in given) != ("tls_key" in given):
         raise ValueError("--tls-cert and --tls-key go together")
     if "tls_cert" in given:
-        from afpa.tls import Certificate
+        from afpa.net.tls import Certificate
         kwargs["tls_certs"] = (Certificate(given["tls_cert"], given["tls_key"]),)
     if kwargs.get("backend") and kwargs.get("defer"):
         raise ValueError("choose --backend or --defer for the default route, not both "
@@ -571,8 +630,8 @@ def _setting_where(field: str, from_cli: Any, path: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``afpa`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
     registry = default_registry()
+    args = build_parser(registry).parse_args(argv)
     if args.command == "tables":
         return _tables(args, registry)
     if args.command == "cache":

@@ -306,6 +306,9 @@ _STRICT: dict[Any, Kind] = {bool: BOOL, int: COUNT0, float: SECONDS, str: TEXT,
                             parse_size: SIZE, parse_hostport: HOSTPORT}
 
 
+DEFAULT_MODULE = "http"  # the protocol module served when none is named
+
+
 @attrs.define(slots=True)
 class Settings:
     """Everything a server needs to know; defaults are the embedded configuration.
@@ -315,12 +318,15 @@ class Settings:
     """
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)
-    tls_certs: tuple = ()               # afpa.tls.Certificate: TLS on tls_listen, else on listen
+    tls_certs: tuple = ()               # afpa.net.tls.Certificate: TLS on tls_listen, else on listen
     tls_listen: tuple[str, int] | None = None
     root: str = "."
     table: str | None = None            # None: the module's shipped table
     companion_tables: dict = attrs.field(factory=dict)  # e.g. {"http-backend": path}
-    module: str = "http"
+    module: str = DEFAULT_MODULE
+    # The protocol module's own settings object (its ModuleSettings.cls), built
+    # from its config section and flags; None: the module's defaults.
+    module_settings: Any = None
     admin: tuple[str, int] | None = None
     # Bearer token for the admin API's writes (purge, ban, tags): read from this
     # file, else from $AFPA_ADMIN_TOKEN; neither: every write is refused.
@@ -331,7 +337,7 @@ class Settings:
     admin_auth: str = "writes"
     access_log: str | None = None       # path, or "-" for standard output
     # Fields of an access-log line ($remote_addr "$request" $status ... $states,
-    # see afpa/accesslog.py); None: the module's default (HTTP: combined log
+    # see afpa/ops/accesslog.py); None: the module's default (HTTP: combined log
     # format plus Cache-Status and the state path).  Checked when a server starts.
     access_log_format: str | None = None
     trace_loopback: bool = True         # Afpa-Trace is honoured from loopback peers (and trusted_proxies)
@@ -389,7 +395,7 @@ class Settings:
     helper_threads: int = 8
 
     # Processes: 1 serves in this process; N >= 2 makes it a supervisor of N
-    # workers sharing the listeners (afpa.supervisor).  A worker is told its slot
+    # workers sharing the listeners (afpa.process.supervisor).  A worker is told its slot
     # (0 .. worker_count - 1); the single process is worker 0 of 1.
     workers: int = 1
     worker_index: int = 0
@@ -443,6 +449,7 @@ _DEFAULT_NONE = frozenset(a.name for a in attrs.fields(Settings) if a.default is
 # Config file keys -> (Settings field, kind).  Sections flatten into fields.
 _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "listen": ("listen", HOSTPORT),
+    "module": ("module", TEXT),
     "workers": ("workers", WORKERS),
     "admin": ("admin", HOSTPORT),
     "admin_token_file": ("admin_token_file", PATH),
@@ -509,7 +516,7 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
 }
 
 # Fields without a config key that are still checked when Settings are made.
-_OTHER_KINDS: dict[str, Kind] = {"helper_threads": COUNT, "module": TEXT}
+_OTHER_KINDS: dict[str, Kind] = {"helper_threads": COUNT}
 
 # Keys that used to exist: using one is an error that says what replaced it.
 _REPLACED_KEYS = {
@@ -598,8 +605,13 @@ def _unknown(path: str, key: str) -> ValueError:
     return ValueError(f"{path}: unknown key {key!r} ({hint})")
 
 
-def load_config(path: str) -> dict[str, Any]:
+def load_config(path: str, module_settings: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Read a TOML config file into Settings keyword arguments.
+
+    ``module_settings(name)`` gives the named protocol module's
+    :class:`~afpa.machine.modules.ModuleSettings` (or None): the keys of its
+    section are checked by its options and returned, by field, under
+    ``"module_values"`` (for :func:`build_module_settings`).
 
     Raises ValueError ``<file>: <key>: <problem>`` for anything unknown or of the
     wrong type, so a typo never silently falls back to a default.
@@ -616,6 +628,10 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
         raise ValueError(f"{path}: route: must be an array of tables ([[route]])")
     kwargs: dict[str, Any] = {"routes": tuple(routes)}
+    module = data.get("module") if isinstance(data.get("module"), str) else DEFAULT_MODULE
+    spec = module_settings(module) if module_settings is not None else None
+    if spec is not None:
+        kwargs["module_values"] = _module_values(path, data, spec)
     for key, value in _flatten(data).items():
         if key not in _FILE_KEYS:
             raise _unknown(path, key)
@@ -627,7 +643,7 @@ def load_config(path: str) -> dict[str, Any]:
     if "backend_table" in kwargs:
         kwargs["companion_tables"] = {"http-backend": kwargs.pop("backend_table")}
     if certs:
-        from afpa.tls import Certificate
+        from afpa.net.tls import Certificate
         if not isinstance(certs, list):
             raise ValueError(f"{path}: tls.certificate: must be an array of tables ([[tls.certificate]])")
         out = []
@@ -638,6 +654,37 @@ def load_config(path: str) -> dict[str, Any]:
             out.append(Certificate(c["cert"], c["key"]))
         kwargs["tls_certs"] = tuple(out)
     return kwargs
+
+
+def _module_values(path: str, data: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """Take the module's keys out of ``data`` (its section, or its top-level keys
+    when its section is ""), checked by their kinds: field -> value."""
+    if spec.section:
+        section = data.pop(spec.section, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {spec.section}: must be a table ([{spec.section}])")
+        items = _flatten(section)
+    else:
+        items = {k: v for k, v in _flatten(data).items() if spec.option(k) is not None}
+        for key in items:
+            head, _, rest = key.partition(".")
+            if rest:
+                data[head].pop(rest.split(".")[0], None)
+            else:
+                data.pop(key)
+    out = {}
+    for key, value in items.items():
+        opt = spec.option(key)
+        if opt is None:
+            known = ", ".join(sorted(o.key for o in spec.options)) or "none"
+            close = difflib.get_close_matches(key, [o.key for o in spec.options], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {known}"
+            raise ValueError(f"{path}: {spec.section}.{key}: unknown key ({hint})")
+        try:
+            out[opt.field] = opt.kind(value)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {spec.where(opt)}: {exc}") from None
+    return out
 
 
 ADMIN_TOKEN_ENV = "AFPA_ADMIN_TOKEN"

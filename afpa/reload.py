@@ -33,13 +33,15 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from afpa import config, tables
-from afpa.accesslog import AccessLog, FormatError, module_format
-from afpa.cache import CacheStore
+from afpa import config
+
+from afpa.machine import tables
+from afpa.ops.accesslog import AccessLog, FormatError, module_format
+from afpa.cache.store import CacheStore
 from afpa.config import Settings, sibling_address
-from afpa.modules import Registry
-from afpa.scopes import Runtime
-from afpa.trust import TrustedProxies
+from afpa.machine.modules import Registry
+from afpa.machine.scopes import Runtime
+from afpa.machine.trust import TrustedProxies
 
 log = Logger(namespace="afpa.reload")
 
@@ -156,10 +158,10 @@ class Generation:
     companions: dict[str, tables.Machine]
     runtime: Runtime
     g: Any
-    tls: Any                  # afpa.tls context factory, None without certificates
+    tls: Any                  # afpa.net.tls context factory, None without certificates
     tls_digest: str           # of the certificate and key files, to tell a renewal
     admin_token: bytes | None
-    access_format: Any = None  # afpa.accesslog.LineFormat (None: the module writes no log)
+    access_format: Any = None  # afpa.ops.accesslog.LineFormat (None: the module writes no log)
 
 
 def wanted_listeners(s: Settings) -> list[tuple[str, tuple[str, int]]]:
@@ -260,7 +262,7 @@ def build(settings: Settings, registry: Registry, make_runtime: Callable[[Settin
         problems += [_table_problem(p) for p in exc.problems]
     tls = None
     if settings.tls_certs:
-        from afpa.tls import server_context_factory
+        from afpa.net.tls import server_context_factory
         try:
             tls = server_context_factory(list(settings.tls_certs))
         except ValueError as exc:

@@ -2,7 +2,7 @@
 
 :class:`Server` ties the runtime together: it loads and compiles the table (a
 table that fails validation never runs), builds the cache, helper threads and the
-module's global scope, accepts connections with :class:`~afpa.engine.MachineProtocol`
+module's global scope, accepts connections with :class:`~afpa.net.stream.MachineProtocol`
 and runs a once-a-second sweep that enforces the idle, header and send timeouts
 (one timer for all connections instead of a timer per request).
 """
@@ -17,19 +17,21 @@ from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from afpa import reload, tables
-from afpa.accesslog import AccessLog, FormatError, module_format
-from afpa.cache import CacheStore
+from afpa import reload
+
+from afpa.machine import tables
+from afpa.ops.accesslog import AccessLog, FormatError, module_format
+from afpa.cache.store import CacheStore
 from afpa.config import SettingError, Settings, read_admin_token, sibling_address
-from afpa.engine import MachineProtocol
-from afpa.helpers import Helpers
-from afpa.intrinsics import default_registry
-from afpa.metrics import RequestStats
-from afpa.modules import Registry
+from afpa.net.stream import MachineProtocol
+from afpa.net.helpers import Helpers
+from afpa.net.intrinsics import default_registry
+from afpa.ops.metrics import RequestStats
+from afpa.machine.modules import Registry
 from afpa.reload import ConfigSource
-from afpa.scopes import Runtime
-from afpa.trace import TraceHub, event
-from afpa.trust import TrustedProxies
+from afpa.machine.scopes import Runtime
+from afpa.machine.trace import TraceHub, event
+from afpa.machine.trust import TrustedProxies
 
 log = Logger(namespace="afpa.server")
 
@@ -230,7 +232,7 @@ class Server:
         duplicated, the caller closes its own) instead of binding anything."""
         s = self.settings
         if s.tls_certs:
-            from afpa.tls import server_context_factory
+            from afpa.net.tls import server_context_factory
             self.tls_context = server_context_factory(list(s.tls_certs))
         if sockets is not None:
             # Bound by a supervisor, which owns the addresses: ``listening`` stays
@@ -272,7 +274,7 @@ class Server:
         host, port = addr
         if kind == "admin":
             if self._admin_site is None:
-                from afpa.admin import admin_site
+                from afpa.ops.admin import admin_site
                 self._admin_site = admin_site(self)
             return self.reactor.listenTCP(port, self._admin_site, interface=host)
         if kind == "https":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hit ratio of the memory cache's eviction policy (GDSF) beside plain LRU.
 
-Run from the checkout (stdlib only plus ``afpa.cache``, Python 3.11+):
+Run from the checkout (stdlib only plus ``afpa.cache.store``, Python 3.11+):
 
     python bench/cache_policy.py
     python bench/cache_policy.py --alpha 0.7,0.9,1.1 --shift
@@ -21,7 +21,7 @@ Then, for every alpha and every budget (a fraction of the total distinct
 bytes), it replays the trace through two caches with the same interface and
 the same accounting (``CacheObject.cost`` = head + size + OBJECT_OVERHEAD):
 
-  * ``gdsf``: ``afpa.cache.CacheStore`` itself (Greedy-Dual-Size-Frequency
+  * ``gdsf``: ``afpa.cache.store.CacheStore`` itself (Greedy-Dual-Size-Frequency
     with lazy priority updates);
   * ``lru``: an ``OrderedDict`` under the same byte budget.
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from afpa.cache import CacheObject, CacheStore  # noqa: E402
+from afpa.cache.store import CacheObject, CacheStore  # noqa: E402
 
 INF = float("inf")
 MIN_SIZE = 64

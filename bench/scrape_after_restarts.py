@@ -3,7 +3,7 @@
     python bench/scrape_after_restarts.py [--restarts 1000] [--workers 2] [--scrapes 20]
 
 Simulated restarts, in one process: each worker's snapshot is a real
-afpa.metrics.snapshot of an in-memory Server that served a few requests, sent
+afpa.ops.metrics.snapshot of an in-memory Server that served a few requests, sent
 through JSON as over the control channel.  After 0, 1, 10, 100 and --restarts
 worker deaths (each folded into the retired total by ClusterMetrics) it prints
 the median time of one scrape (merge + Prometheus text), the number of series
@@ -36,10 +36,12 @@ from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
-from afpa import clusteradmin, metrics  # noqa: E402
-from afpa.clustermetrics import ClusterMetrics  # noqa: E402
+from afpa.ops import clusteradmin
+
+from afpa import metrics  # noqa: E402
+from afpa.ops.clustermetrics import ClusterMetrics  # noqa: E402
 from afpa.config import Settings  # noqa: E402
-from afpa.helpers import InlineHelpers  # noqa: E402
+from afpa.net.helpers import InlineHelpers  # noqa: E402
 from afpa.server import Server  # noqa: E402
 
 

@@ -25,7 +25,7 @@ per URL) is replayed against:
     each worker its share), all requests to its one port.
 
 The budget is ``--budget`` (default 0.10) of the working set, the bytes the
-cache would charge for every URL at once (body + head + afpa.cache's
+cache would charge for every URL at once (body + head + afpa.cache.store's
 per-object overhead).  The origin (a small asyncio server this script starts)
 counts the requests it gets; after the first ``--warmup`` fraction of the
 trace (not counted) the hit ratio is 1 - origin requests / requests.  The
@@ -58,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from afpa.cache import OBJECT_OVERHEAD  # noqa: E402
+from afpa.cache.store import OBJECT_OVERHEAD  # noqa: E402
 from throughput import HOST, free_port, start, stop, wait_listening  # noqa: E402
 
 HEAD_ESTIMATE = 300  # bytes of a stored response head (status line, Date, Via, Content-Length, ...)

@@ -3,7 +3,7 @@
 A :class:`CachePolicy` is what an operator wrote in ``[cache]`` (the default
 route, and what every rule inherits) or a rule's ``[route.cache]``.  Routing
 only parses and checks it; the protocol module applies it (for HTTP,
-``protocols/http/cachepolicy.py`` and the cache key in ``states.py``).  It is
+``protocols/http/policy/cachepolicy.py`` and the cache key in ``states.py``).  It is
 frozen, like the routes that carry it, so a compiled configuration can be
 swapped whole.
 """

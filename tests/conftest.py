@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
+from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def mem(docroot):
 def admin_call(server: Server, method: str, path: str, token: str | None = None):
     """One request to ``server``'s admin site over an in-memory transport:
     ``(status, headers, body)``."""
-    from afpa import admin
+    from afpa.ops import admin
     from tests.httpclient import parse_responses
 
     site = admin.admin_site(server)

@@ -1,8 +1,9 @@
 """The HTTP module as the runtime sees it (registered through the
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
-from afpa.modules import ProtocolModule, collect
-from protocols.http import coalesce, deferred, invalidation, remote, states, tracing
+from afpa.machine.modules import ProtocolModule, collect
+from protocols.http.states import coalesce, deferred, remote, client as states, tracing
+from protocols.http.policy import invalidation
 from protocols.http.scopes import HttpGlobal, HttpRequest, carry_over
 
 FACTS = {

@@ -9,10 +9,10 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from afpa.config import SIBLING_TOKEN_ENV, read_sibling_token
-from afpa.scopes import Request
-from protocols.http.coalesce import Flights
-from protocols.http.siblings import sibling_entry
-from protocols.http.responses import DateCache
+from afpa.machine.scopes import Request
+from protocols.http.states.coalesce import Flights
+from protocols.http.states.siblings import sibling_entry
+from protocols.http.wire.responses import DateCache
 from routing.pool import Pools
 from routing.router import Route, Router, build_router
 from routing.siblings import Siblings
@@ -38,7 +38,7 @@ class HttpRequest(Request):
     if_modified_since: bytes | None = None
     if_match: bytes | None = None
     if_unmodified_since: bytes | None = None
-    range: bytes | None = None    # Range and If-Range as received (protocols/http/ranges.py)
+    range: bytes | None = None    # Range and If-Range as received (protocols/http/policy/ranges.py)
     if_range: bytes | None = None
     scan_hint: int = 0
     raw_start: int = 0           # where this request's bytes start in conn.inbuf
@@ -65,7 +65,7 @@ class HttpGlobal:
     pools: Pools
     backend_machine: Any
     dates: DateCache
-    trusted: Any  # afpa.trust.TrustedProxies: peers whose forwarding fields are believed
+    trusted: Any  # afpa.machine.trust.TrustedProxies: peers whose forwarding fields are believed
     flights: Flights = attrs.field(factory=Flights)  # request coalescing and hit-for-miss
     # Stale serving: answers by reason (afpa_cache_stale_served_total), and the
     # background refreshes in flight, one per stored response ((key, secondary) ->
@@ -76,7 +76,7 @@ class HttpGlobal:
 
     def sibling_entry(self, start: Any) -> Any:
         """The start function of connections on the sibling listener (see
-        protocols/http/siblings.py): ``start``, then the Afpa-Sibling check."""
+        protocols/http/states/siblings.py): ``start``, then the Afpa-Sibling check."""
         return sibling_entry(start)
 
     def metrics(self) -> Iterator[Metric]:

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from afpa import tables
+from afpa.machine import tables
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,8 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 TOKEN = "page-test-token-0123456789"
 
 PLUGIN = '''
-from afpa.modules import ProtocolModule, collect, state
-from protocols.http.states import derive_miss_response
+from afpa.machine.modules import ProtocolModule, collect, state
+from protocols.http.states.client import derive_miss_response
 
 
 @state("docroot", "remote", "deferred", "collapsed", "sibling")

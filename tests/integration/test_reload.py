@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from afpa import tables
+from afpa.machine import tables
 from tests.conftest import REPO, free_port, wait_port
 from tests.integration.backends import RawBackend, response
 

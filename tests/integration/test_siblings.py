@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from protocols.http.siblings import key_bytes
+from protocols.http.states.siblings import key_bytes
 from routing.siblings import owner_index
 from tests.conftest import free_port, wait_port
 from tests.httpclient import parse_responses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.testing import StringTransport
 
-from afpa import admin
+from afpa.ops import admin
 
 
 def test_silent_admin_connection_is_closed(mem):

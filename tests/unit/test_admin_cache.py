@@ -8,8 +8,10 @@ import json
 import pytest
 from twisted.internet.testing import StringTransport
 
-from afpa import admin, config
-from afpa.cache import CacheObject
+from afpa.ops import admin
+
+from afpa import config
+from afpa.cache.store import CacheObject
 from afpa.config import Settings
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses

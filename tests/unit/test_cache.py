@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from afpa.cache import FRAGMENT, OBJECT_OVERHEAD, CacheObject, CacheStore, fragments_of
+from afpa.cache.store import FRAGMENT, OBJECT_OVERHEAD, CacheObject, CacheStore, fragments_of
 
 
 def obj(key, size, now=0.0):

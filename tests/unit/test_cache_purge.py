@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from afpa.cache import OBJECT_OVERHEAD, TAG_OVERHEAD, CacheObject, CacheStore
-from protocols.http import invalidation
+from afpa.cache.store import OBJECT_OVERHEAD, TAG_OVERHEAD, CacheObject, CacheStore
+from protocols.http.policy import invalidation
 from tests.httpclient import parse_responses
 from tests.unit.test_remote_machine import Rig
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from afpa.cache import CacheObject, CacheStore, Variants, fragments_of
-from protocols.http.cachepolicy import secondary_key, vary_names
+from afpa.cache.store import CacheObject, CacheStore, Variants, fragments_of
+from protocols.http.policy.cachepolicy import secondary_key, vary_names
 from tests.httpclient import parse_responses
 from tests.unit.test_remote_machine import Rig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.http import cachepolicy as cp
+from protocols.http.policy import cachepolicy as cp
 
 SUN = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT, the RFC's own example
 
@@ -329,7 +329,7 @@ def test_conditionals_and_if_range_use_the_one_strict_http_date_parser():
     never matches If-Range (13.1.5); the IMF-fixdate of the same instant works."""
     from types import SimpleNamespace
 
-    from protocols.http import conditional, ranges
+    from protocols.http.policy import conditional, ranges
 
     lm = 784111777  # Sun, 06 Nov 1994 08:49:37 GMT
     def req(since):

@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
-from afpa import admin, clusteradmin, metrics
-from afpa.cache import CacheObject
-from afpa.clustermetrics import ClusterMetrics, Families
-from afpa.metrics import Collector
+from afpa.ops import admin, clusteradmin, metrics
+from afpa.cache.store import CacheObject
+from afpa.ops.clustermetrics import ClusterMetrics, Families
+from afpa.ops.metrics import Collector
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
 

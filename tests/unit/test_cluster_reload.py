@@ -1,4 +1,4 @@
-"""A reload across workers (afpa.clusterreload) with in-memory servers standing in
+"""A reload across workers (afpa.process.clusterreload) with in-memory servers standing in
 for the supervisor and its workers: every worker swaps, or none does."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import succeed
 
-from afpa import clusterreload
+from afpa.process import clusterreload
 from afpa.reload import ConfigSource
 from tests.conftest import MemoryServer
 

@@ -1,4 +1,4 @@
-"""The supervisor's trace stream over workers (afpa.clustertrace), with in-memory
+"""The supervisor's trace stream over workers (afpa.ops.clustertrace), with in-memory
 servers standing in for the workers and one Clock for all."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from afpa import clustertrace
+from afpa.ops import clustertrace
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
+from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
-from afpa.trace import TraceFilter
+from afpa.machine.trace import TraceFilter
 
 
 class FakeCluster:

@@ -1,5 +1,5 @@
 """Request coalescing and hit-for-miss on in-memory transports (see
-protocols/http/coalesce.py): one backend fetch per key for concurrent misses."""
+protocols/http/states/coalesce.py): one backend fetch per key for concurrent misses."""
 
 from __future__ import annotations
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from afpa import tables
-from afpa.intrinsics import default_registry
-from afpa.modules import ProtocolModule, collect, state
-from afpa.outbound import Exchange
-from afpa.scopes import Request
+from afpa.machine import tables
+from afpa.net.intrinsics import default_registry
+from afpa.machine.modules import ProtocolModule, collect, state
+from afpa.net.outbound import Exchange
+from afpa.machine.scopes import Request
 
 PARKED: list[Deferred] = []
 

@@ -6,11 +6,11 @@ import attrs
 import pytest
 
 from afpa.config import Settings
-from afpa.trust import TrustedProxies
-from protocols.http import forward
-from protocols.http.parser import parse_head, parse_response_head
+from afpa.machine.trust import TrustedProxies
+from protocols.http.policy import forward
+from protocols.http.wire.parser import parse_head, parse_response_head
 from protocols.http.scopes import HttpRequest
-from protocols.http.errors import HttpError
+from protocols.http.wire.errors import HttpError
 
 
 def request(raw: bytes) -> HttpRequest:

@@ -10,12 +10,12 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.internet.testing import StringTransport
 from prometheus_client import CollectorRegistry, generate_latest
 
-from afpa import tables
+from afpa.machine import tables
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
-from afpa.metrics import Collector
-from afpa.intrinsics import default_registry
-from afpa.modules import ProtocolModule, collect, state
+from afpa.net.helpers import InlineHelpers
+from afpa.ops.metrics import Collector
+from afpa.net.intrinsics import default_registry
+from afpa.machine.modules import ProtocolModule, collect, state
 from afpa.server import Server
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses

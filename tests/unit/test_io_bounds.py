@@ -10,7 +10,7 @@ import tracemalloc
 
 from twisted.internet.testing import StringTransport
 
-from afpa.cache import CacheObject, CacheStore, fragments_of
+from afpa.cache.store import CacheObject, CacheStore, fragments_of
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
 

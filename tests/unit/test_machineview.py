@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from afpa import tables
+from afpa.machine import tables
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
-from afpa.intrinsics import default_registry
-from afpa.machineview import machine_view, merge_views
-from afpa.modules import ProtocolModule, collect, state
+from afpa.net.helpers import InlineHelpers
+from afpa.net.intrinsics import default_registry
+from afpa.ops.machineview import machine_view, merge_views
+from afpa.machine.modules import ProtocolModule, collect, state
 from afpa.server import Server
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from afpa.config import Settings
-from protocols.http.errors import HttpError
-from protocols.http.parser import ChunkedBody, LengthBody, parse_head, parse_response_head
-from protocols.http.remote import BackendExchange
+from protocols.http.wire.errors import HttpError
+from protocols.http.wire.parser import ChunkedBody, LengthBody, parse_head, parse_response_head
+from protocols.http.states.remote import BackendExchange
 from protocols.http.scopes import HttpRequest
 
 LIMITS = Settings()

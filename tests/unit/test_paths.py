@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from afpa.config import Settings, load_config
-from protocols.http import files, forward, paths
-from protocols.http.errors import HttpError
-from protocols.http.parser import parse_head
+from protocols.http.states import files
+from protocols.http.policy import forward
+from protocols.http.wire import paths
+from protocols.http.wire.errors import HttpError
+from protocols.http.wire.parser import parse_head
 from protocols.http.scopes import HttpRequest
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses

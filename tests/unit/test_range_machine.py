@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.http import ranges
+from protocols.http.policy import ranges
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
 from tests.unit.test_remote_machine import Rig

@@ -1,12 +1,12 @@
-"""protocols/http/ranges.py: byte ranges with the examples of RFC 9110 section 14."""
+"""protocols/http/policy/ranges.py: byte ranges with the examples of RFC 9110 section 14."""
 
 from __future__ import annotations
 
 import pytest
 
-from afpa.cache import fragments_of
-from protocols.http import ranges
-from protocols.http.responses import http_date, object_heads
+from afpa.cache.store import fragments_of
+from protocols.http.policy import ranges
+from protocols.http.wire.responses import http_date, object_heads
 
 LEN = 10000  # the representation length RFC 9110 14.1.2 examples assume
 

@@ -11,10 +11,10 @@ import attrs
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from afpa import tables
+from afpa.machine import tables
 from afpa.cli import main
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
+from afpa.net.helpers import InlineHelpers
 from afpa.reload import ConfigSource, config_problem, format_problem
 from afpa.server import Server
 from tests.conftest import MemoryServer, admin_call

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from afpa.config import Settings
-from afpa.helpers import InlineHelpers
+from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 from tests.httpclient import parse_responses
 

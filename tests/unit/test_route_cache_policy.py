@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from afpa.config import Settings, load_config
-from protocols.http import invalidation
-from protocols.http.cachepolicy import decide, key_target
+from protocols.http.policy import invalidation
+from protocols.http.policy.cachepolicy import decide, key_target
 from routing.policy import CachePolicy
 from routing.router import build_router, route_from_rule
 from tests.unit.test_cache_variants import Backend, answer_of, ask, req, resp

@@ -7,10 +7,10 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from afpa.cache import CacheObject, CacheStore, fragments_of
+from afpa.cache.store import CacheObject, CacheStore, fragments_of
 from afpa.config import Settings
-from afpa.scopes import Connection, Runtime
-from afpa.sendengine import FILE_CHUNK, FileBody, Pieces, send_engine
+from afpa.machine.scopes import Connection, Runtime
+from afpa.net.sendengine import FILE_CHUNK, FileBody, Pieces, send_engine
 
 
 class ScriptedSocket:

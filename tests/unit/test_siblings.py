@@ -9,9 +9,10 @@ import pytest
 from twisted.internet.testing import StringTransport
 
 from afpa.config import Settings, SettingError, load_config, read_sibling_token, sibling_address
-from afpa.scopes import Connection
+from afpa.machine.scopes import Connection
 from afpa.server import EntryFactory
-from protocols.http import forward, siblings
+from protocols.http.policy import forward
+from protocols.http.states import siblings
 from protocols.http.scopes import HttpGlobal, HttpRequest
 from routing.siblings import owner_index, score
 from tests.conftest import MemoryServer

@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from afpa import cli, graph, tables
-from afpa.intrinsics import default_registry
-from afpa.modules import ProtocolModule, collect, state
+from afpa import cli
+
+from afpa.machine import graph, tables
+from afpa.net.intrinsics import default_registry
+from afpa.machine.modules import ProtocolModule, collect, state
 
 REG = default_registry()
 SHIPPED = tables.shipped_table_names()

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLContextFactory
 
-from afpa.tls import Certificate, server_context_factory, server_names
+from afpa.net.tls import Certificate, server_context_factory, server_names
 
 TIMEOUT = 5.0
 

@@ -11,14 +11,14 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from afpa import admin
-from afpa.accesslog import FormatError, compile_format
+from afpa.ops import admin
+from afpa.ops.accesslog import FormatError, compile_format
 from afpa.config import SettingError, Settings
-from afpa.helpers import InlineHelpers
+from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
-from afpa.trace import FilterError, TraceFilter, TraceHub, format_event
-from afpa.tracestream import Subscriber
-from protocols.http import tracing
+from afpa.machine.trace import FilterError, TraceFilter, TraceHub, format_event
+from afpa.ops.tracestream import Subscriber
+from protocols.http.states import tracing
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
 

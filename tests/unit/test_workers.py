@@ -13,11 +13,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from afpa.accesslog import AccessLog
+from afpa.ops.accesslog import AccessLog
 from afpa.cli import build_parser, settings_from_args
 from afpa.config import Settings, SettingError
-from afpa.control import Channel, ControlError
-from afpa.supervisor import Cluster, _how_it_ended
+from afpa.process.control import Channel, ControlError
+from afpa.process.supervisor import Cluster, _how_it_ended
 
 
 # -- the setting ------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_restart_backoff_doubles_to_30s_and_resets_after_a_minute_up():
 
 
 def test_a_worker_gets_its_share_of_the_cache_and_the_others_as_siblings():
-    from afpa.supervisor import SIBLINGS_ENV, worker_settings
+    from afpa.process.supervisor import SIBLINGS_ENV, worker_settings
 
     s = Settings(cache_bytes=300 << 20, admin=("127.0.0.1", 9100), workers=3)
     env = {SIBLINGS_ENV: "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003", "AFPA_SIBLING_TOKEN": "t" * 32}

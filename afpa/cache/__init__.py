@@ -1,0 +1,1 @@
+"""The runtime's memory cache (byte-budgeted store of cache objects)."""

@@ -1,0 +1,338 @@
+"""Protocol modules and the registry the runtime finds them in.
+
+A protocol module (``protocols/http``, a third-party package, ...) hands the runtime
+one :class:`ProtocolModule`: its state functions with the outcomes each may return,
+and factories for its global and request scopes.  Modules are discovered through the
+``afpa.modules`` entry-point group, so the runtime never imports one by name; the
+runtime's own intrinsic functions (the Send Engine) live under the ``afpa`` namespace
+of the same registry.
+
+The one signature every state function has::
+
+    fn(g, conn, req) -> str | Deferred[str]
+
+``g`` is the module's global scope, ``conn`` the connection scope, ``req`` the request
+scope; the returned word is an *outcome* that the transition table maps to the next
+state.  A function never names its successor.
+
+A function may also declare a *contract*: the facts it needs on the request scope
+when it runs, and the facts each outcome leaves there (``afpa tables check``
+proves that every path from the start state meets every need)::
+
+    @state("hit", "miss", "stale", needs=("request",),
+           provides={"hit": ("response",), "stale": ("stale",)})
+
+A fact is a short word a table editor can reason about; the runtime defines
+``response`` (an answer on the request, ready for the Send Engine) and each module
+documents its own words in :attr:`ProtocolModule.facts`.  A function declared
+without a contract is trusted: the checker neither checks its needs nor blames it
+for what follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, TypeAlias
+
+import attrs
+from twisted.internet.defer import Deferred
+
+ENTRY_POINT_GROUP = "afpa.modules"
+RUNTIME_NAMESPACE = "afpa"
+
+StateFn: TypeAlias = Callable[[Any, Any, Any], "str | Deferred[str]"]
+"""``fn(g, conn, req) -> outcome``: the signature of every state function."""
+
+
+RUNTIME_FACTS: Mapping[str, str] = {
+    "response": "an answer on the request scope, ready for the Send Engine",
+}
+"""Facts the runtime itself relies on (the Send Engine needs ``response``)."""
+
+
+@attrs.frozen
+class Contract:
+    """What a state function needs on the request scope, and what each outcome
+    provides (or drops: a fact that no longer holds after that outcome)."""
+
+    needs: frozenset[str] = frozenset()
+    # Left out of the hash (dicts have none) so a StateFunction stays hashable.
+    provides: Mapping[str, frozenset[str]] = attrs.field(factory=dict, hash=False)
+    drops: Mapping[str, frozenset[str]] = attrs.field(factory=dict, hash=False)
+
+    @classmethod
+    def build(cls, outcomes: Iterable[str], needs: Iterable[str] = (),
+              provides: Mapping[str, Iterable[str]] | None = None,
+              drops: Mapping[str, Iterable[str]] | None = None) -> Contract:
+        """Check a declaration against the function's outcomes (ValueError if wrong)."""
+        outcomes = frozenset(outcomes)
+
+        def facts(value: Iterable[str], what: str) -> frozenset[str]:
+            if isinstance(value, str):
+                raise ValueError(f"{what}: give a tuple of fact names, not the string {value!r}")
+            out = frozenset(value)
+            for fact in out:
+                if not isinstance(fact, str) or not fact.isidentifier():
+                    raise ValueError(f"{what}: {fact!r} is not a fact name")
+            return out
+
+        def per_outcome(value: Mapping[str, Iterable[str]] | None, what: str) -> dict[str, frozenset[str]]:
+            out = {}
+            for outcome, fs in (value or {}).items():
+                if outcome not in outcomes:
+                    raise ValueError(f"{what}: {outcome!r} is not one of the declared outcomes")
+                out[outcome] = facts(fs, f"{what}[{outcome!r}]")
+            return out
+
+        return cls(facts(needs, "needs"), per_outcome(provides, "provides"), per_outcome(drops, "drops"))
+
+
+@attrs.frozen
+class StateFunction:
+    """A state function as the runtime knows it: callable, declared outcomes and,
+    when declared, its :class:`Contract` (None: not declared, never checked)."""
+
+    name: str
+    fn: StateFn
+    outcomes: frozenset[str]
+    doc: str = ""
+    contract: Contract | None = None
+
+
+def state(*outcomes: str, needs: Iterable[str] | None = None,
+          provides: Mapping[str, Iterable[str]] | None = None,
+          drops: Mapping[str, Iterable[str]] | None = None) -> Callable[[StateFn], StateFn]:
+    """Decorator declaring the outcomes a state function may return, and
+    optionally its contract.
+
+    The outcomes are what table validation checks transitions against, so a
+    function must never return a word it did not declare.  ``needs`` names the
+    facts that must hold on the request scope when the function runs;
+    ``provides`` maps an outcome to the facts it leaves there; ``drops`` maps an
+    outcome to facts that stop holding (e.g. a connection given up before a
+    retry).  Giving any of the three declares a contract; giving none leaves the
+    function unchecked, as before contracts existed.
+    """
+
+    if not outcomes:
+        raise ValueError("a state function must declare at least one outcome")
+    contract = None
+    if needs is not None or provides is not None or drops is not None:
+        contract = Contract.build(outcomes, needs or (), provides, drops)
+
+    def mark(fn: StateFn) -> StateFn:
+        fn.__afpa_outcomes__ = frozenset(outcomes)  # type: ignore[attr-defined]
+        fn.__afpa_contract__ = contract  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def collect(fns: Iterable[StateFn]) -> dict[str, StateFunction]:
+    """Build the name -> StateFunction map from functions marked with :func:`state`."""
+    out: dict[str, StateFunction] = {}
+    for fn in fns:
+        outcomes = getattr(fn, "__afpa_outcomes__", None)
+        if outcomes is None:
+            raise ValueError(f"{fn.__name__} has no @state(...) outcome declaration")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        out[fn.__name__] = StateFunction(fn.__name__, fn, outcomes, doc[0] if doc else "",
+                                         getattr(fn, "__afpa_contract__", None))
+    return out
+
+
+class UnmetNeed(Exception):
+    """Raised by a state that finds a fact it needs missing from the request scope
+    (a table wired it after a state that did not provide it).  The engine logs it
+    as one line, counts it in ``afpa_state_errors`` and ends the request."""
+
+
+@attrs.frozen
+class Option:
+    """One setting of a protocol module.
+
+    ``key``: its name inside the module's config section (``upstreams`` is
+    ``[dns] upstreams = [...]`` in a file); ``field``: the attribute of the
+    module's settings class; ``kind``: an :class:`afpa.config.Kind` that checks
+    a value from every source; ``flag``: its ``afpa serve`` option, if any
+    (``--upstream``); ``repeat``: the flag may be given several times and its
+    values are collected in a tuple; ``help``: the flag's one-line help."""
+
+    key: str
+    field: str
+    kind: Any
+    flag: str | None = None
+    repeat: bool = False
+    help: str = ""
+
+
+@attrs.frozen
+class ModuleSettings:
+    """A protocol module's own settings: its section of the config file, its
+    command-line flags and the attrs class holding them.
+
+    The runtime checks every value with its option's kind (file, flag or code
+    alike), builds ``cls(**values)`` and hands it to the module as
+    ``settings.module_settings``; the class's defaults are the module's embedded
+    configuration.  ``section`` is the config file table the keys live in
+    (``"dns"``: ``[dns]``; ``""``: top-level keys).  ``check(obj)`` runs after
+    the object is built, for rules that tie fields together; it raises
+    ValueError ``"<key>: <problem>"``."""
+
+    section: str
+    cls: type
+    options: tuple[Option, ...] = ()
+    check: Callable[[Any], None] | None = None
+
+    def option(self, key: str) -> Option | None:
+        """The option with config key ``key`` (None: not one of this module's)."""
+        for opt in self.options:
+            if opt.key == key:
+                return opt
+        return None
+
+    def build(self, values: Mapping[str, Any]) -> Any:
+        """The module's settings object from ``field -> value`` (each value is
+        checked by its option's kind); ValueError ``"<key>: <problem>"``."""
+        by_field = {opt.field: opt for opt in self.options}
+        checked = {}
+        for field, value in values.items():
+            opt = by_field.get(field)
+            if opt is None:
+                raise ValueError(f"{field}: not a setting of this module")
+            try:
+                checked[field] = opt.kind(value)
+            except ValueError as exc:
+                raise ValueError(f"{self.where(opt)}: {exc}") from None
+        obj = self.cls(**checked)
+        if self.check is not None:
+            self.check(obj)
+        return obj
+
+    def where(self, opt: Option) -> str:
+        """The config file key of ``opt`` (``dns.upstreams``)."""
+        return f"{self.section}.{opt.key}" if self.section else opt.key
+
+
+TRANSPORTS = frozenset({"stream", "datagram"})
+
+
+@attrs.frozen
+class ProtocolModule:
+    """What a protocol module registers with the runtime.
+
+    - ``functions``: its state functions by name.
+    - ``table``: file name of its default table under ``statetables/``.
+    - ``companions``: other machines the module runs (e.g. ``http-backend`` for
+      backend connections); the server loads and validates them too and hands
+      them over in ``runtime.machines``.
+    - ``access_field(name)``: the access-log field ``$name`` as a function
+      ``(conn, req, now) -> str``, or None when the module has no such field
+      (see :mod:`afpa.ops.accesslog`); ``access_format``: the module's default
+      format.  A module without them writes no access log.
+    - ``trace_answer(req, text)``: put a request's trace (``text``) into the
+      answer on ``req`` before it is sent (HTTP: the ``Afpa-Trace`` response
+      field); ``trace_fields(conn, req)``: the module's fields of a traced
+      request's event (HTTP: method, host, path, cache_status, bytes).
+    - ``make_global(settings, runtime)``: builds the module's global scope once per
+      server (``runtime`` is :class:`afpa.machine.scopes.Runtime`).
+    - ``make_request(conn)``: a fresh request scope (subclass of
+      :class:`afpa.machine.scopes.Request`).
+    - ``facts``: the contract words its functions use, each with its meaning
+      (shown by ``afpa tables graph``; :data:`RUNTIME_FACTS` are always known).
+    - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error
+      answer (HTTP: 500 when a state raised, 408 on a header timeout) or leave
+      ``req.head`` empty when the protocol has none; the connection then closes.
+    - ``invalidation``: how the admin API's purge, ban and tag requests become
+      cache keys (the store's keys are the module's own), or None when the module
+      offers none.  An object with ``keys(spec, g) -> list`` (``g``: the
+      module's global, for keys that depend on its configuration), ``predicate(spec) ->
+      callable(key) -> bool`` and ``tag(text) -> tag``; ``spec`` is the request's
+      JSON object, and a spec the module refuses raises ValueError (one line).
+    - ``carry_over(old_g, new_g)``: on a configuration reload, move what must
+      outlive a configuration (backend pools and their connections and queues,
+      requests in flight, counters) from the old global scope into the new one,
+      just before the new one starts serving; None: nothing carries over.
+    - ``transports``: what the module speaks: ``"stream"`` (TCP, TLS: one
+      connection scope per connection, requests parsed from its byte stream)
+      and/or ``"datagram"`` (UDP: each datagram is one request; its connection
+      scope names the peer and a reply goes back as one datagram).
+    - ``speaks_first``: on a stream, the machine's start state runs as soon
+      as the connection is made, before any input (a greeting, as SMTP or FTP
+      servers send); otherwise it first runs when input arrives.
+    - ``settings``: the module's own settings (:class:`ModuleSettings`), handed
+      to it as ``settings.module_settings``; None: it has none.
+    - ``table_dir``: the directory its shipped tables (``table``, companions)
+      are read from; None: afpa's own ``statetables/``.  A third-party module
+      sets it to a directory inside its package.
+    - ``alpn``: the TLS application protocols it speaks, most preferred first
+      (offered in the TLS handshake; empty: none offered).
+    - ``describe(g) -> list[str]``: lines for the startup log (listeners aside:
+      where misses go, upstreams); None: nothing to add.
+    - ``sweep(g, now)``: called once a second by the server (expire what the
+      module keeps besides the cache); None: nothing to sweep.
+    """
+
+    name: str
+    functions: Mapping[str, StateFunction]
+    table: str
+    make_global: Callable[[Any, Any], Any]
+    make_request: Callable[[Any], Any]
+    fail: Callable[[Any, Any, Any, int], None]
+    companions: tuple[str, ...] = ()
+    access_field: Callable[[str], Callable[[Any, Any, float], str] | None] | None = None
+    access_format: str = ""
+    trace_answer: Callable[[Any, str], None] | None = None
+    trace_fields: Callable[[Any, Any], dict] | None = None
+    facts: Mapping[str, str] = attrs.field(factory=dict)
+    invalidation: Any = None
+    carry_over: Callable[[Any, Any], None] | None = None
+    transports: frozenset[str] = attrs.field(default=frozenset({"stream"}), converter=frozenset)
+    speaks_first: bool = False
+    settings: ModuleSettings | None = None
+    table_dir: str | None = None
+    alpn: tuple[bytes, ...] = ()
+    describe: Callable[[Any], list[str]] | None = None
+    sweep: Callable[[Any, float], None] | None = None
+
+    @transports.validator
+    def _known_transports(self, _attr: Any, value: frozenset[str]) -> None:
+        unknown = value - TRANSPORTS
+        if not value or unknown:
+            raise ValueError(f"module {self.name!r}: transports must be some of {sorted(TRANSPORTS)}, "
+                             f"got {sorted(value)}")
+
+
+@attrs.define
+class Registry:
+    """Name -> module; ``afpa`` is reserved for runtime-intrinsic functions."""
+
+    modules: dict[str, ProtocolModule] = attrs.field(factory=dict)
+    intrinsics: dict[str, StateFunction] = attrs.field(factory=dict)
+
+    def register(self, module: ProtocolModule) -> None:
+        """Add a module; a second module of the same name is a configuration error."""
+        if module.name == RUNTIME_NAMESPACE:
+            raise ValueError(f"module name {module.name!r} is reserved for the runtime")
+        old = self.modules.get(module.name)
+        if old is not None and old is not module:
+            raise ValueError(f"two protocol modules are named {module.name!r}")
+        self.modules[module.name] = module
+
+    def lookup(self, qualified: str, default_module: str) -> StateFunction | None:
+        """Resolve ``run = "name"`` (machine's own module) or ``"module.name"``."""
+        mod_name, _, fn_name = qualified.rpartition(".")
+        mod_name = mod_name or default_module
+        if mod_name == RUNTIME_NAMESPACE:
+            return self.intrinsics.get(fn_name)
+        module = self.modules.get(mod_name)
+        return module.functions.get(fn_name) if module else None
+
+    def discover(self) -> None:
+        """Register every module advertised in the ``afpa.modules`` entry-point group."""
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            module = ep.load()
+            if not isinstance(module, ProtocolModule):
+                raise TypeError(f"entry point {ep.name!r} gave {module!r}, not a ProtocolModule")
+            self.register(module)

@@ -1,0 +1,109 @@
+"""The three scopes of data a state function sees (AFPA paper, section 3.2).
+
+- **global**: one per module instance; built by the module's ``make_global`` from
+  :class:`Runtime` (reactor, cache, helper threads, settings).
+- **connection**: :class:`Connection`, one per accepted socket.
+- **request**: a subclass of :class:`Request` that the module defines, one per
+  request on a connection.
+
+Nothing else is shared between state functions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from afpa.machine.trust import TrustedProxies
+
+if TYPE_CHECKING:  # types only: the machine layer imports nothing above it
+    from afpa.cache.store import CacheStore
+    from afpa.config import Settings
+    from afpa.net.helpers import Helpers
+
+
+@attrs.define(slots=True, eq=False)
+class Runtime:
+    """Services the runtime hands to a module when it builds its global scope."""
+
+    reactor: Any
+    settings: Settings
+    cache: CacheStore
+    helpers: Helpers
+    machines: dict = attrs.field(factory=dict)  # companion machines by name
+    trusted_proxies: TrustedProxies = attrs.field(factory=TrustedProxies)  # from settings.trusted_proxies
+
+
+@attrs.define(slots=True, eq=False)
+class Connection:
+    """Per-connection data.
+
+    ``inbuf[inpos:]`` is input not yet consumed; ``scan`` is where the module's
+    search for the end of a message resumes, so a request trickling in one byte
+    at a time is not rescanned from its start on every byte.  ``pending`` holds
+    protocol work left over from the previous request (e.g. a request body still
+    to be read and discarded).  ``deadline`` / ``deadline_kind`` drive the
+    timeout sweep.
+    """
+
+    transport: Any
+    machine: Any
+    state: Any
+    req: Any = None
+    sock: Any = None
+    peer_label: str = ""
+    inbuf: bytes = b""
+    inpos: int = 0
+    scan: int = 0
+    pending: Any = None
+    deadline: float = 0.0
+    deadline_kind: str = "idle"
+    requests: int = 0
+    busy: bool = False
+    closed: bool = False
+    reset: bool = False          # closed by a reset or an error, not a clean close
+    tls: bool = False
+    listener: str = ""           # which kind of listener accepted it ("" for clients, "sibling", ...)
+    sink: Any = None
+    on_lost: Any = None
+    on_timeout: Any = None
+    driver: Any = None
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the other end, looked up the first time it is needed
+        (most requests never need it)."""
+        if not self.peer_label:
+            addr = self.transport.getPeer() if self.transport is not None else None
+            self.peer_label = f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}"
+        return self.peer_label
+
+    @property
+    def peer_host(self) -> str:
+        """The other end's address without the port."""
+        return self.peer.rsplit(":", 1)[0]
+
+    def unread(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self.inbuf) - self.inpos
+
+
+@attrs.define(slots=True, eq=False)
+class Request:
+    """Base of every module's request scope: what the Send Engine sends.
+
+    A state function that has an answer fills ``head`` (bytes, the complete
+    response head), ``body`` (``None``, a :class:`~afpa.cache.store.CacheObject` or a
+    :class:`~afpa.net.sendengine.FileBody`), ``status`` and ``close`` (close the
+    connection after this response), then hands over to ``afpa.send_engine``,
+    which sets ``sent_head`` once the head is on its way.
+    """
+
+    started: float = 0.0
+    head: bytes = b""
+    body: Any = None
+    status: int = 0
+    close: bool = False
+    sent_head: bool = False
+    trace: Any = None  # afpa.machine.trace.Trace while the request is traced

@@ -1,0 +1,1 @@
+"""Processes: the worker supervisor, its control channel and signal handling."""

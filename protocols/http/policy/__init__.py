@@ -1,0 +1,1 @@
+"""HTTP rules: caching (RFC 9111), conditionals, ranges, forwarding, invalidation."""

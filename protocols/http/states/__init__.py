@@ -1,0 +1,1 @@
+"""The HTTP state functions: client machine, backend machine, coalescing, siblings."""

@@ -1,0 +1,1 @@
+"""HTTP/1 on the wire: request parsing, path normalisation, response heads."""

@@ -32,6 +32,16 @@ def test_the_table_is_valid():
     assert machine.start.name == "begin"
 
 
+def test_a_miswired_table_is_refused_with_the_path_that_breaks_a_need():
+    reg = Registry(intrinsics=dict(INTRINSICS))
+    reg.register(MODULE)
+    text = tables.module_table_path(MODULE, MODULE.table).read_text()
+    # Skip the parser: lookup would run without a key.
+    _, problems = tables.check_text(text.replace('line = "parse_command"', 'line = "lookup"'), "q.toml", reg)
+    assert ("[states.lookup] run: needs 'key', missing on path begin -command-> read_line -line-> lookup"
+            in "\n".join(map(str, problems)))
+
+
 def test_greets_first_then_answers_from_the_file_then_from_the_cache(srv):
     c = srv.connect()
     assert c.received() == GREETING

@@ -84,7 +84,7 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
 
     t = sub.add_parser("tables", help="list, show, check and draw transition tables")
     tsub = t.add_subparsers(dest="tables_command", required=True)
-    tsub.add_parser("list", help="names of the shipped tables")
+    tsub.add_parser("list", help="names of the shipped tables (afpa's and installed modules')")
     show = tsub.add_parser("show", help="print a shipped table (start an edit from it)")
     show.add_argument("name")
     check = tsub.add_parser("check", help="validate tables; exit 1 listing every problem")
@@ -399,32 +399,36 @@ def _check(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def _table_source(name_or_path: str) -> tuple[str, str]:
-    """(text, file label) for a path, or for the name of a shipped table."""
+def _table_source(name_or_path: str, registry: Registry) -> tuple[str, str]:
+    """(text, file label) for a path, or for the name of a shipped table (afpa's
+    own or an installed module's, see :func:`tables.known_tables`)."""
     path = Path(name_or_path)
-    if not path.exists() and "/" not in name_or_path and name_or_path in tables.shipped_table_names():
-        path = tables.shipped_table_path(name_or_path)
+    if not path.exists() and "/" not in name_or_path:
+        known = tables.known_tables(registry)
+        if name_or_path in known:
+            path = known[name_or_path]
     return path.read_text(encoding="utf-8"), name_or_path
 
 
 def _tables(args: argparse.Namespace, registry: Registry) -> int:
     out = sys.stdout
+    known = tables.known_tables(registry)
     if args.tables_command == "list":
-        for name in tables.shipped_table_names():
+        for name in known:
             print(name, file=out)
         return 0
     if args.tables_command == "show":
-        if args.name not in tables.shipped_table_names():
+        if args.name not in known:
             print(f"afpa: no shipped table named {args.name!r} (shipped: "
-                  f"{', '.join(tables.shipped_table_names())})", file=sys.stderr)
+                  f"{', '.join(known)})", file=sys.stderr)
             return 1
-        out.write(tables.shipped_table_path(args.name).read_text(encoding="utf-8"))
+        out.write(known[args.name].read_text(encoding="utf-8"))
         return 0
     if args.tables_command == "check":
         failed = False
         for f in args.files:
             try:
-                text, label = _table_source(f)
+                text, label = _table_source(f, registry)
             except OSError as exc:
                 print(f"{f}: cannot read: {exc.strerror}", file=sys.stderr)
                 failed = True
@@ -440,7 +444,7 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
         return 1 if failed else 0
     if args.tables_command == "graph":
         try:
-            text, label = _table_source(args.file)
+            text, label = _table_source(args.file, registry)
         except OSError as exc:
             print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
             return 1

@@ -197,7 +197,7 @@ def _table_path(settings: Settings, registry: Registry) -> str:
     if module is None:
         raise tables.TableError([tables.Problem(
             "<settings>", None, "module", f"no protocol module named {settings.module!r} is installed")])
-    return str(tables.shipped_table_path(module.table))
+    return str(tables.module_table_path(module, module.table))
 
 
 def _load_table(path: str, registry: Registry, reuse: Iterable[tables.Machine]) -> tables.Machine:
@@ -222,7 +222,7 @@ def load_machines(settings: Settings, registry: Registry,
     companions: dict[str, tables.Machine] = {}
     problems: list[tables.Problem] = []
     for name in machine.module.companions:
-        path = settings.companion_tables.get(name) or str(tables.shipped_table_path(name))
+        path = settings.companion_tables.get(name) or str(tables.module_table_path(machine.module, name))
         try:
             companions[name] = _load_table(path, registry, reuse)
         except tables.TableError as exc:

@@ -133,16 +133,50 @@ class TableSpec:
     states: dict[str, dict[str, Any]]
 
 
+def _stem(name: str) -> str:
+    return name[:-5] if name.endswith(".toml") else name
+
+
 def shipped_table_path(name: str) -> Path:
     """Path of a shipped table by machine name (``http`` -> statetables/http.toml)."""
-    stem = name[:-5] if name.endswith(".toml") else name
-    return Path(str(resources.files("statetables").joinpath(f"{stem}.toml")))
+    return Path(str(resources.files("statetables").joinpath(f"{_stem(name)}.toml")))
 
 
 def shipped_table_names() -> list[str]:
     """Names of every table shipped in ``statetables/``."""
     root = resources.files("statetables")
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def module_table_path(module: ProtocolModule, name: str) -> Path:
+    """Where ``module`` keeps its shipped table ``name`` (its ``table`` or a
+    companion): in the module's own ``table_dir`` when it has one and the file is
+    there, else in afpa's ``statetables/`` (a companion may be another module's
+    machine, e.g. a shipped one)."""
+    shipped = shipped_table_path(name)
+    if module.table_dir is not None:
+        own = Path(module.table_dir) / f"{_stem(name)}.toml"
+        # Missing in both places: the error names the module's own directory.
+        if own.is_file() or not shipped.is_file():
+            return own
+    return shipped
+
+
+def known_tables(registry: Registry) -> dict[str, Path]:
+    """Every table a name reaches (``afpa tables show NAME``): those shipped in
+    ``statetables/`` and each registered module's own (its ``table`` and
+    companions found in its ``table_dir``), by name.  A shipped name keeps its
+    shipped table; a module's table of the same name is reached by its path."""
+    out = {name: shipped_table_path(name) for name in shipped_table_names()}
+    for name in sorted(registry.modules):
+        module = registry.modules[name]
+        if module.table_dir is None:
+            continue
+        for table in (module.table, *module.companions):
+            path = Path(module.table_dir) / f"{_stem(table)}.toml"
+            if path.is_file():
+                out.setdefault(_stem(table), path)
+    return dict(sorted(out.items()))
 
 
 def parse(text: str, file: str) -> tuple[TableSpec | None, list[Problem]]:

@@ -81,6 +81,10 @@ class MachineProtocol(Protocol, Driver):
         else:
             conn.deadline = self.seconds() + server.settings.idle_timeout
         server.connection_opened(self)
+        if machine.module.speaks_first:
+            # The server talks first (a greeting): the start state runs now,
+            # with no input, as it otherwise would on the first bytes.
+            self.step(conn.state, None)
 
     def handshakeCompleted(self) -> None:
         """TLS only (IHandshakeListener): the handshake is done; the idle deadline starts."""

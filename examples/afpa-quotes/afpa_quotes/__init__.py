@@ -1,0 +1,1 @@
+"""afpa-quotes: an example third-party protocol module for afpa (see module.py)."""

@@ -439,7 +439,7 @@ def refusal(query: Query) -> int | None:
     :func:`minimal_any_reply`.
     """
     qtype = query.qtype
-    if qtype < 128 and qtype != OPT:
+    if (qtype < 128 and qtype != OPT) or qtype > 255:
         return None
     if qtype in (AXFR, IXFR):
         return REFUSED

@@ -240,6 +240,14 @@ class Answer:
             self.aged_by = age
         return self.aged_rest
 
+    def rest_with_ttl(self, ttl: int) -> bytes:
+        """The wire after the question name with every TTL set to ``ttl`` (not memoised)."""
+        base = self.qname_end
+        rest = bytearray(self.wire[base:])
+        for off in self.ttl_offsets:
+            _U32.pack_into(rest, off - base, ttl)
+        return bytes(rest)
+
 
 @attrs.define(slots=True)
 class Response:
@@ -433,9 +441,10 @@ def _check_rdata(data: bytes, rtype: int, start: int, end: int) -> None:
 def refusal(query: Query) -> int | None:
     """The RCODE a forwarder answers itself instead of forwarding, or None to forward.
 
-    Like Unbound: zone transfers (AXFR, IXFR) are REFUSED; QTYPEs that only
-    make sense inside a message or are obsolete (OPT, TKEY, TSIG, MAILA, MAILB,
-    the meta range 128-248) get FORMERR.  ANY is not refused: answer it with
+    Like Unbound (checked against Unbound 1.17 here: dnsmasq forwards these):
+    zone transfers (AXFR, IXFR) are REFUSED; QTYPEs that only make sense
+    inside a message or are obsolete (OPT, TKEY, TSIG, MAILA, MAILB, the meta
+    range 128-248) get FORMERR.  ANY is not refused: answer it with
     :func:`minimal_any_reply`.
     """
     qtype = query.qtype
@@ -747,6 +756,28 @@ def reply_from_answer(answer: Answer, query: Query, age: int, tcp: bool) -> byte
     if not tcp and len(answer.wire) > MIN_UDP_SIZE:
         return _HDR.pack(query.id, flags | TC, 1, 0, 0, 0) + query.data[12 : query.question_end]
     return b"".join((_ID_FLAGS.pack(query.id, flags), answer.counts, query.qname, rest))
+
+
+STALE_TTL = 30
+"""The TTL of records served stale (RFC 8767 4: 30 seconds is recommended)."""
+
+
+def stale_reply(answer: Answer, query: Query, tcp: bool, ttl: int = STALE_TTL) -> bytes:
+    """Like :func:`reply_from_answer` for an expired answer served stale (RFC 8767).
+
+    Every TTL is set to ``ttl`` rather than aged (which would give 0).  Not
+    the hit path: nothing is memoised.
+    """
+    qflags = query.flags
+    flags = (answer.flags & _KEEP) | (qflags & _RD_CD)
+    if not (query.do or qflags & AD):
+        flags &= _NOT_AD
+    opt = (_OPT_REPLY_DO if query.do else _OPT_REPLY) if query.edns else b""
+    limit = query.udp_size if query.edns else MIN_UDP_SIZE
+    if not tcp and len(answer.wire) + len(opt) > limit:
+        return _HDR.pack(query.id, flags | TC, 1, 0, 0, 1 if opt else 0) + query.data[12 : query.question_end] + opt
+    counts = answer.counts_edns if opt else answer.counts
+    return b"".join((_ID_FLAGS.pack(query.id, flags), counts, query.qname, answer.rest_with_ttl(ttl), opt))
 
 
 def error_reply(query: Query, rcode: int) -> bytes:

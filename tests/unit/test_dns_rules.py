@@ -142,7 +142,9 @@ def test_bad_record_lines(line, problem):
     assert msg.startswith("afpa.toml: dns.records: line 3: ") and problem in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("text, problem", [("999.1.1.1 a.lan\n", "not an IP address"), ("\n10.0.0.1\n", "at least one name")])
+@pytest.mark.parametrize(
+    "text, problem", [("999.1.1.1 a.lan\n", "not an IP address"), ("\n10.0.0.1\n", "at least one name")]
+)
 def test_bad_hosts_lines(text, problem):
     records = rules.LocalRecords()
     with pytest.raises(ValueError) as e:

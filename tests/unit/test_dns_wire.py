@@ -134,6 +134,7 @@ Q = make_query(edns=False)
 QE = make_query()
 QNAME_END = 12 + len(b"\x03www\x07example\x03com\x00")
 OPT_AT = QNAME_END + 4
+A_RECORD = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01\x02\x03\x04"
 
 
 @pytest.mark.parametrize(
@@ -146,8 +147,7 @@ OPT_AT = QNAME_END + 4
         (Q[:12] + b"\x3fa" + b"a" * 60 + b"\x00\x00\x01\x00\x01", "label longer than the message"),
         (Q[:12] + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01", "name of 257 octets"),
         (Q + b"\x00", "trailing byte"),
-        (_edit(Q, 6, b"\x00\x01") + Q[12:] and _edit(Q, 6, b"\x00\x01") + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x01\x00\x04\x01\x02\x03\x04",
-         "answer record in a query"),  # fmt: skip
+        (_edit(Q, 6, b"\x00\x01") + A_RECORD, "answer record in a query"),
         (_edit(QE, 10, b"\x00\x02") + QE[OPT_AT:], "two OPT records"),
         (_edit(_edit(QE, 10, b"\x00\x00"), 8, b"\x00\x01"), "OPT in authority"),
         (_edit(QE, OPT_AT, b"\x01a\x00") + b"", "OPT owner not the root"),
@@ -367,8 +367,7 @@ def _answer_with(record: bytes):
         (b"\x01a\xc0\x21" + b"\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01\x02\x03\x04", "loop through a label"),
         (b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01\x02\x03\x04", "label of 64"),
         (b"\x80\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01\x02\x03\x04", "reserved label type"),
-        ((b"\x3f" + b"a" * 63) * 3 + b"\x3ea" + b"a" * 61 + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01\x02\x03\x04",
-         "name over 255 octets through a pointer"),  # fmt: skip
+        ((b"\x3f" + b"a" * 63) * 3 + b"\x3ea" + b"a" * 61 + A_RECORD, "name over 255 octets through a pointer"),
         (b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x05\x01\x02\x03\x04\x05", "A with 5 octets"),
         (b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x08\x01\x02\x03\x04", "rdata past the end"),
         (b"\xc0\x0c\x00\x05\x00\x01\x00\x00\x00\x3c\x00\x02\x01a\x00", "CNAME rdlength short"),
@@ -385,9 +384,10 @@ def test_malformed_responses(record, why):
 
 def test_every_prefix_of_a_response_is_malformed():
     q = wire.parse_query(QE)
+    upstream = wire.build_upstream_query(q, 1)
     for data in (
-        make_response(wire.build_upstream_query(q, 1), CHAIN, [soa()], [rr(b"ns.example.com", dns.Record_A("10.0.0.1"))]),
-        make_response(wire.build_upstream_query(q, 1), [], [soa()], rcode=dns.ENAME),
+        make_response(upstream, CHAIN, [soa()], [rr(b"ns.example.com", dns.Record_A("10.0.0.9"))]),
+        make_response(upstream, [], [soa()], rcode=dns.ENAME),
     ):
         wire.parse_response(data, q, 1, q.qname)
         for i in range(len(data)):
@@ -414,6 +414,17 @@ def test_cache_hit_reply_copies_id_rd_case_and_ages_ttls():
     assert [a.ttl for a in m.answers] == [400, 0, 100]
     m = decode(wire.reply_from_answer(r.answer, client, 0, True))
     assert [a.ttl for a in m.answers] == [600, 120, 300]
+
+
+def test_stale_reply_sets_every_ttl_to_30():
+    _, _, r = exchange(QE, CHAIN)
+    client = wire.parse_query(make_query(b"WWW.example.com", id=12))
+    out = wire.stale_reply(r.answer, client, False)
+    m = decode(out)
+    assert m.id == 12 and [a.ttl for a in m.answers] == [30, 30, 30]
+    assert out[12 : 12 + len(client.qname)] == client.qname
+    # The memoised hit rendering is untouched.
+    assert [a.ttl for a in decode(wire.reply_from_answer(r.answer, client, 10, False)).answers] == [590, 110, 290]
 
 
 def test_cache_hit_reply_without_edns_and_with_rd_clear():

@@ -534,6 +534,11 @@ def encode_name(text: str) -> bytes:
     """
     if text in ("", "."):
         return b"\x00"
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise ValueError(f"cannot encode name {text!r}: {e}") from None
     labels: list[bytes] = []
     cur = bytearray()
     i = 0
@@ -561,13 +566,7 @@ def encode_name(text: str) -> bytes:
                 raise ValueError(f"name {text!r} ends with a backslash")
             ch = text[i + 1]
             i += 1
-        if ord(ch) < 128:
-            cur.append(ord(ch))
-        else:
-            try:
-                cur += ch.encode("idna")
-            except UnicodeError:
-                raise ValueError(f"cannot encode {ch!r} in name {text!r}") from None
+        cur.append(ord(ch))
         i += 1
     if cur:
         labels.append(bytes(cur))

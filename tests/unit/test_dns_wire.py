@@ -225,6 +225,7 @@ def test_randomize_case():
         (".", b"\x00"),
         ("a\\.b.c", b"\x03a.b\x01c\x00"),
         ("a\\032b", b"\x03a b\x00"),
+        ("bücher.example", b"\x0dxn--bcher-kva\x07example\x00"),
     ],
 )
 def test_names(text, wire_name):

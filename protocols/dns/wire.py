@@ -377,13 +377,14 @@ def _check_options(data: bytes, pos: int, end: int) -> None:
         raise Malformed(FORMERR, "EDNS option runs past the OPT record")
 
 
-def _skip_name(data: bytes, pos: int) -> tuple[int, int]:
+def _skip_name(data: bytes, pos: int, known: dict[int, int] | None = None) -> tuple[int, int]:
     """Validate the (possibly compressed) name at ``pos``.
 
     Returns the offset just after the name as written and the length of the
     name once decompressed.  Every pointer must point strictly before the start
     of the label sequence it ends, and past the header, so following pointers
-    always ends (no loops, no forward pointers).
+    always ends (no loops, no forward pointers).  ``known`` maps offsets of
+    names already validated to their lengths: a pointer to one stops there.
     """
     n = len(data)
     end = -1
@@ -408,12 +409,17 @@ def _skip_name(data: bytes, pos: int) -> tuple[int, int]:
                 end = pos + 2
             if target >= limit or target < 12:
                 raise Malformed(FORMERR, "compression pointer not pointing back into the message")
+            if known is not None and target in known:
+                total += known[target]
+                if total > MAX_NAME:
+                    raise Malformed(FORMERR, "name longer than 255 octets")
+                return end, total
             limit = pos = target
         else:
             raise Malformed(FORMERR, "unknown label type")
 
 
-def _check_rdata(data: bytes, rtype: int, start: int, end: int) -> None:
+def _check_rdata(data: bytes, rtype: int, start: int, end: int, known: dict[int, int] | None = None) -> None:
     """Check rdata whose size is fixed or which holds names (the rest is opaque)."""
     if rtype == A:
         if end - start != 4:
@@ -422,19 +428,19 @@ def _check_rdata(data: bytes, rtype: int, start: int, end: int) -> None:
         if end - start != 16:
             raise Malformed(FORMERR, "AAAA record rdata is not 16 octets")
     elif rtype in (CNAME, NS, PTR, DNAME):
-        if _skip_name(data, start)[0] != end:
+        if _skip_name(data, start, known)[0] != end:
             raise Malformed(FORMERR, "rdlength does not match the name in the rdata")
     elif rtype == MX:
-        if end - start < 3 or _skip_name(data, start + 2)[0] != end:
+        if end - start < 3 or _skip_name(data, start + 2, known)[0] != end:
             raise Malformed(FORMERR, "rdlength does not match the MX rdata")
     elif rtype == SRV:
-        if end - start < 7 or _skip_name(data, start + 6)[0] != end:
+        if end - start < 7 or _skip_name(data, start + 6, known)[0] != end:
             raise Malformed(FORMERR, "rdlength does not match the SRV rdata")
     elif rtype == SOA:
         if end - start < 22:
             raise Malformed(FORMERR, "SOA rdata too short")
-        p = _skip_name(data, start)[0]
-        if p >= end or _skip_name(data, p)[0] + 20 != end:
+        p = _skip_name(data, start, known)[0]
+        if p >= end or _skip_name(data, p, known)[0] + 20 != end:
             raise Malformed(FORMERR, "rdlength does not match the SOA rdata")
 
 
@@ -642,18 +648,28 @@ def parse_response(
     ext_rcode = 0
     saw_opt = False
     first_ar = ancount + nscount
+    # Names validated so far, by offset: every suffix of the question to start
+    # with, since owner names mostly point into it.
+    known = {}
+    left = len(sent_qname)
+    at = 12
+    while left > 1:
+        known[at] = left
+        step = data[at] + 1
+        at += step
+        left -= step
+    known[at] = 1
     pos = qe
     for idx in range(first_ar + arcount):
         start = pos
-        if pos + 2 <= n and data[pos] >= 0xC0:
-            # A pointer straight away (the usual owner name): one check.
-            target = ((data[pos] & 0x3F) << 8) | data[pos + 1]
-            if target < 12 or target >= pos:
-                raise Malformed(None, "compression pointer not pointing back into the message")
-            nlen = _skip_name(data, target)[1]
+        if pos + 1 < n and data[pos] >= 0xC0 and (((data[pos] & 0x3F) << 8) | data[pos + 1]) in known:
+            # A pointer straight to a name already checked: the usual owner.
+            nlen = known[((data[pos] & 0x3F) << 8) | data[pos + 1]]
             pos += 2
         else:
-            pos, nlen = _skip_name(data, pos)
+            pos, nlen = _skip_name(data, pos, known)
+            if data[start] < 0xC0:
+                known[start] = nlen
         if pos + 10 > n:
             raise Malformed(None, "truncated record")
         rtype, _rclass, ttl, rdlen = _RR.unpack_from(data, pos)
@@ -676,7 +692,7 @@ def parse_response(
             if cut < 0:
                 cut = start
         else:
-            _check_rdata(data, rtype, rstart, rend)
+            _check_rdata(data, rtype, rstart, rend, known)
             if ttl & 0x80000000:
                 ttl = 0
             if cut < 0:

@@ -270,6 +270,7 @@ def test_ttl_clamps():
     assert r.answer is None and r.reply.ttl == 0
     _, _, r = exchange(QE, [rr(b"www.example.com", dns.Record_A("1.2.3.4"), 2**31 + 5)])
     assert r.answer is None  # a TTL with the top bit set counts as 0 (RFC 2181 8)
+    assert struct.unpack_from(">I", r.reply.wire, r.reply.ttl_offsets[0])[0] == 0
 
 
 def test_additional_before_opt_kept_after_dropped():

@@ -20,10 +20,11 @@ offsets:
   for the types whose rdata holds names or has a fixed size), works out the
   positive or negative (RFC 2308) lifetime, and keeps an :class:`Answer`: the
   wire without OPT/TSIG, ID 0, and the offset of every TTL.
-- :func:`reply_from_answer` is the cache-hit path: one bytearray copy, two
-  struct writes for ID and flags, one slice for the question's case, one write
-  per TTL, the OPT appended, or a TC=1 reply when the answer does not fit the
-  client's UDP size.
+- :func:`reply_from_answer` is the cache-hit path: one join of the client's
+  ID and flags, the stored counts, the client's question name (its 0x20
+  case), the rest of the stored wire with its TTLs aged (rebuilt at most once
+  per entry per distinct age, i.e. once a second for a busy entry) and our
+  OPT; or a TC=1 reply when the answer does not fit the client's UDP size.
 
 Why not ``twisted.names.dns``
 -----------------------------

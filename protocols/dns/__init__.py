@@ -1,0 +1,1 @@
+"""A DNS caching forwarder module: wire format, local rules, states."""

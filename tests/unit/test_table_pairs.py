@@ -24,6 +24,7 @@ the tables.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -252,7 +253,13 @@ def test_a_state_that_raises_is_an_error(path, name):
 
 
 def test_every_shipped_table_is_covered():
-    """The discovery finds the tables on disk, not a list written here."""
-    on_disk = {p.stem for p in Path(tables.shipped_table_path("http")).parent.glob("*.toml")}
-    assert on_disk <= {p.stem for p in table_paths()}
-    assert {"http", "http-backend"} <= on_disk
+    """The discovery finds the tables on disk and every module's own tables, not
+    a list written here."""
+    covered = {p.resolve() for p in table_paths()}
+    shipped = Path(str(resources.files("statetables")))
+    assert {p.resolve() for p in shipped.glob("*.toml")} <= covered
+    for module in REG.modules.values():
+        for name in (module.table, *module.companions):
+            if name:
+                assert Path(name).stem in {p.stem for p in covered}, (module.name, name)
+    assert len(covered) >= 2

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO, free_port, wait_port
 
-pytestmark = pytest.mark.integration
+# Minutes long: left out of the quick loop (-m "not slow"), run by CI and plain pytest.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CORPUS = REPO.parent / "shared" / "conformance" / "http1"
 

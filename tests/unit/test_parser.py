@@ -271,3 +271,40 @@ def test_chunked_garbage_is_an_error_or_a_wait(data, step):
         read_all(ChunkedBody(), data, step)
     except HttpError:
         pass
+
+
+# -- good requests: the same whatever the pieces ----------------------------------
+
+GOOD_REQUESTS = [
+    SIMPLE,
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET http://Other.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost:a\r\nX: \t b c \t\r\nY:\r\nAccept:   */*   \r\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+def parse_split(data: bytes, cut: int):
+    """Two pieces: the head parsed (and waiting) on the first, then on both."""
+    req = HttpRequest()
+    end = parse_head(data[:cut], 0, 0, LIMITS, req)
+    if end >= 0:
+        return req, end
+    return req, parse_head(data, 0, req.scan_hint, LIMITS, req)
+
+
+@pytest.mark.parametrize("data", GOOD_REQUESTS)
+def test_good_request_whatever_the_pieces(data):
+    """Byte by byte and cut in two anywhere (inside a CRLF too), a request head
+    parses exactly as it does whole, and every prefix short of its end waits."""
+    whole = outcome(parse_whole, data)
+    assert whole[0] == "ok"
+    assert outcome(parse_bytewise, data) == whole
+    for cut in range(1, len(data)):
+        assert outcome(lambda d: parse_split(d, cut), data) == whole, cut
+    for n in range(whole[1]):
+        assert outcome(parse_whole, data[:n]) == ("more",), n

@@ -64,12 +64,12 @@ def _drain(server: Any, args: dict) -> Any:
 
 
 def _sibling(server: Any, args: dict) -> dict:
-    """Worker ``index`` left (its URLs are served here meanwhile) or is back."""
-    siblings = getattr(server.g, "siblings", None)
+    """Worker ``index`` (a peer: HTTP's sibling) left (its URLs are served here
+    meanwhile) or is back."""
+    peering = server.machine.module.peering
     index = args.get("index")
-    if siblings is None or not isinstance(index, int) or not 0 <= index < len(siblings.members):
-        return {}
-    siblings.down_until[index] = 0.0 if args.get("up") else float("inf")
+    if peering is not None and isinstance(index, int) and not isinstance(index, bool):
+        peering.mark(server.g, index, bool(args.get("up")))
     return {}
 
 

@@ -10,7 +10,14 @@ a value from a config file (:func:`load_config`), from the command line (the
 (``Settings(...)`` checks every field in ``__attrs_post_init__``), so a value is
 accepted or refused the same way wherever it comes from.
 
-Adding a config key is one line in ``_FILE_KEYS``: ``"section.key": ("field", KIND)``
+Only the runtime's own, protocol-neutral settings live here (listeners, TLS,
+admin, access log, cache budget, connection timeouts, processes).  A protocol
+module's settings are its own attrs class, declared with
+:class:`afpa.machine.modules.ModuleSettings` (HTTP's: ``protocols/http/settings.py``,
+top-level keys such as ``root`` and ``[cache] grace``); :func:`load_config`
+hands their values to the module's options.
+
+Adding a runtime config key is one line in ``_FILE_KEYS``: ``"section.key": ("field", KIND)``
 (plus the field itself on :class:`Settings`).  The field is then checked from
 every source; a command-line flag, if wanted, is ``type=kind.from_text``.
 """
@@ -18,7 +25,6 @@ every source; a command-line flag, if wanted, is ``type=kind.from_text``.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import re
 import tomllib
@@ -168,59 +174,8 @@ def _hostport(value: Any) -> tuple[str, int]:
     return parse_hostport(value)
 
 
-def _url(value: Any) -> str:
-    text = _text(value).strip()
-    scheme, sep, rest = text.partition("://")
-    if sep and scheme.lower() != "http":
-        raise _Detail(f"{text!r}: only http:// backends are supported")
-    if not (rest if sep else text).strip("/"):
-        raise ValueError
-    return text
-
-
-def _members(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError
-    out = []
-    for text in value:
-        try:
-            host, port = parse_hostport(text, "")
-        except ValueError:
-            raise _Detail(f"{text!r} is not HOST:PORT") from None
-        if not host or not port:
-            raise _Detail(f"{text!r} needs a host and a port other than 0")
-        member = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if member in out:
-            raise _Detail(f"{text!r} is listed twice")
-        out.append(member)
-    return tuple(out)
-
-
-def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``"10.0.0.0/8"`` or ``"127.0.0.1"`` -> network; ValueError naming the entry."""
-    if not isinstance(text, str):
-        raise _Detail(f"{text!r} is not a string")
-    try:
-        return ipaddress.ip_network(text.strip())
-    except ValueError:
-        try:
-            loose = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise _Detail(f"{text!r} is not an IP address or CIDR") from None
-        raise _Detail(f"{text!r} has host bits set (did you mean {loose}?)") from None
-
-
 def _no(value: Any) -> Any:
     raise ValueError
-
-
-def _dot_names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError
-    for name in value:
-        if not name.startswith(".") or "/" in name or name in (".", ".."):
-            raise _Detail(f"{name!r} is not a path segment starting with a dot")
-    return tuple(value)
 
 
 def _workers(value: Any) -> int:
@@ -242,33 +197,8 @@ def _fraction(value: Any) -> float:
     return v
 
 
-def _field_name(value: Any) -> str:
-    text = _text(value).strip()
-    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", text):
-        raise ValueError
-    return text
 
 
-def _proxies(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError
-    return tuple(str(proxy_network(v)) for v in value)
-
-
-def _names(token_re: str, lower: bool) -> Callable[[Any], tuple[str, ...]]:
-    def check(value: Any) -> tuple[str, ...]:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise TypeError
-        for name in value:
-            if not re.fullmatch(token_re, name):
-                raise _Detail(f"{name!r} is not a valid name")
-        return tuple(dict.fromkeys(n.lower() if lower else n for n in value))
-    return check
-
-
-_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-
-PROXY = Kind("an IP address or CIDR (e.g. 10.0.0.0/8, ::1)", lambda v: str(proxy_network(v)))
 SECONDS = Kind("a positive number of seconds", _positive_seconds, float)
 SECONDS0 = Kind("a number of seconds, 0 or more", _seconds0, float)
 SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
@@ -280,21 +210,8 @@ BOOL = Kind("true or false", _bool)
 TEXT = Kind("a non-empty string", _text)
 PATH = Kind("a file or directory path", _text)
 HOSTPORT = Kind("HOST:PORT (e.g. 127.0.0.1:8080)", _hostport)
-URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
-PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
 FRACTION = Kind("a number from 0 to 1 (e.g. 0.1)", _fraction, float)
-FIELD_NAME = Kind("an HTTP field name (e.g. Afpa-Cache-Control)", _field_name)
-RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "forward") else _no(v))
-# Operator cache policy (routing/policy.py), top-level [cache] and [route.cache].
-CACHE_QUERY = Kind('"keep", "sort" or "ignore"',
-                   lambda v: _text(v) if v in ("keep", "sort", "ignore") else _no(v))
-SET_COOKIE = Kind('"pass" or "strip"', lambda v: _text(v) if v in ("pass", "strip") else _no(v))
 ADMIN_AUTH = Kind('"writes" or "all"', lambda v: _text(v) if v in ("writes", "all") else _no(v))
-FIELD_NAMES = Kind("a list of HTTP field names (e.g. [\"X-Device\"])", _names(_TOKEN_RE, True))
-COOKIE_NAMES = Kind("a list of cookie names (e.g. [\"lang\"])", _names(_TOKEN_RE, False))
-MEMBERS = Kind('a list of HOST:PORT sibling addresses (e.g. ["127.0.0.1:9301", "127.0.0.1:9302"])',
-               _members)
-DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
 # there means its strict kind (``"true"`` is not a boolean, ``"5"`` not a number).

@@ -311,9 +311,12 @@ class ProtocolModule:
       field); ``trace_fields(conn, req)``: the module's fields of a traced
       request's event (HTTP: method, host, path, cache_status, bytes).
     - ``make_global(settings, runtime)``: builds the module's global scope once per
-      server (``runtime`` is :class:`afpa.machine.scopes.Runtime`).
+      server (``runtime`` is :class:`afpa.machine.scopes.Runtime`; its own
+      settings are ``settings.module_settings``, see :meth:`own_settings`).
+      What the runtime needs of it: :class:`afpa.machine.scopes.GlobalScope`.
     - ``make_request(conn)``: a fresh request scope (subclass of
-      :class:`afpa.machine.scopes.Request`).
+      :class:`afpa.machine.scopes.Request`; the runtime's view of it is
+      :class:`afpa.machine.scopes.RequestScope`).
     - ``facts``: the contract words its functions use, each with its meaning
       (shown by ``afpa tables graph``; :data:`RUNTIME_FACTS` are always known).
     - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error

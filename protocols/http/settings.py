@@ -17,11 +17,13 @@ from typing import Any
 import attrs
 
 from afpa.config import (
-    BOOL, CACHE_QUERY, COOKIE_NAMES, COUNT, COUNT0, DOT_NAMES, FIELD_NAME, FIELD_NAMES, FRACTION, HOSTPORT,
-    MEMBERS, PATH, POSITIVE_SIZE, PROXIES, RANGE_MISS, SECONDS, SECONDS0, SET_COOKIE, SIZE, URL, Kind, Settings,
-    Detail, parse_hostport, read_token,
+    BOOL, COUNT, COUNT0, FRACTION, HOSTPORT, PATH, POSITIVE_SIZE, SECONDS, SECONDS0, SIZE, Detail, Kind, Settings,
+    parse_hostport, read_token,
 )
 from afpa.machine.modules import ModuleSettings, Option, SettingError, StreamLimits
+from protocols.http.kinds import (
+    CACHE_QUERY, COOKIE_NAMES, DOT_NAMES, FIELD_NAME, FIELD_NAMES, MEMBERS, PROXIES, RANGE_MISS, SET_COOKIE, URL,
+)
 
 
 def _routes(value: Any) -> tuple:

@@ -225,7 +225,10 @@ DEFAULT_MODULE = "http"  # the protocol module served when none is named
 
 @attrs.define(slots=True)
 class Settings:
-    """Everything a server needs to know; defaults are the embedded configuration.
+    """The runtime's settings, whatever the protocol; defaults are the embedded
+    configuration.  The protocol module's own settings ride along as
+    ``module_settings`` (HTTP's: :class:`protocols.http.settings.HttpSettings`;
+    ``http_settings(**kw)`` there makes both from one set of keywords).
 
     Every field with a kind (see ``_FILE_KEYS``) is checked when the object is
     made; an unacceptable value raises :class:`SettingError`.
@@ -253,13 +256,13 @@ class Settings:
     # see afpa/ops/accesslog.py); None: the module's default (HTTP: combined log
     # format plus Cache-Status and the state path).  Checked when a server starts.
     access_log_format: str | None = None
-    trace_loopback: bool = True         # Afpa-Trace is honoured from loopback peers (and trusted_proxies)
+    trace_loopback: bool = True         # loopback peers may ask for a trace (HTTP: Afpa-Trace)
 
     # Cache (the store every module's entries share)
     cache_bytes: int = 256 << 20
     max_object_bytes: int = 8 << 20     # larger entries are not stored (HTTP: files stream from disk)
 
-    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain
+    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain (Send Engine)
 
     # Timeouts, seconds
     idle_timeout: float = 60.0          # keep-alive connection with no request started

@@ -310,7 +310,7 @@ class Cluster:
         """Tell the other workers that worker ``index`` is gone (they serve its URLs
         themselves, without waiting on its listener's backlog) or back."""
         if self.sibling_sockets and not self.stopping:
-            self.call("sibling", {"index": index, "up": up}, 5.0)
+            self.call("peer", {"index": index, "up": up}, 5.0)
 
     def _schedule_restart(self, slot: Slot, delay: float) -> None:
         def restart() -> None:

@@ -63,7 +63,7 @@ def _drain(server: Any, args: dict) -> Any:
     return server.drain(float(timeout)).addCallback(lambda cut: {"cut": cut})
 
 
-def _sibling(server: Any, args: dict) -> dict:
+def _peer(server: Any, args: dict) -> dict:
     """Worker ``index`` (a peer: HTTP's sibling) left (its URLs are served here
     meanwhile) or is back."""
     peering = server.machine.module.peering
@@ -75,7 +75,7 @@ def _sibling(server: Any, args: dict) -> dict:
 
 register("ping", _ping)
 register("drain", _drain)
-register("sibling", _sibling)
+register("peer", _peer)
 register_worker_ops(register)  # snapshot (merged /metrics), machines (live page), cache (purges)
 clusterreload.register_worker_ops(register)  # reload_prepare/commit/abort, reopen_logs
 clustertrace.register_worker_ops(register)  # trace_poll, trace_stop (the supervisor's /trace)

@@ -213,3 +213,56 @@ def test_scopes_are_described_by_protocols():
     assert set(RequestScope.__annotations__) <= request_fields
     assert set(GlobalScope.__annotations__) == {"runtime"}
     assert Runtime.__annotations__["settings"] == "Settings"
+
+
+# -- workers as peers: only through the module's Peering ------------------------------
+
+def test_workers_of_a_module_without_peering_get_no_peers(line_server):
+    from afpa.process import worker
+    from afpa.process.supervisor import SIBLINGS_ENV, worker_settings
+
+    server = line_server()
+    env = {SIBLINGS_ENV: "127.0.0.1:7001,127.0.0.1:7002"}
+    w = worker_settings(server.settings, 1, 2, env, registry=server.registry)
+    assert w.module_settings is None and w.worker_index == 1
+    assert worker.OPS["peer"](server, {"index": 0, "up": False}) == {}  # nothing to mark, nothing probed
+
+
+def test_http_workers_are_siblings_and_one_leaving_is_marked(docroot, monkeypatch):
+    from afpa.process import worker
+    from afpa.process.supervisor import SIBLINGS_ENV, worker_settings
+    from tests.conftest import MemoryServer
+
+    monkeypatch.setenv("AFPA_SIBLING_TOKEN", "t" * 32)
+    env = {SIBLINGS_ENV: "127.0.0.1:7001,127.0.0.1:7002"}
+    w = worker_settings(MemoryServer(str(docroot)).settings, 0, 2, env)
+    assert (w.module_settings.sibling_members, w.module_settings.sibling_self) == (
+        ("127.0.0.1:7001", "127.0.0.1:7002"), 0)
+    assert w.module_settings.root == str(docroot)  # the rest of HTTP's settings kept
+    server = Server(w, reactor=Clock(), helpers=InlineHelpers())
+    worker.OPS["peer"](server, {"index": 1, "up": False})
+    assert server.g.siblings.down_until[1] == float("inf")
+    worker.OPS["peer"](server, {"index": 1, "up": True})
+    assert server.g.siblings.down_until[1] == 0.0
+    assert worker.OPS["peer"](server, {"index": 9, "up": False}) == {}  # not a member: ignored
+
+
+def test_moving_a_module_listener_needs_a_restart(docroot, monkeypatch):
+    from protocols.http.settings import http_settings
+    from tests.conftest import MemoryServer
+
+    monkeypatch.setenv("AFPA_SIBLING_TOKEN", "t" * 32)
+    members = ("127.0.0.1:9301", "127.0.0.1:9302")
+    mem = MemoryServer(str(docroot), sibling_members=members, sibling_self=0)
+    moved = mem.server.reload(http_settings(root=str(docroot), sibling_members=members, sibling_self=1))
+    assert not moved["ok"] and "sibling listener needs a restart" in moved["problems"][0]["problem"]
+    same = mem.server.reload(http_settings(root=str(docroot), sibling_members=members, sibling_self=0, grace=3.0))
+    assert same["ok"] and same["changed"] == ["cache.grace"]
+
+
+def test_an_http_flag_with_another_module_is_refused():
+    reg = default_registry()
+    reg.register(line_module())
+    with pytest.raises(ValueError, match=r"^--root: an option of module http, but the module is line"):
+        serve_args("--module", "line", "--root", "/srv", registry=reg)
+    assert serve_args("--module", "line", registry=reg).module_settings is None  # line declares none

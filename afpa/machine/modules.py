@@ -168,7 +168,8 @@ class Option:
     module's settings class; ``kind``: an :class:`afpa.config.Kind` that checks
     a value from every source; ``flag``: its ``afpa serve`` option, if any
     (``--upstream``); ``repeat``: the flag may be given several times and its
-    values are collected in a tuple; ``help``: the flag's one-line help."""
+    values are collected in a tuple (``kind`` then checks a list: each flag
+    value is checked as a list of one, the tuple as a whole); ``help``: the flag's one-line help."""
 
     key: str
     field: str

@@ -142,13 +142,28 @@ def _module_options(s: argparse.ArgumentParser, registry: Registry) -> None:
         flagged = [opt for opt in (spec.options if spec else ()) if opt.flag]
         if not flagged:
             continue
-        group = s.add_argument_group(f"module {name} (with --module {name})")
+        title = f"module {name}" + ("" if name == config.DEFAULT_MODULE else f" (with --module {name})")
+        group = s.add_argument_group(title)
         for opt in flagged:
-            group.add_argument(opt.flag, dest=_module_dest(name, opt.field), type=_type(opt.kind),
+            group.add_argument(opt.flag, dest=_module_dest(name, opt.field),
+                               type=_item_type(opt.kind) if opt.repeat else _type(opt.kind),
                                action="append" if opt.repeat else "store",
-                               metavar=opt.field.upper().rstrip("S") if opt.repeat else opt.field.upper(),
+                               metavar=opt.metavar or (opt.field.upper().rstrip("S") if opt.repeat
+                                                       else opt.field.upper()),
                                help=f"{opt.help} (config: [{spec.section}] {opt.key})" if spec.section
                                else f"{opt.help} (config: {opt.key})")
+
+
+def _item_type(kind: config.Kind) -> Any:
+    """The argparse ``type=`` of a repeatable flag: each value is one item of
+    the list ``kind`` checks (``--trusted-proxy A --trusted-proxy B``)."""
+    def convert(text: str) -> Any:
+        try:
+            return kind([kind.text(text)])[0]
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = kind.expected
+    return convert
 
 
 def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
@@ -157,17 +172,8 @@ def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
     s.add_argument("--module", metavar="NAME",
                    help="the protocol module to serve (default: http; `afpa tables list` shows what is "
                         "installed)")
-    s.add_argument("--root", help="document root (default: current directory)")
     s.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                    help="address to accept clients on (default: 127.0.0.1:8080)")
-    s.add_argument("--backend", metavar="URL", type=_type(config.URL),
-                   help="forward misses to this HTTP server, e.g. http://127.0.0.1:8081")
-    s.add_argument("--defer", metavar="URL", type=_type(config.URL),
-                   help="hand connections that miss to this local server (spliced)")
-    s.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", metavar="CIDR",
-                   type=_type(config.PROXY),
-                   help="keep X-Forwarded-* and Forwarded from this peer address or network (repeatable; "
-                        "default: trust nobody and remove them)")
     s.add_argument("--trust-forwarded", action=_Replaced, replacement="--trusted-proxy ADDRESS-OR-CIDR "
                    "(repeatable): name the proxies whose X-Forwarded-* are kept")
     s.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate (chain) ...")
@@ -191,14 +197,8 @@ def _serve_options(s: argparse.ArgumentParser, defaults: Settings) -> None:
                    help=f"memory cache budget (default: {defaults.cache_bytes >> 20}M)")
     s.add_argument("--max-object-size", dest="max_object_bytes", type=_size, metavar="SIZE",
                    help=f"larger bodies are not cached (default: {defaults.max_object_bytes >> 20}M)")
-    s.add_argument("--revalidate-after", type=_seconds, metavar="SECONDS",
-                   help=f"check a cached file on disk again after this long (default: {defaults.revalidate_after:g})")
-    for flag, field in (("--idle-timeout", "idle_timeout"), ("--header-timeout", "header_timeout"),
-                        ("--send-timeout", "send_timeout"), ("--tls-handshake-timeout", "tls_handshake_timeout"),
-                        ("--backend-connect-timeout", "backend_connect_timeout"),
-                        ("--backend-first-byte-timeout", "backend_first_byte_timeout"),
-                        ("--backend-idle-timeout", "backend_idle_timeout"),
-                        ("--drain-timeout", "drain_timeout")):
+    for flag, field in (("--idle-timeout", "idle_timeout"), ("--send-timeout", "send_timeout"),
+                        ("--tls-handshake-timeout", "tls_handshake_timeout"), ("--drain-timeout", "drain_timeout")):
         s.add_argument(flag, dest=field, type=_seconds, metavar="SECONDS",
                        help=f"(default: {getattr(defaults, field):g}; config: {config.file_key(field)})")
     s.add_argument("--workers", type=_type(config.WORKERS), metavar="N|auto",
@@ -220,7 +220,13 @@ def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], bytes | No
     """The admin address and token a client command uses (``--admin``,
     ``--admin-token-file``, ``--config``); raises :class:`_AdminError` (one line)."""
     try:
-        from_file = load_config(args.config) if args.config else {}
+        registry = default_registry()
+
+        def spec_of(name: str) -> Any:
+            module = registry.modules.get(name)
+            return module.settings if module is not None else None
+
+        from_file = load_config(args.config, spec_of) if args.config else {}
         admin = args.admin or from_file.get("admin") or DEFAULT_ADMIN
         token_file = args.admin_token_file or from_file.get("admin_token_file")
         return admin, config.read_admin_token(Settings(admin_token_file=token_file))
@@ -480,7 +486,7 @@ def _serve(args: argparse.Namespace, registry: Registry, argv: list[str]) -> int
             fresh = settings_from_args(args, registry)
             if slot is not None:  # a worker: see supervisor.worker_settings
                 from afpa.process.supervisor import worker_settings
-                fresh = worker_settings(fresh, *slot)
+                fresh = worker_settings(fresh, *slot, registry=registry)
             return fresh
 
         settings = load()
@@ -609,25 +615,32 @@ def settings_from_args(args: argparse.Namespace, registry: Registry | None = Non
         try:
             kwargs["module_settings"] = spec.build(values)
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
+            raise ValueError(_module_where(str(exc), spec, registry.modules[module_name], given, path)) from None
     if ("tls_cert" in given) != ("tls_key" in given):
         raise ValueError("--tls-cert and --tls-key go together")
     if "tls_cert" in given:
         from afpa.net.tls import Certificate
         kwargs["tls_certs"] = (Certificate(given["tls_cert"], given["tls_key"]),)
-    if kwargs.get("backend") and kwargs.get("defer"):
-        raise ValueError("choose --backend or --defer for the default route, not both "
-                         "(rules in a config file can mix them)")
     try:
         return Settings(**kwargs)
     except SettingError as exc:
         raise ValueError(f"{_setting_where(exc.field, from_cli, path)}: {exc.problem}") from None
 
 
+def _module_where(message: str, spec: Any, module: Any, given: dict, path: str | None) -> str:
+    """A module setting's problem (``<key>: <problem>``) placed at its flag when
+    the flag gave the value, else at the config file."""
+    key = message.split(": ", 1)[0]
+    opt = spec.option(key[len(spec.section) + 1:] if spec.section else key)
+    if opt is not None and opt.flag and _module_dest(module.name, opt.field) in given:
+        return f"{opt.flag}: {message.split(': ', 1)[1]}"
+    return f"{path}: {message}" if path else message
+
+
 def _setting_where(field: str, from_cli: Any, path: str | None) -> str:
     """Where a setting came from, for an error: its flag, or ``<file>: <key>``."""
     if field in from_cli:
-        return "--" + {"trusted_proxies": "trusted-proxy", "cache_bytes": "cache-size",
+        return "--" + {"cache_bytes": "cache-size",
                        "max_object_bytes": "max-object-size"}.get(field, field.replace("_", "-"))
     return f"{path}: {config.file_key(field) or field}" if path else field
 

@@ -10,7 +10,14 @@ a value from a config file (:func:`load_config`), from the command line (the
 (``Settings(...)`` checks every field in ``__attrs_post_init__``), so a value is
 accepted or refused the same way wherever it comes from.
 
-Adding a config key is one line in ``_FILE_KEYS``: ``"section.key": ("field", KIND)``
+Only the runtime's own, protocol-neutral settings live here (listeners, TLS,
+admin, access log, cache budget, connection timeouts, processes).  A protocol
+module's settings are its own attrs class, declared with
+:class:`afpa.machine.modules.ModuleSettings` (HTTP's: ``protocols/http/settings.py``,
+top-level keys such as ``root`` and ``[cache] grace``); :func:`load_config`
+hands their values to the module's options.
+
+Adding a runtime config key is one line in ``_FILE_KEYS``: ``"section.key": ("field", KIND)``
 (plus the field itself on :class:`Settings`).  The field is then checked from
 every source; a command-line flag, if wanted, is ``type=kind.from_text``.
 """
@@ -18,7 +25,6 @@ every source; a command-line flag, if wanted, is ``type=kind.from_text``.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import re
 import tomllib
@@ -26,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+
+from afpa.machine.modules import SettingError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -58,15 +66,6 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
 
 
 # -- kinds of values ----------------------------------------------------------
-
-class SettingError(ValueError):
-    """A setting has a value its kind refuses; ``field`` names the Settings field."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
 
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
                dict: "a table", tuple: "an array"}
@@ -106,6 +105,10 @@ class Kind:
 
 class _Detail(ValueError):
     """A refusal that says more than ``expected ..., got ...`` (and names the value)."""
+
+
+Detail = _Detail
+"""Raise it from a kind's check for a message of its own instead of ``expected ..., got ...``."""
 
 
 def _number(value: Any) -> float:
@@ -171,59 +174,8 @@ def _hostport(value: Any) -> tuple[str, int]:
     return parse_hostport(value)
 
 
-def _url(value: Any) -> str:
-    text = _text(value).strip()
-    scheme, sep, rest = text.partition("://")
-    if sep and scheme.lower() != "http":
-        raise _Detail(f"{text!r}: only http:// backends are supported")
-    if not (rest if sep else text).strip("/"):
-        raise ValueError
-    return text
-
-
-def _members(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError
-    out = []
-    for text in value:
-        try:
-            host, port = parse_hostport(text, "")
-        except ValueError:
-            raise _Detail(f"{text!r} is not HOST:PORT") from None
-        if not host or not port:
-            raise _Detail(f"{text!r} needs a host and a port other than 0")
-        member = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if member in out:
-            raise _Detail(f"{text!r} is listed twice")
-        out.append(member)
-    return tuple(out)
-
-
-def proxy_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``"10.0.0.0/8"`` or ``"127.0.0.1"`` -> network; ValueError naming the entry."""
-    if not isinstance(text, str):
-        raise _Detail(f"{text!r} is not a string")
-    try:
-        return ipaddress.ip_network(text.strip())
-    except ValueError:
-        try:
-            loose = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise _Detail(f"{text!r} is not an IP address or CIDR") from None
-        raise _Detail(f"{text!r} has host bits set (did you mean {loose}?)") from None
-
-
 def _no(value: Any) -> Any:
     raise ValueError
-
-
-def _dot_names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError
-    for name in value:
-        if not name.startswith(".") or "/" in name or name in (".", ".."):
-            raise _Detail(f"{name!r} is not a path segment starting with a dot")
-    return tuple(value)
 
 
 def _workers(value: Any) -> int:
@@ -245,33 +197,8 @@ def _fraction(value: Any) -> float:
     return v
 
 
-def _field_name(value: Any) -> str:
-    text = _text(value).strip()
-    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", text):
-        raise ValueError
-    return text
 
 
-def _proxies(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError
-    return tuple(str(proxy_network(v)) for v in value)
-
-
-def _names(token_re: str, lower: bool) -> Callable[[Any], tuple[str, ...]]:
-    def check(value: Any) -> tuple[str, ...]:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise TypeError
-        for name in value:
-            if not re.fullmatch(token_re, name):
-                raise _Detail(f"{name!r} is not a valid name")
-        return tuple(dict.fromkeys(n.lower() if lower else n for n in value))
-    return check
-
-
-_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-
-PROXY = Kind("an IP address or CIDR (e.g. 10.0.0.0/8, ::1)", lambda v: str(proxy_network(v)))
 SECONDS = Kind("a positive number of seconds", _positive_seconds, float)
 SECONDS0 = Kind("a number of seconds, 0 or more", _seconds0, float)
 SIZE = Kind("a size in bytes (e.g. 65536, 64k, 256M)", _size(0))
@@ -283,21 +210,8 @@ BOOL = Kind("true or false", _bool)
 TEXT = Kind("a non-empty string", _text)
 PATH = Kind("a file or directory path", _text)
 HOSTPORT = Kind("HOST:PORT (e.g. 127.0.0.1:8080)", _hostport)
-URL = Kind("an http:// URL (e.g. http://127.0.0.1:8081)", _url)
-PROXIES = Kind("a list of IP addresses or CIDRs (e.g. [\"10.0.0.0/8\", \"::1\"])", _proxies)
 FRACTION = Kind("a number from 0 to 1 (e.g. 0.1)", _fraction, float)
-FIELD_NAME = Kind("an HTTP field name (e.g. Afpa-Cache-Control)", _field_name)
-RANGE_MISS = Kind('"whole" or "forward"', lambda v: _text(v) if v in ("whole", "forward") else _no(v))
-# Operator cache policy (routing/policy.py), top-level [cache] and [route.cache].
-CACHE_QUERY = Kind('"keep", "sort" or "ignore"',
-                   lambda v: _text(v) if v in ("keep", "sort", "ignore") else _no(v))
-SET_COOKIE = Kind('"pass" or "strip"', lambda v: _text(v) if v in ("pass", "strip") else _no(v))
 ADMIN_AUTH = Kind('"writes" or "all"', lambda v: _text(v) if v in ("writes", "all") else _no(v))
-FIELD_NAMES = Kind("a list of HTTP field names (e.g. [\"X-Device\"])", _names(_TOKEN_RE, True))
-COOKIE_NAMES = Kind("a list of cookie names (e.g. [\"lang\"])", _names(_TOKEN_RE, False))
-MEMBERS = Kind('a list of HOST:PORT sibling addresses (e.g. ["127.0.0.1:9301", "127.0.0.1:9302"])',
-               _members)
-DOT_NAMES = Kind("a list of path segment names starting with a dot (e.g. [\".well-known\"])", _dot_names)
 
 # Kept for the plain names older lines of ``_FILE_KEYS`` used: a bare Python type
 # there means its strict kind (``"true"`` is not a boolean, ``"5"`` not a number).
@@ -311,7 +225,10 @@ DEFAULT_MODULE = "http"  # the protocol module served when none is named
 
 @attrs.define(slots=True)
 class Settings:
-    """Everything a server needs to know; defaults are the embedded configuration.
+    """The runtime's settings, whatever the protocol; defaults are the embedded
+    configuration.  The protocol module's own settings ride along as
+    ``module_settings`` (HTTP's: :class:`protocols.http.settings.HttpSettings`;
+    ``http_settings(**kw)`` there makes both from one set of keywords).
 
     Every field with a kind (see ``_FILE_KEYS``) is checked when the object is
     made; an unacceptable value raises :class:`SettingError`.
@@ -320,7 +237,6 @@ class Settings:
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     tls_certs: tuple = ()               # afpa.net.tls.Certificate: TLS on tls_listen, else on listen
     tls_listen: tuple[str, int] | None = None
-    root: str = "."
     table: str | None = None            # None: the module's shipped table
     companion_tables: dict = attrs.field(factory=dict)  # e.g. {"http-backend": path}
     module: str = DEFAULT_MODULE
@@ -340,55 +256,18 @@ class Settings:
     # see afpa/ops/accesslog.py); None: the module's default (HTTP: combined log
     # format plus Cache-Status and the state path).  Checked when a server starts.
     access_log_format: str | None = None
-    trace_loopback: bool = True         # Afpa-Trace is honoured from loopback peers (and trusted_proxies)
+    trace_loopback: bool = True         # loopback peers may ask for a trace (HTTP: Afpa-Trace)
 
-    # Cache
+    # Cache (the store every module's entries share)
     cache_bytes: int = 256 << 20
-    max_object_bytes: int = 8 << 20     # larger files stream from disk uncached
-    revalidate_after: float = 2.0       # seconds before a cached file is stat()ed again
-    # Request coalescing: concurrent misses for one key wait for one backend fetch.
-    coalesce_timeout: float = 10.0      # longest wait for it; then the waiter forwards itself
-    coalesce_max_waiters: int = 1000    # per key; past it requests forward (0: no coalescing)
-    hit_for_miss: float = 120.0         # a key whose answer was not storable is not coalesced this long
-    # Stale serving (RFC 5861 and operator grace).  grace: seconds past expiry a
-    # stored response is answered at once while one background request refreshes
-    # it, even without stale-while-revalidate (0: only when the origin allows it,
-    # as RFC 9111 4.2.4 asks).  keep: seconds past expiry a stale response is kept
-    # usable for revalidation and stale-if-error (0: until evicted or purged).
-    grace: float = 0.0
-    keep: float = 0.0
-    # Heuristic freshness (RFC 9111 4.2.2) for backend responses with only a
-    # Last-Modified: this fraction of their age, at most heuristic_max seconds.
-    heuristic_fraction: float = 0.1
-    heuristic_max: float = 86400.0
-    targeted_field: str = "Afpa-Cache-Control"  # cache-control meant for afpa alone (RFC 9213)
-    # Operator policy (routing/policy.py): the default route's, and what every
-    # [[route]] inherits unless its [route.cache] says otherwise.
-    cache_default_ttl: float | None = None  # lifetime of a storable response without any
-    cache_min_ttl: float | None = None  # clamps on every computed lifetime
-    cache_max_ttl: float | None = None
-    cache_ignore_cache_control: bool = False  # the origin's Cache-Control/Expires ignored
-    cache_set_cookie: str = "pass"      # "pass": never stored; "strip": stored without it
-    cache_query: str = "keep"           # cache key: query "keep", "sort" or "ignore"
-    cache_key_headers: tuple[str, ...] = ()  # request fields added to the cache key
-    cache_key_cookies: tuple[str, ...] = ()  # request cookies added to the cache key
-    range_miss: str = "whole"           # a Range miss on a backend route: "whole" fetches the
-                                        # object once without Range, "forward" passes Range on
+    max_object_bytes: int = 8 << 20     # larger entries are not stored (HTTP: files stream from disk)
 
-    # Request limits (HTTP answers 414 / 431 / 413)
-    max_request_line: int = 8 << 10
-    max_header_block: int = 64 << 10
-    max_headers: int = 100
-    max_discard_body: int = 1 << 20     # body bytes read and dropped to keep a connection
-    buffer_body: int = 64 << 10         # request bodies up to this are read before a backend is taken
-    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain
+    output_buffer: int = 256 << 10      # queued response bytes per client before it must drain (Send Engine)
 
     # Timeouts, seconds
     idle_timeout: float = 60.0          # keep-alive connection with no request started
-    header_timeout: float = 10.0        # from the first byte of a request to its end of head
     send_timeout: float = 60.0          # a response making no progress to a stalled client
     tls_handshake_timeout: float = 10.0  # from accept to a completed TLS handshake
-    keepalive_requests: int = 10000     # then the connection is closed after the response
     drain_timeout: float = 30.0         # on SIGTERM/SIGINT: in-flight work gets this long, then is cut
 
     # Disk helper threads (Flash's AMPED helpers)
@@ -400,44 +279,6 @@ class Settings:
     workers: int = 1
     worker_index: int = 0
     worker_count: int = 1
-
-    # Where misses go: rules (routing.config) tried in order, then the default.
-    backend: str | None = None          # --backend URL: default route forwards there
-    defer: str | None = None            # --defer URL: default route hands connections there
-    routes: tuple = ()                  # routing.router.Route rules from a config file
-    # Peers (addresses or CIDRs) whose X-Forwarded-* / Forwarded fields are kept;
-    # from anyone else they are removed.  Empty: trust nobody.
-    trusted_proxies: tuple[str, ...] = ()
-    dotfiles_allow: tuple[str, ...] = ()  # dot-segment names a docroot may serve, e.g. ".well-known"
-
-    # Backends
-    backend_connect_timeout: float = 5.0
-    backend_first_byte_timeout: float = 60.0
-    backend_idle_timeout: float = 60.0  # between reads of a response body
-    tunnel_idle_timeout: float = 3600.0  # a deferred (spliced) connection with no traffic
-    backend_max_idle: int = 32          # pooled keep-alive connections per backend
-    backend_pool_idle_timeout: float = 30.0
-    # Connections per backend (open, opening or idle).  256 is what a default
-    # Apache (MaxRequestWorkers) serves at once; more would only queue in its
-    # listen backlog, pinned by slow clients.  Past it requests wait in a queue.
-    backend_max_connections: int = 256
-    backend_max_queue: int = 1024       # requests waiting for a connection, per backend; then 503
-    backend_queue_timeout: float = 10.0  # longest wait for a connection; then 503
-
-    # Siblings (routing/siblings.py): afpa instances sharing one cache, each URL
-    # owned by one of them.  The same ordered member list on every member; this
-    # one is members[sibling_self] and accepts siblings on sibling_listen
-    # (default: its own member address).  The shared token comes from
-    # sibling_token_file or $AFPA_SIBLING_TOKEN, never the command line.
-    sibling_members: tuple[str, ...] = ()
-    sibling_self: int | None = None
-    sibling_listen: tuple[str, int] | None = None
-    sibling_token_file: str | None = None
-    sibling_connect_timeout: float = 1.0  # an owner that does not accept by then: origin instead
-    sibling_retry_after: float = 2.0    # a failed owner's URLs go to the origin this long
-    # A key asked of its owner this many times is stored here too (0: never): hot
-    # objects answered locally, the tail held once.
-    sibling_replica_after: int = 4
 
     def __attrs_post_init__(self) -> None:
         validate(self)
@@ -457,62 +298,16 @@ _FILE_KEYS: dict[str, tuple[str, Any]] = {
     "access_log": ("access_log", PATH),
     "access_log_format": ("access_log_format", TEXT),
     "trace.loopback": ("trace_loopback", BOOL),
-    "root": ("root", PATH),
     "table": ("table", PATH),
     "backend_table": ("backend_table", PATH),
-    "backend": ("backend", URL),
-    "defer": ("defer", URL),
-    "trusted_proxies": ("trusted_proxies", PROXIES),
     "cache.size": ("cache_bytes", SIZE),
     "cache.max_object_size": ("max_object_bytes", SIZE),
-    "cache.revalidate_after": ("revalidate_after", SECONDS),
-    "cache.coalesce_timeout": ("coalesce_timeout", SECONDS),
-    "cache.coalesce_max_waiters": ("coalesce_max_waiters", COUNT0),
-    "cache.hit_for_miss": ("hit_for_miss", SECONDS),
-    "cache.grace": ("grace", SECONDS0),
-    "cache.keep": ("keep", SECONDS0),
-    "cache.heuristic_fraction": ("heuristic_fraction", FRACTION),
-    "cache.heuristic_max": ("heuristic_max", SECONDS),
-    "cache.targeted_field": ("targeted_field", FIELD_NAME),
-    "cache.range_miss": ("range_miss", RANGE_MISS),
-    "cache.default_ttl": ("cache_default_ttl", SECONDS),
-    "cache.min_ttl": ("cache_min_ttl", SECONDS),
-    "cache.max_ttl": ("cache_max_ttl", SECONDS),
-    "cache.ignore_cache_control": ("cache_ignore_cache_control", BOOL),
-    "cache.set_cookie": ("cache_set_cookie", SET_COOKIE),
-    "cache.query": ("cache_query", CACHE_QUERY),
-    "cache.key_headers": ("cache_key_headers", FIELD_NAMES),
-    "cache.key_cookies": ("cache_key_cookies", COOKIE_NAMES),
-    "limits.request_line": ("max_request_line", POSITIVE_SIZE),
-    "limits.header_block": ("max_header_block", POSITIVE_SIZE),
-    "limits.headers": ("max_headers", COUNT),
-    "limits.discard_body": ("max_discard_body", SIZE),
-    "limits.keepalive_requests": ("keepalive_requests", COUNT),
-    "limits.buffer_body": ("buffer_body", SIZE),
     "limits.output_buffer": ("output_buffer", POSITIVE_SIZE),
     "timeouts.idle": ("idle_timeout", SECONDS),
-    "timeouts.header": ("header_timeout", SECONDS),
     "timeouts.send": ("send_timeout", SECONDS),
     "timeouts.drain": ("drain_timeout", SECONDS),
     "timeouts.tls_handshake": ("tls_handshake_timeout", SECONDS),
-    "timeouts.backend_connect": ("backend_connect_timeout", SECONDS),
-    "timeouts.backend_first_byte": ("backend_first_byte_timeout", SECONDS),
-    "timeouts.backend_idle": ("backend_idle_timeout", SECONDS),
-    "timeouts.tunnel_idle": ("tunnel_idle_timeout", SECONDS),
-    "backends.max_idle": ("backend_max_idle", COUNT0),
-    "backends.pool_idle_timeout": ("backend_pool_idle_timeout", SECONDS),
-    "backends.max_connections": ("backend_max_connections", COUNT),
-    "backends.max_queue": ("backend_max_queue", COUNT0),
-    "backends.queue_timeout": ("backend_queue_timeout", SECONDS),
     "tls.listen": ("tls_listen", HOSTPORT),
-    "dotfiles_allow": ("dotfiles_allow", DOT_NAMES),
-    "siblings.members": ("sibling_members", MEMBERS),
-    "siblings.self_index": ("sibling_self", COUNT0),
-    "siblings.listen": ("sibling_listen", HOSTPORT),
-    "siblings.token_file": ("sibling_token_file", PATH),
-    "siblings.connect_timeout": ("sibling_connect_timeout", SECONDS),
-    "siblings.retry_after": ("sibling_retry_after", SECONDS0),
-    "siblings.replica_after": ("sibling_replica_after", COUNT0),
 }
 
 # Fields without a config key that are still checked when Settings are made.
@@ -558,32 +353,6 @@ def validate(settings: Settings) -> None:
             setattr(settings, field, kind(value))
         except ValueError as exc:
             raise SettingError(field, str(exc)) from None
-    _check_siblings(settings)
-
-
-def _check_siblings(settings: Settings) -> None:
-    """The sibling settings that only make sense together."""
-    members, me = settings.sibling_members, settings.sibling_self
-    if not members:
-        for field in ("sibling_self", "sibling_listen", "sibling_token_file"):
-            if getattr(settings, field) is not None:
-                raise SettingError(field, "needs siblings.members (the list of every sibling's address)")
-        return
-    if me is None:
-        raise SettingError("sibling_self", f"required with siblings.members: which of the {len(members)} "
-                                           f"members this is (0 to {len(members) - 1})")
-    if me >= len(members):
-        raise SettingError("sibling_self", f"{me} is not an index of siblings.members "
-                                           f"(0 to {len(members) - 1})")
-
-
-def sibling_address(settings: Settings) -> tuple[str, int] | None:
-    """Where this instance accepts its siblings' requests (None: no siblings)."""
-    if not settings.sibling_members:
-        return None
-    if settings.sibling_listen is not None:
-        return settings.sibling_listen
-    return parse_hostport(settings.sibling_members[settings.sibling_self])
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -596,12 +365,15 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _unknown(path: str, key: str) -> ValueError:
+def _unknown(path: str, key: str, spec: Any = None) -> ValueError:
     if key in _REPLACED_KEYS:
         return ValueError(f"{path}: {key}: {_REPLACED_KEYS[key]}")
-    close = difflib.get_close_matches(key, list(_FILE_KEYS), n=1)
+    known = list(_FILE_KEYS)
+    if spec is not None and not spec.section:  # the module's keys sit among the runtime's
+        known += [opt.key for opt in spec.options]
+    close = difflib.get_close_matches(key, known, n=1)
     hint = (f"did you mean {close[0]!r}?" if close
-            else f"known: {', '.join(sorted(_FILE_KEYS))}, [[route]], [[tls.certificate]]")
+            else f"known: {', '.join(sorted(known))}, [[tls.certificate]]")
     return ValueError(f"{path}: unknown key {key!r} ({hint})")
 
 
@@ -610,8 +382,10 @@ def load_config(path: str, module_settings: Callable[[str], Any] | None = None) 
 
     ``module_settings(name)`` gives the named protocol module's
     :class:`~afpa.machine.modules.ModuleSettings` (or None): the keys of its
-    section are checked by its options and returned, by field, under
-    ``"module_values"`` (for :func:`build_module_settings`).
+    section (with section ``""``: its keys among the top-level ones, ``root``
+    or ``cache.grace`` of HTTP) are checked by its options and returned, by
+    field, under ``"module_values"`` (``ModuleSettings.build`` makes the object).
+    Without it, only the runtime's own keys are known.
 
     Raises ValueError ``<file>: <key>: <problem>`` for anything unknown or of the
     wrong type, so a typo never silently falls back to a default.
@@ -623,18 +397,15 @@ def load_config(path: str, module_settings: Callable[[str], Any] | None = None) 
         raise ValueError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    routes = data.pop("route", [])
     certs = data.get("tls", {}).pop("certificate", []) if isinstance(data.get("tls"), dict) else []
-    if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
-        raise ValueError(f"{path}: route: must be an array of tables ([[route]])")
-    kwargs: dict[str, Any] = {"routes": tuple(routes)}
+    kwargs: dict[str, Any] = {}
     module = data.get("module") if isinstance(data.get("module"), str) else DEFAULT_MODULE
     spec = module_settings(module) if module_settings is not None else None
     if spec is not None:
         kwargs["module_values"] = _module_values(path, data, spec)
     for key, value in _flatten(data).items():
         if key not in _FILE_KEYS:
-            raise _unknown(path, key)
+            raise _unknown(path, key, spec)
         field, convert = _FILE_KEYS[key]
         try:
             kwargs[field] = _kind(convert)(value)
@@ -666,12 +437,12 @@ def _module_values(path: str, data: dict[str, Any], spec: Any) -> dict[str, Any]
         items = _flatten(section)
     else:
         items = {k: v for k, v in _flatten(data).items() if spec.option(k) is not None}
-        for key in items:
-            head, _, rest = key.partition(".")
-            if rest:
-                data[head].pop(rest.split(".")[0], None)
-            else:
-                data.pop(key)
+        for key in items:  # what is left is the runtime's
+            *tables, last = key.split(".")
+            where = data
+            for name in tables:
+                where = where[name]
+            where.pop(last)
     out = {}
     for key, value in items.items():
         opt = spec.option(key)
@@ -688,7 +459,6 @@ def _module_values(path: str, data: dict[str, Any], spec: Any) -> dict[str, Any]
 
 
 ADMIN_TOKEN_ENV = "AFPA_ADMIN_TOKEN"
-SIBLING_TOKEN_ENV = "AFPA_SIBLING_TOKEN"
 MIN_TOKEN = 16  # characters; e.g. `openssl rand -hex 32` gives 64
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what fits in "Authorization: Bearer <token>" as it is
 
@@ -699,24 +469,14 @@ def read_admin_token(settings: Settings, environ: Any = None) -> bytes | None:
     writes refused).  Never from the command line, where every local user can
     read it.  Raises ValueError ``<where>: <problem>`` for a token that cannot be read
     or is too weak."""
-    return _read_token(settings.admin_token_file, "admin_token_file", ADMIN_TOKEN_ENV, _TOKEN, environ)
+    return read_token(settings.admin_token_file, "admin_token_file", ADMIN_TOKEN_ENV, _TOKEN, environ)
 
 
-# A sibling token travels as the first item of the Afpa-Sibling field, so it
-# cannot hold the field's separators (";", ",") or quotes.
-_SIBLING_TOKEN = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x7e]+")
-
-
-def read_sibling_token(settings: Settings, environ: Any = None) -> bytes | None:
-    """The token siblings prove themselves with: the contents of
-    ``siblings.token_file``, else ``$AFPA_SIBLING_TOKEN``, else None.  Raises
-    ValueError ``<where>: <problem>`` for one that cannot be read or is too weak."""
-    return _read_token(settings.sibling_token_file, "siblings.token_file", SIBLING_TOKEN_ENV,
-                       _SIBLING_TOKEN, environ, "printable ASCII without spaces, quotes, ';' or ','")
-
-
-def _read_token(path: str | None, key: str, env: str, allowed: re.Pattern, environ: Any,
-                allowed_text: str = "printable ASCII") -> bytes | None:
+def read_token(path: str | None, key: str, env: str, allowed: re.Pattern, environ: Any,
+               allowed_text: str = "printable ASCII") -> bytes | None:
+    """A secret from the file ``path`` (``key`` names its setting), else from the
+    environment variable ``env``, else None; it must be one word of ``allowed``.
+    Raises ValueError ``<where>: <problem>``."""
     if path is not None:
         where = f"{path}: {key}"
         try:

@@ -38,10 +38,9 @@ from afpa import config
 from afpa.machine import tables
 from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
-from afpa.config import Settings, sibling_address
+from afpa.config import Settings
 from afpa.machine.modules import Registry
 from afpa.machine.scopes import Runtime
-from afpa.machine.trust import TrustedProxies
 
 log = Logger(namespace="afpa.reload")
 
@@ -260,11 +259,12 @@ def build(settings: Settings, registry: Registry, make_runtime: Callable[[Settin
         machine, companions = load_machines(settings, registry, reuse)
     except tables.TableError as exc:
         problems += [_table_problem(p) for p in exc.problems]
+    module = machine.module if machine is not None else registry.modules.get(settings.module)
     tls = None
     if settings.tls_certs:
         from afpa.net.tls import server_context_factory
         try:
-            tls = server_context_factory(list(settings.tls_certs))
+            tls = server_context_factory(list(settings.tls_certs), module.alpn if module is not None else ())
         except ValueError as exc:
             files = [f for c in settings.tls_certs for f in (c.cert, c.key)]
             problems.append(_file_problem(str(exc), files))
@@ -278,7 +278,6 @@ def build(settings: Settings, registry: Registry, make_runtime: Callable[[Settin
         problems.append(problem(settings.access_log, None, bad_log))
     g = runtime = access_format = None
     # Routes are checked even when a table is broken: every problem at once.
-    module = machine.module if machine is not None else registry.modules.get(settings.module)
     if module is not None:
         try:
             access_format = module_format(module, settings.access_log_format)
@@ -317,7 +316,7 @@ def check(load: Callable[[], Settings], registry: Registry, config_path: str | N
 
     def scratch(s: Settings, companions: dict) -> Runtime:
         return Runtime(reactor=None, settings=s, cache=CacheStore(s.cache_bytes, s.max_object_bytes),
-                       helpers=None, machines=companions, trusted_proxies=TrustedProxies(s.trusted_proxies))
+                       helpers=None, machines=companions)
 
     _, problems = build(settings, registry, scratch, config_path=config_path)
     return problems
@@ -343,17 +342,17 @@ def prepare(server: Any, settings: Settings | None = None) -> Prepared | list[Pr
     if settings.module != old.module:
         return [config_problem(f"module: changing the protocol module needs a restart "
                                f"({old.module!r} -> {settings.module!r})", path)]
-    if sibling_address(settings) != sibling_address(old):
-        return [config_problem("siblings: changing this member's sibling listener needs a restart", path)]
     cache, helpers = server.runtime.cache, server.runtime.helpers
 
     def live_runtime(s: Settings, companions: dict) -> Runtime:
-        return Runtime(reactor=server.reactor, settings=s, cache=cache, helpers=helpers, machines=companions,
-                       trusted_proxies=TrustedProxies(s.trusted_proxies))
+        return Runtime(reactor=server.reactor, settings=s, cache=cache, helpers=helpers, machines=companions)
 
     gen, problems = build(settings, server.registry, live_runtime, config_path=path, reuse=server.machines())
     if gen is None:
         return problems
+    moved = _module_listeners_moved(server, gen)
+    if moved:
+        return [config_problem(moved, path)]
     prepared = Prepared(server, gen, server.generation)
     if settings.access_log and settings.access_log != old.access_log:
         try:
@@ -369,14 +368,32 @@ def prepare(server: Any, settings: Settings | None = None) -> Prepared | list[Pr
     return prepared
 
 
+def _module_listeners_moved(server: Any, gen: Generation) -> str | None:
+    """A problem when the module's own listeners (HTTP: siblings) would change:
+    they are opened once, at startup."""
+    hook = gen.machine.module.listeners
+    new = {(x.kind, tuple(x.address)) for x in (hook(gen.g) if hook is not None else [])}
+    old = {(x.kind, tuple(x.address)) for x in server.module_listeners()}
+    if new == old:
+        return None
+    kind = sorted(k for k, _ in new ^ old)[0]
+    return f"{kind}: changing this server's {kind} listener needs a restart"
+
+
 def _changed(server: Any, gen: Generation) -> list[str]:
     old, new = server.settings, gen.settings
     out = []
+    module = gen.machine.module
+    if module.settings is not None:  # the module's own, named by their config keys
+        mine, theirs = module.own_settings(old), module.own_settings(new)
+        for a in attrs.fields(type(theirs)):
+            if getattr(mine, a.name, None) != getattr(theirs, a.name):
+                out.append(module.settings.key_of(a.name) or a.name)
     for a in attrs.fields(Settings):
-        if a.name == "tls_certs":
+        if a.name in ("tls_certs", "module_settings"):
             continue
         if getattr(old, a.name) != getattr(new, a.name):
-            name = {"routes": "route", "companion_tables": "backend_table"}.get(a.name)
+            name = {"companion_tables": "backend_table"}.get(a.name)
             name = name or config.file_key(a.name) or a.name
             out.append(f"{name} (needs a restart)" if a.name == "helper_threads" else name)
     if old.tls_certs != new.tls_certs or server.tls_digest != gen.tls_digest:

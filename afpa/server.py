@@ -22,16 +22,15 @@ from afpa import reload
 from afpa.machine import tables
 from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
-from afpa.config import SettingError, Settings, read_admin_token, sibling_address
+from afpa.config import SettingError, Settings, read_admin_token
 from afpa.net.stream import MachineProtocol
 from afpa.net.helpers import Helpers
 from afpa.net.intrinsics import default_registry
 from afpa.ops.metrics import RequestStats
-from afpa.machine.modules import Registry
+from afpa.machine.modules import Listener, Registry
 from afpa.reload import ConfigSource
 from afpa.machine.scopes import Runtime
 from afpa.machine.trace import TraceHub, event
-from afpa.machine.trust import TrustedProxies
 
 log = Logger(namespace="afpa.server")
 
@@ -59,8 +58,9 @@ class MachineFactory(ServerFactory):
 
 class EntryFactory(MachineFactory):
     """A listener whose connections start with a module-given wrapper of the
-    table's start function (e.g. the HTTP module's sibling check), on the same
-    machine: same table, states and counters, only the first step differs."""
+    table's start function (a module's :class:`~afpa.machine.modules.Listener`,
+    e.g. the HTTP module's sibling check), on the same machine: same table,
+    states and counters, only the first step differs."""
 
     def __init__(self, server: Server, listener: str, entry: Any):
         super().__init__(server)
@@ -117,9 +117,10 @@ class Server:
         self.runtime = Runtime(
             reactor=reactor, settings=settings,
             cache=CacheStore(settings.cache_bytes, settings.max_object_bytes),
-            helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions,
-            trusted_proxies=TrustedProxies(settings.trusted_proxies))
+            helpers=helpers or Helpers(reactor, settings.helper_threads), machines=companions)
         self.g = self.machine.module.make_global(settings, self.runtime)
+        # The module's message timeout and input bound (a reload renews them).
+        self.limits = self.machine.module.limits(settings)
         self.admin_token = read_admin_token(settings)  # None: admin writes are refused
         if settings.admin_auth == "all" and self.admin_token is None:
             raise ValueError('admin_auth: "all" needs an admin token (admin_token_file, '
@@ -144,7 +145,7 @@ class Server:
         self.tls_context: Any = None  # shared by the TLS listeners; a reload swaps its certificates
         self.tls_digest = reload.tls_digest(settings)
         self._admin_site: Any = None
-        self.sibling_port: Any = None
+        self.extra_ports: dict[Any, Listener] = {}  # the module's own listeners (Listener by port)
         self.stopped = False
         self.tls_ports: list[Any] = []
         # Every accepted connection until its transport is gone (connections drops
@@ -203,9 +204,9 @@ class Server:
         lines = []
         for port in self.ports:
             addr = port.getHost()
-            if port is self.sibling_port:
-                lines.append(f"siblings (member {self.settings.sibling_self} of "
-                             f"{len(self.settings.sibling_members)}) on http://{addr.host}:{addr.port}/")
+            if port in self.extra_ports:
+                listener = self.extra_ports[port]
+                lines.append(f"{listener.label or listener.kind} on http://{addr.host}:{addr.port}/")
             elif port is self.admin_port:
                 if self.settings.admin_auth == "all":
                     writes = "every endpoint but /healthz needs the admin token"
@@ -218,7 +219,8 @@ class Server:
             else:
                 scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
-        lines += self.g.describe() if hasattr(self.g, "describe") else []
+        describe = self.machine.module.describe
+        lines += describe(self.g) if describe is not None else []
         lines.append(f"table {self.machine.source}")
         return lines
 
@@ -228,19 +230,25 @@ class Server:
 
         ``sockets``: listeners bound elsewhere (a worker gets its supervisor's),
         as ``(kind, fd, address family)`` with kind ``"http"`` or ``"https"``, in
-        the order :func:`listener_plan` gives; they are adopted (the fd is
+        the order :func:`listener_plan` gives, or the kind of one of the module's
+        own listeners (a worker's peer listener); they are adopted (the fd is
         duplicated, the caller closes its own) instead of binding anything."""
         s = self.settings
+        own = {listener.kind: listener for listener in self.module_listeners()}
         if s.tls_certs:
             from afpa.net.tls import server_context_factory
-            self.tls_context = server_context_factory(list(s.tls_certs))
+            self.tls_context = server_context_factory(list(s.tls_certs), self.machine.module.alpn)
         if sockets is not None:
             # Bound by a supervisor, which owns the addresses: ``listening`` stays
             # False, so a reload here never binds or closes one.
             for kind, fd, family in sockets:
-                if kind == "sibling":
-                    self.sibling_port = self.reactor.adoptStreamPort(fd, family, self._sibling_factory())
-                    self.ports.append(self.sibling_port)
+                if kind not in ("http", "https"):
+                    listener = own.pop(kind, None)
+                    if listener is None:
+                        raise ValueError(f"protocol module {self.machine.module.name!r} has no {kind} listener")
+                    port = self.reactor.adoptStreamPort(fd, family, EntryFactory(self, kind, listener.entry))
+                    self.extra_ports[port] = listener
+                    self.ports.append(port)
                     continue
                 factory: Any = self.factory(tls=kind == "https")
                 if kind == "https":
@@ -253,20 +261,19 @@ class Server:
             self.listening = True
             for kind, addr in reload.wanted_listeners(s):
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
-        sibling = sibling_address(s)
-        if sibling is not None and self.sibling_port is None:
-            self.sibling_port = self.reactor.listenTCP(sibling[1], self._sibling_factory(),
-                                                       backlog=1024, interface=sibling[0])
-            self.ports.append(self.sibling_port)
+        for listener in own.values():  # not adopted: bound here
+            host, port_number = listener.address
+            port = self.reactor.listenTCP(port_number, EntryFactory(self, listener.kind, listener.entry),
+                                          backlog=1024, interface=host)
+            self.extra_ports[port] = listener
+            self.ports.append(port)
         self.runtime.helpers.start()
         self.start_sweep()
 
-    def _sibling_factory(self) -> EntryFactory:
-        """Siblings' requests (settings siblings.*): the module checks their token."""
-        entry = getattr(self.g, "sibling_entry", None)
-        if entry is None:
-            raise ValueError(f"protocol module {self.machine.module.name!r} cannot serve siblings")
-        return EntryFactory(self, "sibling", entry)
+    def module_listeners(self) -> list[Listener]:
+        """The listeners the module asks for besides the client ones (HTTP: siblings)."""
+        hook = self.machine.module.listeners
+        return list(hook(self.g)) if hook is not None else []
 
     def open_listener(self, kind: str, addr: tuple[str, int], tls: Any = None) -> Any:
         """Listen on ``addr``: ``http`` and ``https`` (with context factory ``tls``)
@@ -316,18 +323,20 @@ class Server:
         return reload.reload(self, settings)
 
     def settings_changed(self, old: Settings) -> None:
-        """A reload committed new settings: retime the sweep if its period changed."""
-        if self._sweeper.running and self._sweep_interval(old) != self._sweep_interval(self.settings):
+        """A reload committed new settings: take the module's new limits and
+        retime the sweep if its period changed."""
+        self.limits = self.machine.module.limits(self.settings)
+        if self._sweeper.running and self._sweeper.interval != self._sweep_interval():
             self._sweeper.stop()
             self.start_sweep()
 
     def start_sweep(self) -> None:
         """Run :meth:`sweep` periodically (often enough for the shortest timeout)."""
-        self._sweeper.start(self._sweep_interval(self.settings), now=False)
+        self._sweeper.start(self._sweep_interval(), now=False)
 
-    @staticmethod
-    def _sweep_interval(s: Settings) -> float:
-        shortest = min(s.idle_timeout, s.header_timeout, s.send_timeout, s.tls_handshake_timeout)
+    def _sweep_interval(self) -> float:
+        s = self.settings
+        shortest = min(s.idle_timeout, self.limits.message_timeout, s.send_timeout, s.tls_handshake_timeout)
         return min(1.0, max(0.05, shortest / 4))
 
     def stop(self) -> None:
@@ -446,9 +455,9 @@ class Server:
         now = self.reactor.seconds()
         if self.access_log is not None:
             self.access_log.flush()
-        module_sweep = getattr(self.g, "sweep", None)
+        module_sweep = self.machine.module.sweep
         if module_sweep is not None:
-            module_sweep(now)
+            module_sweep(self.g, now)
         for proto in list(self.connections):
             conn = proto.conn
             if conn is not None and conn.deadline <= now:

@@ -40,7 +40,7 @@ from afpa.ops import clusteradmin
 
 from afpa import metrics  # noqa: E402
 from afpa.ops.clustermetrics import ClusterMetrics  # noqa: E402
-from afpa.config import Settings  # noqa: E402
+from protocols.http.settings import http_settings  # noqa: E402
 from afpa.net.helpers import InlineHelpers  # noqa: E402
 from afpa.server import Server  # noqa: E402
 
@@ -49,7 +49,7 @@ def worker_snapshot(root: str) -> dict:
     """A snapshot of a Server that served a few misses, hits and a 404."""
     clock = Clock()
     clock.advance(1_800_000_000)
-    server = Server(Settings(root=root), reactor=clock, helpers=InlineHelpers())
+    server = Server(http_settings(root=root), reactor=clock, helpers=InlineHelpers())
     for path in ("/a.txt", "/a.txt", "/b.txt", "/missing"):
         proto = server.factory().buildProtocol(None)
         proto.makeConnection(StringTransport())

@@ -16,8 +16,15 @@ from twisted.internet.testing import StringTransport
 from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
+from protocols.http.settings import http_settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def settings_from_file(path) -> Settings:
+    """The Settings ``afpa serve --config PATH`` runs on."""
+    from afpa.cli import build_parser, settings_from_args
+    return settings_from_args(build_parser().parse_args(["serve", "--config", str(path)]))
 
 
 class MemoryServer:
@@ -26,7 +33,7 @@ class MemoryServer:
     def __init__(self, root: str, **overrides):
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        self.settings = Settings(root=root, **overrides)
+        self.settings = http_settings(root=root, **overrides)
         self.server = Server(self.settings, reactor=self.clock, helpers=InlineHelpers())
 
     def connect(self):

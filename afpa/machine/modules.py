@@ -142,6 +142,17 @@ def collect(fns: Iterable[StateFn]) -> dict[str, StateFunction]:
     return out
 
 
+class SettingError(ValueError):
+    """A setting has a value its kind refuses, or one that does not fit with
+    another; ``field`` names the attribute of the settings object at fault (the
+    runtime's :class:`afpa.config.Settings` or a module's own settings class)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
 class UnmetNeed(Exception):
     """Raised by a state that finds a fact it needs missing from the request scope
     (a table wired it after a state that did not provide it).  The engine logs it
@@ -157,7 +168,8 @@ class Option:
     module's settings class; ``kind``: an :class:`afpa.config.Kind` that checks
     a value from every source; ``flag``: its ``afpa serve`` option, if any
     (``--upstream``); ``repeat``: the flag may be given several times and its
-    values are collected in a tuple; ``help``: the flag's one-line help."""
+    values are collected in a tuple (``kind`` then checks a list: each flag
+    value is checked as a list of one, the tuple as a whole); ``help``: the flag's one-line help."""
 
     key: str
     field: str
@@ -165,6 +177,7 @@ class Option:
     flag: str | None = None
     repeat: bool = False
     help: str = ""
+    metavar: str = ""
 
 
 @attrs.frozen
@@ -194,7 +207,10 @@ class ModuleSettings:
 
     def build(self, values: Mapping[str, Any]) -> Any:
         """The module's settings object from ``field -> value`` (each value is
-        checked by its option's kind); ValueError ``"<key>: <problem>"``."""
+        checked by its option's kind); ValueError ``"<key>: <problem>"``.
+
+        The class itself and ``check`` may raise :class:`SettingError` naming a
+        field: the message then names that field's config key instead."""
         by_field = {opt.field: opt for opt in self.options}
         checked = {}
         for field, value in values.items():
@@ -205,10 +221,21 @@ class ModuleSettings:
                 checked[field] = opt.kind(value)
             except ValueError as exc:
                 raise ValueError(f"{self.where(opt)}: {exc}") from None
-        obj = self.cls(**checked)
-        if self.check is not None:
-            self.check(obj)
+        try:
+            obj = self.cls(**checked)
+            if self.check is not None:
+                self.check(obj)
+        except SettingError as exc:
+            opt = by_field.get(exc.field)
+            raise ValueError(f"{self.where(opt) if opt else exc.field}: {exc.problem}") from None
         return obj
+
+    def key_of(self, field: str) -> str | None:
+        """The config file key of the field ``field`` (None: it has none)."""
+        for opt in self.options:
+            if opt.field == field:
+                return self.where(opt)
+        return None
 
     def where(self, opt: Option) -> str:
         """The config file key of ``opt`` (``dns.upstreams``)."""
@@ -216,6 +243,55 @@ class ModuleSettings:
 
 
 TRANSPORTS = frozenset({"stream", "datagram"})
+
+
+@attrs.frozen
+class StreamLimits:
+    """What the runtime enforces on a module's stream connections, in the
+    module's own terms (its ``stream_limits(module_settings)`` gives them).
+
+    ``message_timeout``: seconds from the first byte of a request to the module
+    having taken it whole (HTTP: ``timeouts.header``); ``max_unread``: bytes
+    received while a request is busy that are buffered before reading from the
+    connection pauses (HTTP: ``limits.header_block``)."""
+
+    message_timeout: float = 10.0
+    max_unread: int = 64 << 10
+
+
+@attrs.frozen
+class Listener:
+    """A listener a module asks for besides the client ones (HTTP: the sibling
+    listener).  Its connections run the same machine, starting with
+    ``entry(start_fn)`` instead of the start function itself; ``kind`` is
+    their ``Connection.listener``; ``label`` names it in the startup log."""
+
+    kind: str
+    address: tuple[str, int]
+    entry: Callable[[StateFn], StateFn]
+    label: str = ""
+
+
+@attrs.frozen
+class Peering:
+    """How the workers of one server become each other's peers, sharing one
+    cache (HTTP: siblings).  A supervisor binds one loopback listener of kind
+    ``listener`` per worker, hands every worker all their addresses and a shared
+    token (in the environment variable ``token_env``), and tells the workers
+    when one of them leaves or comes back.
+
+    - ``join(module_settings, members, index)``: the module settings of worker
+      ``index`` of ``members`` (their ``HOST:PORT`` addresses, in order).
+    - ``configured(module_settings)``: a one-line problem when the operator set
+      up peers of their own, which workers cannot add to (None: fine).
+    - ``mark(g, index, up)``: worker ``index`` left (``up`` False) or is back.
+    """
+
+    listener: str
+    token_env: str
+    join: Callable[[Any, tuple[str, ...], int], Any]
+    configured: Callable[[Any], str | None]
+    mark: Callable[[Any, int, bool], None]
 
 
 @attrs.frozen
@@ -236,9 +312,12 @@ class ProtocolModule:
       field); ``trace_fields(conn, req)``: the module's fields of a traced
       request's event (HTTP: method, host, path, cache_status, bytes).
     - ``make_global(settings, runtime)``: builds the module's global scope once per
-      server (``runtime`` is :class:`afpa.machine.scopes.Runtime`).
+      server (``runtime`` is :class:`afpa.machine.scopes.Runtime`; its own
+      settings are ``settings.module_settings``, see :meth:`own_settings`).
+      What the runtime needs of it: :class:`afpa.machine.scopes.GlobalScope`.
     - ``make_request(conn)``: a fresh request scope (subclass of
-      :class:`afpa.machine.scopes.Request`).
+      :class:`afpa.machine.scopes.Request`; the runtime's view of it is
+      :class:`afpa.machine.scopes.RequestScope`).
     - ``facts``: the contract words its functions use, each with its meaning
       (shown by ``afpa tables graph``; :data:`RUNTIME_FACTS` are always known).
     - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error
@@ -272,6 +351,15 @@ class ProtocolModule:
       where misses go, upstreams); None: nothing to add.
     - ``sweep(g, now)``: called once a second by the server (expire what the
       module keeps besides the cache); None: nothing to sweep.
+    - ``metrics(g) -> iterable of prometheus_client metric families``: what
+      the module counts itself (HTTP: backend pools), added to ``/metrics``;
+      None: nothing to add.
+    - ``listeners(g) -> list[Listener]``: listeners besides the client ones
+      (HTTP: the sibling listener); None: none.
+    - ``stream_limits(module_settings) -> StreamLimits``: the message timeout
+      and input buffer bound of its stream connections; None: the defaults.
+    - ``peering``: how its workers share one cache (:class:`Peering`); None:
+      workers do not peer.
     """
 
     name: str
@@ -295,6 +383,24 @@ class ProtocolModule:
     alpn: tuple[bytes, ...] = ()
     describe: Callable[[Any], list[str]] | None = None
     sweep: Callable[[Any, float], None] | None = None
+    metrics: Callable[[Any], Iterable[Any]] | None = None
+    listeners: Callable[[Any], list[Listener]] | None = None
+    stream_limits: Callable[[Any], StreamLimits] | None = None
+    peering: Peering | None = None
+
+    def own_settings(self, settings: Any) -> Any:
+        """This module's settings object in the runtime's ``settings``: the one
+        built from its config section and flags, else its defaults (None: the
+        module declares no settings)."""
+        if settings.module_settings is not None:
+            return settings.module_settings
+        return self.settings.cls() if self.settings is not None else None
+
+    def limits(self, settings: Any) -> StreamLimits:
+        """The :class:`StreamLimits` of its stream connections under ``settings``."""
+        if self.stream_limits is None:
+            return StreamLimits()
+        return self.stream_limits(self.own_settings(settings))
 
     @transports.validator
     def _known_transports(self, _attr: Any, value: frozenset[str]) -> None:

@@ -11,11 +11,9 @@ Nothing else is shared between state functions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-
-from afpa.machine.trust import TrustedProxies
 
 if TYPE_CHECKING:  # types only: the machine layer imports nothing above it
     from afpa.cache.store import CacheStore
@@ -32,7 +30,6 @@ class Runtime:
     cache: CacheStore
     helpers: Helpers
     machines: dict = attrs.field(factory=dict)  # companion machines by name
-    trusted_proxies: TrustedProxies = attrs.field(factory=TrustedProxies)  # from settings.trusted_proxies
 
 
 @attrs.define(slots=True, eq=False)
@@ -107,3 +104,31 @@ class Request:
     close: bool = False
     sent_head: bool = False
     trace: Any = None  # afpa.machine.trace.Trace while the request is traced
+
+
+class GlobalScope(Protocol):
+    """What the runtime needs of a module's global scope (what ``make_global``
+    returns): nothing but the :class:`Runtime` it was built from.  Everything
+    else on it is the module's own; the runtime reaches it only through the
+    module's hooks (``ProtocolModule.describe``, ``sweep``, ``metrics``, ...)."""
+
+    runtime: Runtime
+
+
+class RequestScope(Protocol):
+    """What the runtime reads and writes on a module's request scope (what
+    ``make_request`` returns; subclassing :class:`Request` gives all of it).
+
+    ``started``: when the request began (set by the runtime); ``head``,
+    ``body``, ``status`` and ``close``: the answer the Send Engine sends (and
+    the access log and request counters report); ``sent_head``: set by the Send
+    Engine once the head is on its way; ``trace``: an
+    :class:`afpa.machine.trace.Trace` while the request is traced, else None."""
+
+    started: float
+    head: bytes
+    body: Any
+    status: int
+    close: bool
+    sent_head: bool
+    trace: Any

@@ -107,7 +107,7 @@ class MachineProtocol(Protocol, Driver):
         if conn.busy:
             if conn.sink is not None:
                 conn.sink()
-            elif conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
+            elif conn.unread() > self.server.limits.max_unread and not self.reading_paused:
                 self.pause_reading()
             return
         self.step(conn.state, None)
@@ -150,7 +150,7 @@ class MachineProtocol(Protocol, Driver):
         conn = self.conn
         if conn.deadline_kind == "idle":
             conn.deadline_kind = "header"
-            conn.deadline = self.seconds() + self.server.settings.header_timeout
+            conn.deadline = self.seconds() + self.server.limits.message_timeout
 
     def suspended(self) -> None:
         conn = self.conn

@@ -4,7 +4,8 @@ A listener that terminates TLS hands Twisted's ``listenSSL`` the object built by
 :func:`server_context_factory`.  The policy lives here, in one place, so that
 every listener gets the same choices: TLS 1.2 or newer, forward-secret AEAD
 ciphers only for TLS 1.2 (OpenSSL's defaults for TLS 1.3), no compression, no
-renegotiation, and ALPN that picks ``http/1.1`` (the only protocol we speak).
+renegotiation, and ALPN that picks the protocol module's protocol (its
+``ProtocolModule.alpn``; HTTP: ``http/1.1``).
 
 Several certificates can share a listener.  Each one gets its own OpenSSL
 context, built once at startup, and the SNI name the client sends picks which
@@ -18,6 +19,7 @@ handshake.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -31,9 +33,6 @@ from zope.interface import implementer
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with an AEAD cipher.
 # TLS 1.3 suites are configured separately by OpenSSL and are left at defaults.
 _TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
-
-# The only application protocol the proxy speaks over TLS.
-_HTTP11 = b"http/1.1"
 
 # Lets resumed sessions be accepted whichever certificate context is in use.
 _SESSION_ID = b"afpa"
@@ -79,16 +78,18 @@ def server_names(cert_path: str) -> list[str]:
     return out
 
 
-def server_context_factory(certs: list[Certificate]) -> object:
+def server_context_factory(certs: list[Certificate], alpn: tuple[bytes, ...] = ()) -> object:
     """Build the ``contextFactory`` for ``reactor.listenSSL`` from ``certs``.
 
-    The first certificate is the default.  Raises ``ValueError`` if ``certs``
+    The first certificate is the default.  ``alpn``: the application protocols
+    the module speaks, most preferred first (empty: no ALPN answer; the client
+    carries on without).  Raises ``ValueError`` if ``certs``
     is empty or any file is missing, unreadable, not PEM, or if a key does not
     match its certificate.
     """
     if not certs:
         raise ValueError("a TLS listener needs at least one certificate")
-    entries = [(server_names(c.cert), _build_context(c)) for c in certs]
+    entries = [(server_names(c.cert), _build_context(c, tuple(alpn))) for c in certs]
     selector = _NameSelector(entries)
     # The servername callback only runs on the context a connection starts
     # with, which is always the default one.
@@ -157,12 +158,17 @@ class _NameSelector:
             connection.set_context(ctx)
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> object:
-    # Declining (rather than an empty answer, which aborts the handshake) lets
-    # an h2-only client carry on without ALPN and learn from HTTP what we speak.
-    if _HTTP11 in offered:
-        return _HTTP11
-    return SSL.NO_OVERLAPPING_PROTOCOLS
+def _alpn_selector(ours: tuple[bytes, ...]) -> Any:
+    """The ALPN callback choosing our most preferred protocol the client offers."""
+    def select(connection: SSL.Connection, offered: list[bytes]) -> object:
+        for proto in ours:
+            if proto in offered:
+                return proto
+        # Declining (rather than an empty answer, which aborts the handshake)
+        # lets e.g. an h2-only client carry on without ALPN and learn from the
+        # protocol itself what we speak.
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+    return select
 
 
 def _read_pem(path: str, what: str) -> bytes:
@@ -181,7 +187,7 @@ def _read_pem(path: str, what: str) -> bytes:
     raise ValueError(f"{path}: {what}: {problem}")
 
 
-def _build_context(cert: Certificate) -> SSL.Context:
+def _build_context(cert: Certificate, alpn: tuple[bytes, ...]) -> SSL.Context:
     # Read both files first so every mistake is reported by what it is (a
     # directory, missing, unreadable) before OpenSSL sees them.
     for path, what in ((cert.cert, "TLS certificate"), (cert.key, "TLS private key")):
@@ -197,8 +203,9 @@ def _build_context(cert: Certificate) -> SSL.Context:
     ctx.set_options(options)
     ctx.set_cipher_list(_TLS12_CIPHERS)
     ctx.set_session_id(_SESSION_ID)
-    # Set on every context: after an SNI switch OpenSSL asks the new one.
-    ctx.set_alpn_select_callback(_select_alpn)
+    if alpn:
+        # Set on every context: after an SNI switch OpenSSL asks the new one.
+        ctx.set_alpn_select_callback(_alpn_selector(alpn))
 
     try:
         ctx.use_certificate_chain_file(cert.cert)

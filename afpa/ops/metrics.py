@@ -124,9 +124,9 @@ class Collector:
         yield GaugeMetricFamily("afpa_connections_open", "Client connections open", value=len(s.connections))
         yield CounterMetricFamily("afpa_connections", "Client connections accepted", value=s.connections_total)
         # Whatever the protocol module counts itself (e.g. backend pools).
-        extra = getattr(s.g, "metrics", None)
+        extra = s.machine.module.metrics
         if extra is not None:
-            yield from extra()
+            yield from extra(s.g)
 
 
 SNAPSHOT_VERSION = 1

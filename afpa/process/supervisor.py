@@ -34,6 +34,7 @@ from twisted.logger import Logger
 
 from afpa.process.clusterreload import ClusterReload
 from afpa.config import Settings
+from afpa.machine.modules import Peering, Registry
 from afpa.process.control import Channel, ControlError
 
 log = Logger(namespace="afpa.process.supervisor")
@@ -93,11 +94,12 @@ def bind_listeners(settings: Settings) -> list[tuple[str, socket.socket]]:
     return out
 
 
-SIBLINGS_ENV = "AFPA_WORKER_SIBLINGS"  # the workers' sibling addresses, from their supervisor
+SIBLINGS_ENV = "AFPA_WORKER_SIBLINGS"  # the workers' peer addresses, from their supervisor
 
 
-def bind_sibling_listeners(n: int) -> list[socket.socket]:
-    """One loopback listener per worker slot for the other workers' requests."""
+def bind_peer_listeners(n: int) -> list[socket.socket]:
+    """One loopback listener per worker slot for the other workers' requests
+    (the module's :class:`~afpa.machine.modules.Peering`)."""
     out = []
     for _ in range(n):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,16 +110,24 @@ def bind_sibling_listeners(n: int) -> list[socket.socket]:
     return out
 
 
-def worker_settings(settings: Settings, index: int, count: int, environ: Any = os.environ) -> Settings:
+def worker_settings(settings: Settings, index: int, count: int, environ: Any = os.environ,
+                    registry: Registry | None = None) -> Settings:
     """The settings worker ``index`` of ``count`` runs: no admin listener (the
     supervisor has it), its share of the cache budget, and the other workers as
-    its siblings (addresses from the supervisor, in the environment)."""
+    its peers when its module peers (HTTP: siblings; addresses from the
+    supervisor, in the environment)."""
     members = environ.get(SIBLINGS_ENV, "")
-    sib: dict[str, Any] = {}
+    peers: dict[str, Any] = {}
     if members:
-        sib = {"sibling_members": tuple(members.split(",")), "sibling_self": index, "sibling_listen": None}
+        if registry is None:
+            from afpa.net.intrinsics import default_registry
+            registry = default_registry()
+        module = registry.modules.get(settings.module)
+        if module is not None and module.peering is not None:
+            peers["module_settings"] = module.peering.join(module.own_settings(settings),
+                                                           tuple(members.split(",")), index)
     return attrs.evolve(settings, worker_index=index, worker_count=count, workers=1, admin=None,
-                        cache_bytes=max(1, settings.cache_bytes // count), **sib)
+                        cache_bytes=max(1, settings.cache_bytes // count), **peers)
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -148,11 +158,12 @@ class Cluster:
     so a restarted worker gets the same address) go to their slot's worker."""
 
     def __init__(self, settings: Settings, argv: list[str], sockets: list[tuple[str, socket.socket]],
-                 reactor: Any, sibling_sockets: list[socket.socket] | None = None):
+                 reactor: Any, sibling_sockets: list[socket.socket] | None = None, peering: Peering | None = None):
         self.settings = settings
         self.argv = argv
         self.sockets = sockets
         self.sibling_sockets = sibling_sockets or []
+        self.peering = peering  # how the module's workers peer (their listener's kind, the token's variable)
         self.sibling_token = secrets.token_hex(32)
         self.reactor = reactor
         self.slots = [Slot(i) for i in range(settings.workers)]
@@ -222,7 +233,7 @@ class Cluster:
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if self.sibling_sockets:  # never on a command line: see worker_settings
             env[SIBLINGS_ENV] = ",".join("%s:%d" % s.getsockname()[:2] for s in self.sibling_sockets)
-            env["AFPA_SIBLING_TOKEN"] = self.sibling_token
+            env[self.peering.token_env] = self.sibling_token
         # The worker shares our standard input, output (access_log = "-") and error.
         fds: dict[int, Any] = {fd: fd for fd in (0, 1, 2) if _is_open(fd)}
         fds[3] = child.fileno()
@@ -248,7 +259,7 @@ class Cluster:
         parent.close()  # adopted as a duplicate
         socks = list(self.sockets)
         if self.sibling_sockets:
-            socks.append(("sibling", self.sibling_sockets[slot.index]))
+            socks.append((self.peering.listener, self.sibling_sockets[slot.index]))
         listeners = [{"kind": kind, "family": int(sock.family)} for kind, sock in socks]
         d = channel.request("listen", {"listeners": listeners}, LISTEN_TIMEOUT,
                             fds=[sock.fileno() for _, sock in socks])
@@ -299,7 +310,7 @@ class Cluster:
         """Tell the other workers that worker ``index`` is gone (they serve its URLs
         themselves, without waiting on its listener's backlog) or back."""
         if self.sibling_sockets and not self.stopping:
-            self.call("sibling", {"index": index, "up": up}, 5.0)
+            self.call("peer", {"index": index, "up": up}, 5.0)
 
     def _schedule_restart(self, slot: Slot, delay: float) -> None:
         def restart() -> None:
@@ -504,21 +515,24 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
     one-line error and returns 1 when a listener cannot be bound."""
     from twisted.internet import process
 
-    if settings.sibling_members:
-        print("afpa: siblings: with workers, the supervisor makes its workers each other's siblings; "
-              "remove [siblings] or run one worker", file=sys.stderr)
+    module = server.machine.module
+    peering = module.peering
+    own_peers = peering.configured(module.own_settings(settings)) if peering is not None else None
+    if own_peers:
+        print(f"afpa: {own_peers}", file=sys.stderr)
         return 1
     if server.access_log is not None:
         server.access_log.close()  # the workers write it
     if settings.tls_certs:
         from afpa.net.tls import server_context_factory
-        server_context_factory(list(settings.tls_certs))  # every TLS file checked before any worker starts
+        server_context_factory(list(settings.tls_certs), module.alpn)  # every TLS file checked before any worker starts
     try:
         sockets = bind_listeners(settings)
     except OSError as exc:
         print(f"afpa: cannot listen on {getattr(exc, 'address', '?')}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    cluster = Cluster(settings, argv, sockets, reactor, bind_sibling_listeners(settings.workers))
+    cluster = Cluster(settings, argv, sockets, reactor,
+                      bind_peer_listeners(settings.workers) if peering is not None else None, peering)
     reloader = ClusterReload(cluster, server)
     admin_port = None
     if settings.admin is not None:
@@ -540,7 +554,7 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
         addr = admin_port.getHost()
         print(f"afpa: admin (live page, /metrics, /healthz, /tables/, /workers) on "
               f"http://{addr.host}:{addr.port}/ for all workers", file=sys.stderr, flush=True)
-    for line in (server.g.describe() if hasattr(server.g, "describe") else []):
+    for line in (module.describe(server.g) if module.describe is not None else []):
         print(f"afpa: {line}", file=sys.stderr, flush=True)
     print(f"afpa: table {server.machine.source}", file=sys.stderr, flush=True)
 

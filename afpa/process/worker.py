@@ -63,19 +63,19 @@ def _drain(server: Any, args: dict) -> Any:
     return server.drain(float(timeout)).addCallback(lambda cut: {"cut": cut})
 
 
-def _sibling(server: Any, args: dict) -> dict:
-    """Worker ``index`` left (its URLs are served here meanwhile) or is back."""
-    siblings = getattr(server.g, "siblings", None)
+def _peer(server: Any, args: dict) -> dict:
+    """Worker ``index`` (a peer: HTTP's sibling) left (its URLs are served here
+    meanwhile) or is back."""
+    peering = server.machine.module.peering
     index = args.get("index")
-    if siblings is None or not isinstance(index, int) or not 0 <= index < len(siblings.members):
-        return {}
-    siblings.down_until[index] = 0.0 if args.get("up") else float("inf")
+    if peering is not None and isinstance(index, int) and not isinstance(index, bool):
+        peering.mark(server.g, index, bool(args.get("up")))
     return {}
 
 
 register("ping", _ping)
 register("drain", _drain)
-register("sibling", _sibling)
+register("peer", _peer)
 register_worker_ops(register)  # snapshot (merged /metrics), machines (live page), cache (purges)
 clusterreload.register_worker_ops(register)  # reload_prepare/commit/abort, reopen_logs
 clustertrace.register_worker_ops(register)  # trace_poll, trace_stop (the supervisor's /trace)

@@ -1,10 +1,13 @@
 """The HTTP module as the runtime sees it (registered through the
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
-from afpa.machine.modules import ProtocolModule, collect
+from afpa.machine.modules import Peering, ProtocolModule, collect
 from protocols.http.states import coalesce, deferred, remote, client as states, tracing
 from protocols.http.policy import invalidation
 from protocols.http.scopes import HttpGlobal, HttpRequest, carry_over
+from protocols.http.settings import (SETTINGS, SIBLING_TOKEN_ENV, join_siblings, own_siblings,
+                                     stream_limits)
+from protocols.http.states.siblings import LISTENER
 
 FACTS = {
     # client machine (request scope: HttpRequest)
@@ -33,4 +36,13 @@ MODULE = ProtocolModule(
     facts=FACTS,
     invalidation=invalidation,
     carry_over=carry_over,
+    settings=SETTINGS,
+    alpn=(b"http/1.1",),
+    describe=HttpGlobal.describe,
+    sweep=HttpGlobal.sweep,
+    metrics=HttpGlobal.metrics,
+    listeners=HttpGlobal.listeners,
+    stream_limits=stream_limits,
+    peering=Peering(listener=LISTENER, token_env=SIBLING_TOKEN_ENV, join=join_siblings,
+                    configured=own_siblings, mark=HttpGlobal.mark_sibling),
 )

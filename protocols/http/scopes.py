@@ -8,10 +8,12 @@ from typing import Any
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from afpa.config import SIBLING_TOKEN_ENV, read_sibling_token
+from afpa.machine.modules import Listener
 from afpa.machine.scopes import Request
+from afpa.machine.trust import TrustedProxies
 from protocols.http.states.coalesce import Flights
-from protocols.http.states.siblings import sibling_entry
+from protocols.http.settings import SIBLING_TOKEN_ENV, HttpSettings, read_sibling_token, sibling_address
+from protocols.http.states.siblings import LISTENER, sibling_entry
 from protocols.http.wire.responses import DateCache
 from routing.pool import Pools
 from routing.router import Route, Router, build_router
@@ -57,7 +59,7 @@ class HttpGlobal:
     """Per-server data of the HTTP module."""
 
     runtime: Any
-    settings: Any
+    settings: HttpSettings  # the module's own; the runtime's are runtime.settings
     cache: Any
     helpers: Any
     reactor: Any
@@ -74,10 +76,20 @@ class HttpGlobal:
     refreshing: dict = attrs.field(factory=dict)
     siblings: Any = None  # routing.siblings.Siblings when siblings.members is set
 
-    def sibling_entry(self, start: Any) -> Any:
-        """The start function of connections on the sibling listener (see
-        protocols/http/states/siblings.py): ``start``, then the Afpa-Sibling check."""
-        return sibling_entry(start)
+    def listeners(self) -> list[Listener]:
+        """The sibling listener, when siblings are configured (``ProtocolModule.listeners``)."""
+        if self.siblings is None:
+            return []
+        s = self.settings
+        return [Listener(LISTENER, sibling_address(s), sibling_entry,
+                         f"siblings (member {s.sibling_self} of {len(s.sibling_members)})")]
+
+    def mark_sibling(self, index: int, up: bool) -> None:
+        """Worker ``index`` of a supervisor left (its URLs are served here
+        meanwhile) or is back (``Peering.mark``)."""
+        siblings = self.siblings
+        if siblings is not None and 0 <= index < len(siblings.members):
+            siblings.down_until[index] = 0.0 if up else float("inf")
 
     def metrics(self) -> Iterator[Metric]:
         """Backend pool metrics for /metrics (one label value per configured backend)."""
@@ -158,8 +170,11 @@ class HttpGlobal:
         return out
 
     @classmethod
-    def build(cls, settings: Any, runtime: Any) -> HttpGlobal:
+    def build(cls, runtime_settings: Any, runtime: Any) -> HttpGlobal:
         """``make_global`` of the HTTP module (raises ValueError on bad routes)."""
+        settings = runtime_settings.module_settings
+        if settings is None:  # made in code without them: the defaults
+            settings = HttpSettings()
         pools = Pools(runtime.reactor, max_idle=settings.backend_max_idle,
                       connect_timeout=settings.backend_connect_timeout,
                       idle_timeout=settings.backend_pool_idle_timeout,
@@ -182,7 +197,7 @@ class HttpGlobal:
         return cls(runtime=runtime, settings=settings, cache=runtime.cache, helpers=runtime.helpers,
                    reactor=runtime.reactor, router=build_router(settings), pools=pools,
                    backend_machine=runtime.machines.get("http-backend"), dates=DateCache(),
-                   trusted=runtime.trusted_proxies,
+                   trusted=TrustedProxies(settings.trusted_proxies),
                    flights=Flights(hit_for_miss=settings.hit_for_miss,
                                    max_waiters=settings.coalesce_max_waiters),
                     siblings=siblings)

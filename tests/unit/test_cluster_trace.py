@@ -12,6 +12,7 @@ from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 from afpa.machine.trace import TraceFilter
+from protocols.http.settings import http_settings
 
 
 class FakeCluster:
@@ -34,7 +35,7 @@ def get(server, path):
 
 def test_events_of_every_worker_reach_the_supervisors_subscribers_while_anyone_listens(docroot):
     clock = Clock()
-    workers = [Server(Settings(root=str(docroot)), reactor=clock, helpers=InlineHelpers()) for _ in range(2)]
+    workers = [Server(http_settings(root=str(docroot)), reactor=clock, helpers=InlineHelpers()) for _ in range(2)]
     cluster = FakeCluster(workers)
     traces = clustertrace.ClusterTraces(cluster, clock)
     got = []
@@ -53,7 +54,7 @@ def test_events_of_every_worker_reach_the_supervisors_subscribers_while_anyone_l
 
 def test_a_worker_no_longer_polled_stops_collecting_by_itself(docroot):
     clock = Clock()
-    worker = Server(Settings(root=str(docroot)), reactor=clock, helpers=InlineHelpers())
+    worker = Server(http_settings(root=str(docroot)), reactor=clock, helpers=InlineHelpers())
     clustertrace.op_poll(worker, {})
     assert worker.trace_all
     clock.advance(clustertrace.EXPIRY + 0.1)

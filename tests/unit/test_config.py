@@ -8,19 +8,21 @@ from afpa.cli import build_parser, settings_from_args
 from afpa.config import Settings, SettingError, load_config
 from routing.pool import Backend
 from routing.router import build_router
-from tests.conftest import REPO
+from tests.conftest import REPO, settings_from_file
+from protocols.http.settings import HttpSettings, http_settings
 
 
 def test_shipped_example_loads():
-    settings = Settings(**load_config(str(REPO / "examples" / "afpa.toml")))
-    router = build_router(settings)
+    settings = settings_from_file(REPO / "examples" / "afpa.toml")
+    http = settings.module_settings
+    router = build_router(http)
     assert router.default.kind == "remote" and router.default.backends == (Backend("127.0.0.1", 8081),)
     assert router.choose(b"x", b"/static/a.css").kind == "docroot"
     assert router.choose(b"x", b"/websocket/chat").kind == "deferred"
     api = router.choose(b"api.example.com:8080", b"/v1")
     assert api.kind == "remote" and len(api.backends) == 2
     assert router.choose(b"other.example.com", b"/v1") is router.default
-    assert settings.cache_bytes == 256 << 20 and settings.backend_first_byte_timeout == 60
+    assert settings.cache_bytes == 256 << 20 and http.backend_first_byte_timeout == 60
 
 
 @pytest.mark.parametrize("text,message", [
@@ -36,7 +38,7 @@ def test_config_errors_are_clear(tmp_path, text, message):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text(text)
     with pytest.raises(ValueError) as info:
-        build_router(Settings(**load_config(str(cfg))))
+        build_router(settings_from_file(cfg).module_settings)
     assert message in str(info.value)
 
 
@@ -45,7 +47,7 @@ def test_command_line_overrides_config(tmp_path):
     cfg.write_text('backend = "http://127.0.0.1:9"\nlisten = "127.0.0.1:1"\n')
     args = build_parser().parse_args(["serve", "--config", str(cfg), "--listen", "127.0.0.1:2"])
     s = settings_from_args(args)
-    assert s.listen == ("127.0.0.1", 2) and s.backend == "http://127.0.0.1:9"
+    assert s.listen == ("127.0.0.1", 2) and s.module_settings.backend == "http://127.0.0.1:9"
     with pytest.raises(ValueError):
         settings_from_args(build_parser().parse_args(["serve", "--backend", "http://a:1", "--defer", "http://a:2"]))
     with pytest.raises(ValueError):
@@ -85,11 +87,11 @@ def test_trusted_proxies_from_file_and_command_line(tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text('trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1"]\n')
     s = settings_from_args(build_parser().parse_args(["serve", "--config", str(cfg)]))
-    assert s.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert s.module_settings.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
     s = settings_from_args(build_parser().parse_args(["serve", "--trusted-proxy", "192.0.2.0/24",
                                                       "--trusted-proxy", "::1"]))
-    assert s.trusted_proxies == ("192.0.2.0/24", "::1/128")
-    assert Settings().trusted_proxies == ()  # default: trust nobody
+    assert s.module_settings.trusted_proxies == ("192.0.2.0/24", "::1/128")
+    assert HttpSettings().trusted_proxies == ()  # default: trust nobody
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -112,7 +114,7 @@ def test_same_check_for_settings_made_in_code():
     for kwargs in ({"idle_timeout": -5}, {"backend": ""}, {"backend_first_byte_timeout": float("nan")},
                    {"trusted_proxies": ["nobody"]}, {"max_headers": 0}):
         with pytest.raises(SettingError) as info:
-            Settings(**kwargs)
+            http_settings(**kwargs)
         assert info.value.field == next(iter(kwargs))
 
 
@@ -122,7 +124,8 @@ def test_backend_timeouts_on_the_command_line(tmp_path):
     s = settings_from_args(build_parser().parse_args(
         ["serve", "--config", str(cfg), "--backend-connect-timeout", "1.5", "--backend-first-byte-timeout", "2",
          "--backend-idle-timeout", "3"]))
-    assert (s.backend_connect_timeout, s.backend_first_byte_timeout, s.backend_idle_timeout) == (1.5, 2.0, 3.0)
+    http = s.module_settings
+    assert (http.backend_connect_timeout, http.backend_first_byte_timeout, http.backend_idle_timeout) == (1.5, 2.0, 3.0)
     assert s.tls_handshake_timeout == 3.0
     assert Settings().tls_handshake_timeout == 10.0
 
@@ -144,15 +147,15 @@ def test_a_key_added_with_a_plain_type_is_checked_strictly(tmp_path, monkeypatch
 
 def test_drain_timeout_from_config_and_command_line(tmp_path):
     assert Settings().drain_timeout == 30
-    assert Settings(**load_config(str(REPO / "examples" / "afpa.toml"))).drain_timeout == 30
+    assert settings_from_file(REPO / "examples" / "afpa.toml").drain_timeout == 30
 
 
 def test_caching_policy_settings(tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text("[cache]\nheuristic_fraction = 0\nheuristic_max = 3600\ntargeted_field = 'Edge-Control'\n")
-    s = Settings(**load_config(str(cfg)))
+    s = settings_from_file(cfg).module_settings
     assert (s.heuristic_fraction, s.heuristic_max, s.targeted_field) == (0.0, 3600.0, "Edge-Control")
-    d = Settings()
+    d = HttpSettings()
     assert (d.heuristic_fraction, d.heuristic_max, d.targeted_field) == (0.1, 86400.0, "Afpa-Cache-Control")
     cfg = tmp_path / "afpa.toml"
     cfg.write_text("[timeouts]\ndrain = 2.5\n")

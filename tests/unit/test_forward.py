@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from afpa.config import Settings
+from protocols.http.settings import HttpSettings
 from afpa.machine.trust import TrustedProxies
 from protocols.http.policy import forward
 from protocols.http.wire.parser import parse_head, parse_response_head
@@ -15,7 +15,7 @@ from protocols.http.wire.errors import HttpError
 
 def request(raw: bytes) -> HttpRequest:
     req = HttpRequest()
-    assert parse_head(raw, 0, 0, Settings(), req) == len(raw)
+    assert parse_head(raw, 0, 0, HttpSettings(), req) == len(raw)
     return req
 
 

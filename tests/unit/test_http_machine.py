@@ -19,6 +19,7 @@ from afpa.machine.modules import ProtocolModule, collect, state
 from afpa.server import Server
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
+from protocols.http.settings import http_settings
 
 
 def ask(mem, data: bytes, head_only=()):
@@ -162,7 +163,7 @@ def test_header_timeout_408(mem):
     proto, t = mem.connect()
     proto.dataReceived(b"GET /hello.txt HTTP/1.1\r\nHost: t\r\n")
     mem.server.start_sweep()
-    mem.clock.advance(mem.settings.header_timeout + 1)
+    mem.clock.advance(mem.settings.module_settings.header_timeout + 1)
     [(status, h, _)] = parse_responses(t.value())
     assert status == 408 and t.disconnecting
 
@@ -212,13 +213,13 @@ def test_tls_handshake_completed_then_idle_timeout_applies(mem):
 
 def test_stale_object_revalidated_then_refetched(mem, docroot):
     ask(mem, get("/hello.txt"))
-    mem.clock.advance(mem.settings.revalidate_after + 1)
+    mem.clock.advance(mem.settings.module_settings.revalidate_after + 1)
     _, _, [(_, h, body)] = ask(mem, get("/hello.txt"))
     assert h["cache-status"] == "afpa; fwd=stale; detail=revalidated" and body == b"hello world\n"
     _, _, [(_, h, _)] = ask(mem, get("/hello.txt"))
     assert h["cache-status"] == "afpa; hit"
     (docroot / "hello.txt").write_bytes(b"changed\n")
-    mem.clock.advance(mem.settings.revalidate_after + 1)
+    mem.clock.advance(mem.settings.module_settings.revalidate_after + 1)
     _, _, [(_, h, body)] = ask(mem, get("/hello.txt"))
     assert h["cache-status"] == "afpa; fwd=stale; stored" and body == b"changed\n"
 
@@ -272,7 +273,7 @@ def test_raising_state_gives_500_and_others_carry_on(docroot):
     table = docroot.parent / "boom.toml"
     table.write_text(text)
     clock_server = MemoryServer(str(docroot))
-    server = Server(Settings(root=str(docroot), table=str(table)), reactor=clock_server.clock,
+    server = Server(http_settings(root=str(docroot), table=str(table)), reactor=clock_server.clock,
                     registry=registry, helpers=InlineHelpers())
     clock_server.server = server
     good, tg = clock_server.connect()
@@ -346,11 +347,11 @@ def test_send_engine_without_a_response_is_a_counted_500_not_a_hang(docroot):
     table = docroot.parent / "forgetful.toml"
     table.write_text(text)
     mem = MemoryServer(str(docroot))
-    mem.server = Server(Settings(root=str(docroot), table=str(table)), reactor=mem.clock,
+    mem.server = Server(http_settings(root=str(docroot), table=str(table)), reactor=mem.clock,
                         registry=registry, helpers=InlineHelpers())
     machine = mem.server.machine
     ask(mem, get("/hello.txt"))
-    mem.clock.advance(mem.settings.revalidate_after + 1)
+    mem.clock.advance(mem.settings.module_settings.revalidate_after + 1)
     events = []
     globalLogPublisher.addObserver(events.append)
     try:

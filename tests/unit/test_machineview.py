@@ -14,6 +14,7 @@ from afpa.machine.modules import ProtocolModule, collect, state
 from afpa.server import Server
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
+from protocols.http.settings import http_settings
 
 
 def get(path: str) -> bytes:
@@ -80,7 +81,7 @@ def test_a_raising_state_shows_its_errors(docroot):
     table.write_text(tables.shipped_table_path("http").read_text().replace(
         'run = "derive_miss_response"', 'run = "testlib.explode"'))
     mem = MemoryServer(str(docroot))
-    mem.server = Server(Settings(root=str(docroot), table=str(table)), reactor=mem.clock,
+    mem.server = Server(http_settings(root=str(docroot), table=str(table)), reactor=mem.clock,
                         registry=registry, helpers=InlineHelpers())
     proto, t = mem.connect()
     proto.dataReceived(get("/hello.txt"))

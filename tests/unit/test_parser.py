@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from afpa.config import Settings
+from protocols.http.settings import HttpSettings
 from protocols.http.wire.errors import HttpError
 from protocols.http.wire.parser import ChunkedBody, LengthBody, parse_head, parse_response_head
 from protocols.http.states.remote import BackendExchange
 from protocols.http.scopes import HttpRequest
 
-LIMITS = Settings()
+LIMITS = HttpSettings()
 
 
 def parse_whole(data: bytes, limits=LIMITS):
@@ -136,7 +136,7 @@ def test_bare_lf_rejected_before_head_ends():
 
 
 def test_limits():
-    small = Settings(max_request_line=64, max_header_block=128, max_headers=3)
+    small = HttpSettings(max_request_line=64, max_header_block=128, max_headers=3)
     with pytest.raises(HttpError) as info:
         parse_whole(b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n", small)
     assert info.value.status == 414

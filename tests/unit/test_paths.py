@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from afpa.config import Settings, load_config
+from protocols.http.settings import HttpSettings
 from protocols.http.states import files
 from protocols.http.policy import forward
 from protocols.http.wire import paths
 from protocols.http.wire.errors import HttpError
 from protocols.http.wire.parser import parse_head
 from protocols.http.scopes import HttpRequest
-from tests.conftest import MemoryServer
+from tests.conftest import MemoryServer, settings_from_file
 from tests.httpclient import parse_responses
 
 
@@ -79,7 +79,7 @@ def test_refused(raw, detail):
 
 def parsed(raw: bytes) -> HttpRequest:
     req = HttpRequest()
-    assert parse_head(raw, 0, 0, Settings(), req) == len(raw)
+    assert parse_head(raw, 0, 0, HttpSettings(), req) == len(raw)
     return req
 
 
@@ -199,12 +199,12 @@ def test_dotfiles_allow_names_a_segment(dotted):
 def test_dotfiles_allow_in_config(tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text('dotfiles_allow = [".well-known"]\n')
-    assert load_config(str(cfg))["dotfiles_allow"] == (".well-known",)
+    assert settings_from_file(cfg).module_settings.dotfiles_allow == (".well-known",)
     for text, message in (('dotfiles_allow = ".well-known"', "expected a list of path segment names starting with a dot"),
                           ("dotfiles_allow = [1]", "expected a list of path segment names starting with a dot"),
                           ('dotfiles_allow = ["well-known"]', "not a path segment starting with a dot"),
                           ('dotfiles_allow = [".a/b"]', "not a path segment starting with a dot")):
         cfg.write_text(text + "\n")
         with pytest.raises(ValueError) as info:
-            load_config(str(cfg))
+            settings_from_file(cfg)
         assert f"{cfg}: dotfiles_allow: " in str(info.value) and message in str(info.value)

@@ -159,7 +159,7 @@ def test_streamed_file_single_range_from_an_offset(big):
 
 
 def test_revalidated_object_answers_range(mem, docroot):
-    mem.settings.revalidate_after = 1
+    mem.settings.module_settings.revalidate_after = 1
     ask(mem, get("/hello.txt"))
     mem.clock.advance(5)
     [(status, h, body)] = ask(mem, get("/hello.txt", "Range: bytes=0-4"))

@@ -19,6 +19,7 @@ from afpa.reload import ConfigSource, config_problem, format_problem
 from afpa.server import Server
 from tests.conftest import MemoryServer, admin_call
 from tests.httpclient import parse_responses
+from protocols.http.settings import http_settings
 
 TOKEN = "reload-token-0123456789"
 
@@ -54,7 +55,7 @@ def test_route_change_is_seen_by_new_and_idle_keep_alive_connections(docroot, tm
     idle.dataReceived(get("/r/x.txt"))
     assert parse_responses(t.value())[0][0] == 404
     t.clear()
-    assert mem.server.reload(Settings(root=str(docroot), routes=(
+    assert mem.server.reload(http_settings(root=str(docroot), routes=(
         {"prefix": "/r/", "to": "docroot", "root": str(other)},)))["ok"]
     _, _, [(status, _, body)] = ask(mem, get("/r/x.txt"))
     assert (status, body) == (200, b"from the route\n")
@@ -88,7 +89,7 @@ def test_a_changed_table_is_a_new_machine_and_counters_carry_over(docroot, table
 def test_in_flight_request_finishes_on_its_machine_then_the_connection_moves(docroot, table):
     reactor = MemoryReactorClock()
     reactor.advance(1_800_000_000)
-    settings = Settings(root=str(docroot), backend="http://127.0.0.1:9", table=str(table))
+    settings = http_settings(root=str(docroot), backend="http://127.0.0.1:9", table=str(table))
     server = Server(settings, reactor=reactor, helpers=InlineHelpers())
     client = server.factory().buildProtocol(None)
     ct = StringTransport()
@@ -96,7 +97,7 @@ def test_in_flight_request_finishes_on_its_machine_then_the_connection_moves(doc
     client.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")  # parked: waits for the backend
     old, old_pools = server.machine, server.g.pools
     edited(table)
-    assert server.reload(Settings(root=str(docroot), backend="http://127.0.0.1:9", table=str(table),
+    assert server.reload(http_settings(root=str(docroot), backend="http://127.0.0.1:9", table=str(table),
                                   backend_max_idle=7))["ok"]
     new = server.machine
     assert new is not old and client.conn.machine is old
@@ -136,7 +137,7 @@ def test_cached_object_is_still_a_hit_after_reload(docroot):
     mem = MemoryServer(str(docroot))
     ask(mem, get("/hello.txt"))
     cache = mem.server.runtime.cache
-    assert mem.server.reload(Settings(root=str(docroot), grace=5.0))["changed"] == ["cache.grace"]
+    assert mem.server.reload(http_settings(root=str(docroot), grace=5.0))["changed"] == ["cache.grace"]
     assert mem.server.runtime.cache is cache
     _, _, [(status, h, body)] = ask(mem, get("/hello.txt"))
     assert (status, h["cache-status"], body) == (200, "afpa; hit", b"hello world\n")
@@ -150,7 +151,7 @@ def test_smaller_cache_budget_evicts_down_to_it(docroot):
     ask(mem, get("/page.html"))
     cache = mem.server.runtime.cache
     assert len(cache) == 2
-    assert mem.server.reload(Settings(root=str(docroot), cache_bytes=1))["ok"]
+    assert mem.server.reload(http_settings(root=str(docroot), cache_bytes=1))["ok"]
     assert cache.budget == 1 and len(cache) == 0
 
 
@@ -186,14 +187,14 @@ def test_broken_config_file_changes_nothing_and_names_file_and_line(docroot, tmp
     assert result["ok"] is False
     [p] = result["problems"]
     assert (p["file"], p["line"]) == (str(conf), 4) and p["problem"].startswith("cache.grace: expected")
-    assert server.settings.grace == 1.0
+    assert server.settings.module_settings.grace == 1.0
     conf.write_text(f'root = "{docroot}"\n\n[[route]]\nprefix = "/api"\nto = "remote"\n')
     [p] = server.reload()["problems"]
     assert (p["file"], p["line"]) == (str(conf), 3)
     assert p["problem"] == "route 1: a remote route needs 'backend' or 'backends'"
     conf.write_text(f'root = "{docroot}"\n\n[cache]\ngrace = 2\n')
     assert server.reload() == {"ok": True, "generation": 1, "changed": ["cache.grace"]}
-    assert server.settings.grace == 2.0
+    assert server.settings.module_settings.grace == 2.0
 
 
 def test_format_and_locate_problems(tmp_path):

@@ -11,6 +11,7 @@ from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 from tests.httpclient import parse_responses
+from protocols.http.settings import http_settings
 
 
 class Rig:
@@ -19,7 +20,7 @@ class Rig:
     def __init__(self, root, **overrides):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
-        self.server = Server(Settings(root=str(root), backend="http://127.0.0.1:9", **overrides),
+        self.server = Server(http_settings(root=str(root), backend="http://127.0.0.1:9", **overrides),
                              reactor=self.reactor, helpers=InlineHelpers())
         self.made = 0
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from afpa.config import Settings, load_config
 from protocols.http.policy import invalidation
 from protocols.http.policy.cachepolicy import decide, key_target
 from routing.policy import CachePolicy
 from routing.router import build_router, route_from_rule
 from tests.unit.test_cache_variants import Backend, answer_of, ask, req, resp
+from protocols.http.settings import HttpSettings
+from tests.conftest import settings_from_file
 from tests.unit.test_remote_machine import Rig
 
 REMOTE = {"to": "remote", "backend": "http://127.0.0.1:9"}
@@ -20,12 +21,12 @@ REMOTE = {"to": "remote", "backend": "http://127.0.0.1:9"}
 # -- parsing and checks ------------------------------------------------------------
 
 def test_route_cache_table_is_parsed_and_inherits_the_top_level_cache(tmp_path):
-    s = Settings(root=str(tmp_path), backend="http://127.0.0.1:9", cache_default_ttl=60.0, cache_max_ttl=600.0,
-                 routes=({**REMOTE, "prefix": "/static/",
-                          "cache": {"max_ttl": 86400, "ignore_cache_control": True, "set_cookie": "strip",
-                                    "query": "ignore", "key_headers": ["X-Device", "x-device"],
-                                    "key_cookies": ["lang"]}},
-                         {**REMOTE, "prefix": "/api/"}))
+    s = HttpSettings(root=str(tmp_path), backend="http://127.0.0.1:9", cache_default_ttl=60.0, cache_max_ttl=600.0,
+                     routes=({**REMOTE, "prefix": "/static/",
+                              "cache": {"max_ttl": 86400, "ignore_cache_control": True, "set_cookie": "strip",
+                                        "query": "ignore", "key_headers": ["X-Device", "x-device"],
+                                        "key_cookies": ["lang"]}},
+                             {**REMOTE, "prefix": "/api/"}))
     router = build_router(s)
     static, api = router.routes
     assert static.cache == CachePolicy(default_ttl=60.0, max_ttl=86400.0, ignore_cache_control=True,
@@ -34,7 +35,7 @@ def test_route_cache_table_is_parsed_and_inherits_the_top_level_cache(tmp_path):
     assert static.cache.selector == (b"x-device", b"cookie=lang")
     assert api.cache == router.default.cache == CachePolicy(default_ttl=60.0, max_ttl=600.0)
     assert router.keyed
-    assert not build_router(Settings(root=str(tmp_path), routes=({**REMOTE, "cache": {"max_ttl": 5}},))).keyed
+    assert not build_router(HttpSettings(root=str(tmp_path), routes=({**REMOTE, "cache": {"max_ttl": 5}},))).keyed
 
 
 @pytest.mark.parametrize("table,message", [
@@ -51,7 +52,7 @@ def test_route_cache_table_is_parsed_and_inherits_the_top_level_cache(tmp_path):
     ("short", "route 2: cache: must be a table ([route.cache])"),
 ])
 def test_bad_route_cache_settings_are_one_line_errors_naming_the_route(tmp_path, table, message):
-    s = Settings(root=str(tmp_path), routes=(REMOTE, {**REMOTE, "cache": table}))
+    s = HttpSettings(root=str(tmp_path), routes=(REMOTE, {**REMOTE, "cache": table}))
     with pytest.raises(ValueError) as info:
         build_router(s)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
@@ -60,13 +61,13 @@ def test_bad_route_cache_settings_are_one_line_errors_naming_the_route(tmp_path,
 def test_top_level_cache_keys_are_checked_in_the_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[cache]\ndefault_ttl = 30\nquery = "sort"\nkey_cookies = ["lang"]\nset_cookie = "strip"\n')
-    kwargs = load_config(str(good))
-    assert (kwargs["cache_default_ttl"], kwargs["cache_query"], kwargs["cache_key_cookies"],
-            kwargs["cache_set_cookie"]) == (30.0, "sort", ("lang",), "strip")
+    s = settings_from_file(good).module_settings
+    assert (s.cache_default_ttl, s.cache_query, s.cache_key_cookies, s.cache_set_cookie) == (
+        30.0, "sort", ("lang",), "strip")
     bad = tmp_path / "bad.toml"
     bad.write_text("[cache]\nmax_ttl = -1\n")
     with pytest.raises(ValueError, match=r"bad.toml: cache.max_ttl: expected a positive number of seconds, got -1$"):
-        load_config(str(bad))
+        settings_from_file(bad)
 
 
 def test_route_from_rule_without_cache_gets_the_default_policy(tmp_path):

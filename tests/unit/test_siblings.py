@@ -8,15 +8,16 @@ from collections import Counter
 import pytest
 from twisted.internet.testing import StringTransport
 
-from afpa.config import Settings, SettingError, load_config, read_sibling_token, sibling_address
+from afpa.config import SettingError
 from afpa.machine.scopes import Connection
 from afpa.server import EntryFactory
 from protocols.http.policy import forward
 from protocols.http.states import siblings
 from protocols.http.scopes import HttpGlobal, HttpRequest
 from routing.siblings import owner_index, score
-from tests.conftest import MemoryServer
+from tests.conftest import MemoryServer, settings_from_file
 from tests.httpclient import parse_responses
+from protocols.http.settings import HttpSettings, read_sibling_token, sibling_address
 
 TOKEN = "unit-sibling-token-0123456789"
 KEYS = [b"example.com /item/%d?x=%d" % (i, i * 7) for i in range(20000)]
@@ -129,16 +130,16 @@ def test_sibling_settings_are_checked(tmp_path, text, message):
 def test_sibling_settings_from_a_file_and_from_code(tmp_path):
     cfg = tmp_path / "afpa.toml"
     cfg.write_text('[siblings]\nmembers = ["127.0.0.1:9301", "[::1]:9302"]\nself_index = 1\n')
-    s = Settings(**load_config(str(cfg)))
+    s = settings_from_file(cfg).module_settings
     assert s.sibling_members == ("127.0.0.1:9301", "[::1]:9302") and sibling_address(s) == ("::1", 9302)
-    s = Settings(sibling_members=["127.0.0.1:9301"], sibling_self=0, sibling_listen="0.0.0.0:9400")
-    assert sibling_address(s) == ("0.0.0.0", 9400) and sibling_address(Settings()) is None
+    s = HttpSettings(sibling_members=["127.0.0.1:9301"], sibling_self=0, sibling_listen="0.0.0.0:9400")
+    assert sibling_address(s) == ("0.0.0.0", 9400) and sibling_address(HttpSettings()) is None
     with pytest.raises(SettingError):
-        Settings(sibling_members=["127.0.0.1:9301"], sibling_self=3)
+        HttpSettings(sibling_members=["127.0.0.1:9301"], sibling_self=3)
 
 
 def test_the_token_comes_from_a_file_or_the_environment(tmp_path):
-    s = Settings(sibling_members=["127.0.0.1:9301"], sibling_self=0)
+    s = HttpSettings(sibling_members=["127.0.0.1:9301"], sibling_self=0)
     assert read_sibling_token(s, {}) is None
     assert read_sibling_token(s, {"AFPA_SIBLING_TOKEN": TOKEN}) == TOKEN.encode()
     with pytest.raises(ValueError, match="shorter than 16"):
@@ -168,7 +169,7 @@ def owner(docroot, monkeypatch):
 
 def sibling_connection(mem):
     g: HttpGlobal = mem.server.g
-    proto = EntryFactory(mem.server, siblings.LISTENER, g.sibling_entry).buildProtocol(None)
+    proto = EntryFactory(mem.server, siblings.LISTENER, g.listeners()[0].entry).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport

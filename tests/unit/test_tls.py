@@ -67,7 +67,7 @@ def certs(tmp_path):
 
 @pytest.fixture
 def factory(certs):
-    return server_context_factory([certs["a"], certs["b"]])
+    return server_context_factory([certs["a"], certs["b"]], (b"http/1.1",))
 
 
 # -- names -------------------------------------------------------------------
@@ -271,6 +271,21 @@ def test_client_offering_no_alpn(factory):
     server, result = _handshake(factory, _client(alpn=None), "a.test")
     assert server.error is None
     assert result["alpn"] is None
+
+
+def test_alpn_offers_what_the_module_speaks(certs):
+    # The list is the protocol module's (ProtocolModule.alpn), most preferred first.
+    other = server_context_factory([certs["a"]], (b"dot", b"x-line"))
+    server, result = _handshake(other, _client(alpn=("http/1.1", "x-line", "dot")), "a.test")
+    assert server.error is None and result["alpn"] == "dot"
+    silent = server_context_factory([certs["a"]], ())  # a module without ALPN answers none
+    server, result = _handshake(silent, _client(), "a.test")
+    assert server.error is None and result["alpn"] is None
+
+
+def test_the_http_module_declares_http11():
+    from protocols.http.module import MODULE
+    assert MODULE.alpn == (b"http/1.1",)
 
 
 def test_tls12_client_gets_an_ecdhe_aead_cipher(factory):

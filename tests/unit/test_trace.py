@@ -21,6 +21,7 @@ from afpa.ops.tracestream import Subscriber
 from protocols.http.states import tracing
 from tests.conftest import MemoryServer
 from tests.httpclient import parse_responses
+from protocols.http.settings import http_settings
 
 TRACED = b"GET /hello.txt HTTP/1.1\r\nHost: t\r\nAfpa-Trace: 1\r\n\r\n"
 
@@ -117,7 +118,7 @@ class Backend:
     def __init__(self, root, **overrides):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
-        self.server = Server(Settings(root=str(root), backend="http://127.0.0.1:9", **overrides),
+        self.server = Server(http_settings(root=str(root), backend="http://127.0.0.1:9", **overrides),
                              reactor=self.reactor, helpers=InlineHelpers())
 
     def accept(self, n=0):

@@ -276,6 +276,6 @@ def test_a_worker_gets_its_share_of_the_cache_and_the_others_as_siblings():
     w = worker_settings(s, 1, 3, env)
     assert (w.worker_index, w.worker_count, w.workers, w.admin) == (1, 3, 1, None)
     assert w.cache_bytes == 100 << 20  # the budget holds for the whole server
-    assert w.sibling_members == ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
-    assert w.sibling_self == 1
-    assert worker_settings(s, 0, 3, {}).sibling_members == ()  # no siblings without the supervisor's list
+    assert w.module_settings.sibling_members == ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
+    assert w.module_settings.sibling_self == 1
+    assert worker_settings(s, 0, 3, {}).module_settings is None  # no siblings without the supervisor's list

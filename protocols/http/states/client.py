@@ -92,7 +92,7 @@ def _discard_body(g: Any, conn: Any) -> bool:
         conn.pending = None
         return True
     conn.deadline_kind = "body"
-    conn.deadline = g.reactor.seconds() + g.settings.idle_timeout
+    conn.deadline = g.reactor.seconds() + g.runtime.settings.idle_timeout
     return False
 
 
@@ -267,7 +267,7 @@ def derive_uncached_response(g: Any, conn: Any, req: Any) -> str | Deferred:
         return "ready"
     stale = req.stale
     d = g.helpers.run(files.open_target, req.route.root, req.path, req.query,
-                      g.settings.max_object_bytes, method == b"GET",
+                      g.runtime.settings.max_object_bytes, method == b"GET",
                       stale.identity if stale is not None else None, g.settings.dotfiles_allow, g.cache)
     d.addCallback(_file_ready, g, conn, req)
     return d

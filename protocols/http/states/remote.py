@@ -488,7 +488,7 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
             ex.sent_continue = True
             sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
         cconn.driver.resume_reading()
-    ex.arm(g.settings.idle_timeout)  # the body must keep arriving
+    ex.arm(g.runtime.settings.idle_timeout)  # the body must keep arriving
     return "need_more"
 
 
@@ -774,7 +774,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
         _invalidate(g, ex, status)
     meta = None
     if (creq.key is not None and not ex.codings
-            and ex.content_length <= g.settings.max_object_bytes):
+            and ex.content_length <= g.runtime.settings.max_object_bytes):
         meta = _decide(g, ex, status, now, targeted)
     if meta is None and ex.revalidating is not None and status < 500:
         # The origin answered a revalidation with a new response we do not
@@ -955,7 +955,7 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
             ex.store += pieces
             n = sum(len(p) for p in pieces)
             ex.store_size += n
-            if ex.store_size > g.settings.max_object_bytes:
+            if ex.store_size > g.runtime.settings.max_object_bytes:
                 ex.drop_store()
             elif ex.content_length < 0:
                 if g.cache.reserve(n):

@@ -31,7 +31,7 @@ DEFAULT_FORMAT = ('$remote_addr - - [$time_local] "$request" $status $body_bytes
 def allowed(g: Any, conn: Any) -> bool:
     """Whether this connection's peer may ask for a trace."""
     host = conn.peer_host
-    if g.settings.trace_loopback and (host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")):
+    if g.runtime.settings.trace_loopback and (host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")):
         return True
     return g.trusted.trusts(host)
 

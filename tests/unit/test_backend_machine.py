@@ -318,7 +318,7 @@ def test_client_gone_mid_body_closes_the_backend_connection(docroot):
 
 def deferred_rig(root, **overrides) -> Rig:
     """A server whose default route hands connections to a local server."""
-    return Rig(root, defer="http://127.0.0.1:9", **overrides)
+    return Rig(root, backend=None, defer="http://127.0.0.1:9", **overrides)
 
 
 def test_splice_replays_the_request_and_relays_both_ways(docroot):

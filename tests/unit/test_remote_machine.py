@@ -20,7 +20,7 @@ class Rig:
     def __init__(self, root, **overrides):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
-        self.server = Server(http_settings(root=str(root), backend="http://127.0.0.1:9", **overrides),
+        self.server = Server(http_settings(**{"root": str(root), "backend": "http://127.0.0.1:9", **overrides}),
                              reactor=self.reactor, helpers=InlineHelpers())
         self.made = 0
 

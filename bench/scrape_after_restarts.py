@@ -38,7 +38,7 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 
 from afpa.ops import clusteradmin
 
-from afpa import metrics  # noqa: E402
+from afpa.ops import metrics  # noqa: E402
 from afpa.ops.clustermetrics import ClusterMetrics  # noqa: E402
 from protocols.http.settings import http_settings  # noqa: E402
 from afpa.net.helpers import InlineHelpers  # noqa: E402

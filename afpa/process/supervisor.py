@@ -423,7 +423,7 @@ def _how_it_ended(reason: Any) -> str:
 
 def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
     """The supervisor's admin web site: the same endpoints as one server's, over
-    every worker (:func:`afpa.ops.clusteradmin.supervisor_admin_site`: merged
+    every worker (:func:`afpa.process.clusteradmin.supervisor_admin_site`: merged
     ``/metrics``, the live page's counts added up, ``/cache/*`` fanned out), plus
     ``/workers``, the worker processes as JSON, ``GET /trace`` over every worker
     (:mod:`afpa.ops.clustertrace`), and ``POST /reload`` through ``reloader`` (:class:`afpa.process.clusterreload.ClusterReload`).  ``server`` is the
@@ -431,7 +431,7 @@ def admin_site(cluster: Cluster, server: Any, reloader: Any) -> Any:
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET
 
-    from afpa.ops.clusteradmin import supervisor_admin_site
+    from afpa.process.clusteradmin import supervisor_admin_site
     from afpa.ops.clustertrace import ClusterTraces
 
     class Workers(Resource):

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from afpa.process import clusterreload
 
 from afpa.ops import clustertrace
-from afpa.ops.clusteradmin import register_worker_ops
+from afpa.process.clusteradmin import register_worker_ops
 from afpa.process.control import WORKER_FD, Channel, ControlError
 from afpa.process.signals import install_signal_handlers
 

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
-from afpa.ops import admin, clusteradmin, metrics
+from afpa.ops import admin, metrics
+from afpa.process import clusteradmin
 from afpa.cache.store import CacheObject
 from afpa.ops.clustermetrics import ClusterMetrics, Families
 from afpa.ops.metrics import Collector

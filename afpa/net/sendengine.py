@@ -269,7 +269,9 @@ class _FileSender(_Sender):
         return super().start()
 
     def _read(self) -> None:
-        if self.offset >= self.stop or self.reading or self.over:
+        # One chunk ahead at most: a read landing while ``ready`` is still
+        # unsent would replace it (a hole in the body).
+        if self.offset >= self.stop or self.reading or self.over or self.ready is not None:
             return
         self.reading = True
         n = min(FILE_CHUNK, self.stop - self.offset)

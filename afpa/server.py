@@ -24,6 +24,7 @@ from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
 from afpa.config import SettingError, Settings, read_admin_token, sibling_address
 from afpa.net.stream import MachineProtocol
+from afpa.net import twisted_private
 from afpa.net.helpers import Helpers
 from afpa.net.intrinsics import default_registry
 from afpa.ops.metrics import RequestStats
@@ -220,6 +221,7 @@ class Server:
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
         lines += self.g.describe() if hasattr(self.g, "describe") else []
         lines.append(f"table {self.machine.source}")
+        lines.append(twisted_private.describe())
         return lines
 
     def start(self, sockets: list[tuple[str, int, int]] | None = None) -> None:

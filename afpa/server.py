@@ -24,6 +24,7 @@ from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
 from afpa.config import SettingError, Settings, read_admin_token
 from afpa.net.stream import MachineProtocol
+from afpa.net import twisted_private
 from afpa.net.helpers import Helpers
 from afpa.net.intrinsics import default_registry
 from afpa.ops.metrics import RequestStats
@@ -222,6 +223,7 @@ class Server:
         describe = self.machine.module.describe
         lines += describe(self.g) if describe is not None else []
         lines.append(f"table {self.machine.source}")
+        lines.append(twisted_private.describe())
         return lines
 
     def start(self, sockets: list[tuple[str, int, int]] | None = None) -> None:

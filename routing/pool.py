@@ -201,6 +201,11 @@ class BackendPool:
         proto.idle_since = now
         self.idle.append(proto)
 
+    def close_idle(self) -> None:
+        """Close every idle connection (a pool no longer routed to)."""
+        while self.idle:
+            self.idle.pop().transport.loseConnection()
+
     def sweep(self, now: float) -> None:
         """Close connections idle for longer than ``idle_timeout`` (oldest are first)."""
         while self.idle and now - self.idle[0].idle_since > self.idle_timeout:
@@ -244,6 +249,11 @@ class Pools:
         if pool is None:
             pool = self.pools[backend] = BackendPool(self.reactor, backend, **self.options)
         return pool
+
+    def close_idle(self) -> None:
+        """Close every idle connection (a pool no longer routed to)."""
+        while self.idle:
+            self.idle.pop().transport.loseConnection()
 
     def sweep(self, now: float) -> None:
         """Expire idle connections of every pool."""

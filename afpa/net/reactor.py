@@ -1,11 +1,12 @@
-"""A leaner epoll reactor for ``afpa serve``.
+"""The reactor for ``afpa serve``.
 
 Twisted's epoll reactor wraps every ready descriptor's handler in
 ``log.callWithLogger``, which builds a logging context per event so that
 old-style log lines carry the connection's prefix.  On the fast path that
 context costs about a tenth of a cache hit's time, so afpa's reactor calls the
-handler directly and logs an unexpected error itself, per descriptor, the way
-the wrapper would have.  Everything else is Twisted's epoll reactor unchanged.
+handler directly (:func:`afpa.net.twisted_private.epoll_reactor_class`: it needs
+the reactor's private parts).  On the public path (``AFPA_NO_TWISTED_PRIVATES``
+or an unverified Twisted) Twisted's own epoll reactor runs unchanged.
 """
 
 from __future__ import annotations
@@ -13,42 +14,23 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.logger import Logger
-
-log = Logger(namespace="afpa.net.reactor")
+from afpa.net import twisted_private
 
 
 def install() -> Any:
     """Install afpa's reactor if no reactor is installed yet and epoll is available;
     returns the reactor in use either way."""
     if "twisted.internet.reactor" not in sys.modules:
-        try:
-            from twisted.internet import epollreactor
-        except ImportError:  # not Linux: Twisted's default reactor it is
-            pass
-        else:
-            class AfpaEPollReactor(epollreactor.EPollReactor):
-                """EPollReactor without the per-event logging context."""
-
-                def doPoll(self, timeout: float | None) -> None:
-                    try:
-                        events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
-                    except InterruptedError:
-                        return
-                    selectables = self._selectables
-                    handle = self._doReadOrWrite
-                    for fd, event in events:
-                        selectable = selectables.get(fd)
-                        if selectable is None:
-                            continue
-                        try:
-                            handle(selectable, fd, event)
-                        except Exception:
-                            log.failure("unexpected error handling descriptor {fd}", fd=fd)
-
-                doIteration = doPoll
-
+        cls = twisted_private.epoll_reactor_class()
+        if cls is not None:
             from twisted.internet.main import installReactor
-            installReactor(AfpaEPollReactor())
+            installReactor(cls())
+        else:
+            try:
+                from twisted.internet import epollreactor
+            except ImportError:  # not Linux: Twisted's default reactor it is
+                pass
+            else:
+                epollreactor.install()
     from twisted.internet import reactor
     return reactor

@@ -11,7 +11,9 @@ Small bodies go out inside the call that asked for them.  When the transport has
 nothing queued, bytes are handed straight to the socket with one ``sendmsg``
 (head and fragments as a scatter/gather list, no joining), which spares the
 reactor a write-readiness round trip; whatever the socket does not take goes
-through the transport as usual.  Bodies that do not fit the socket at once are
+through the transport as usual.  Those direct writes need Twisted's private
+buffer state, so they live in :mod:`afpa.net.twisted_private` (on its public
+path every byte goes through the transport).  Bodies that do not fit the socket at once are
 sent by a pull producer, at most 64 KiB at a time into the transport, so Twisted's
 producer/consumer flow control paces us to the client and a large body is never
 buffered whole.  Files too large to cache are read by helper threads
@@ -30,6 +32,8 @@ from zope.interface import implementer
 
 from afpa.cache.store import FRAGMENT, CacheObject
 from afpa.machine.modules import UnmetNeed
+# Imported by name: the hit path calls push with no attribute lookup.
+from afpa.net.twisted_private import push, queue_of, queued
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
@@ -67,36 +71,6 @@ class Pieces:
 
     obj: CacheObject
     fragments: list
-
-
-def push(conn: Any, bufs: list[bytes]) -> list[bytes]:
-    """Hand ``bufs`` to the socket now if nothing is queued ahead of them.
-
-    Returns what the socket did not take (the first item possibly cut), or
-    ``bufs`` itself when a direct write is not possible (TLS, buffered data).
-    """
-    sock = conn.sock
-    t = conn.transport
-    if sock is None or t._tempDataLen or t.dataBuffer or not t.connected or t.disconnecting:
-        return bufs
-    try:
-        n = sock.sendmsg(bufs) if len(bufs) > 1 else sock.send(bufs[0])
-    except (BlockingIOError, InterruptedError):
-        return bufs
-    except OSError:
-        return bufs  # let the transport meet the error and report the loss
-    i = 0
-    for b in bufs:
-        if n < len(b):
-            break
-        n -= len(b)
-        i += 1
-    if i == len(bufs):
-        return []
-    rest = bufs[i:]
-    if n:
-        rest[0] = rest[0][n:]
-    return rest
 
 
 def owned(bufs: list) -> list[bytes]:
@@ -151,30 +125,16 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
     return sender.start()
 
 
-def _queue_of(t: Any) -> Any:
-    """The transport that buffers the bytes (TCP under TLS), or None if unknown."""
-    while not hasattr(t, "_tempDataLen"):
-        t = getattr(t, "transport", None)
-        if t is None:
-            return None
-    return t
-
-
-def queued(t: Any) -> int:
-    """Bytes written to transport ``t`` and not yet taken by the socket."""
-    q = _queue_of(t)
-    if q is None:
-        return 0
-    return q._tempDataLen + len(q.dataBuffer) - q.offset
-
-
 def _backlogged(g: Any, conn: Any, done: str) -> str | Deferred:
     """Only reached when the socket did not take a whole response (never on a
     hit the client keeps up with).  Past ``output_buffer`` queued bytes, the
     request is not over until the transport has drained: the machine waits, so
     no further pipelined request is answered and reading stops, and a client
-    that never reads cannot make us queue without bound."""
-    if queued(conn.transport) <= g.runtime.settings.output_buffer:
+    that never reads cannot make us queue without bound.  On the public path
+    (no Twisted privates) the queue cannot be measured: every response handed
+    to the transport waits for it to drain."""
+    held = queued(conn.transport)
+    if held is not None and held <= g.runtime.settings.output_buffer:
         return done
     return _Drain(g.runtime, conn, [], done, None).start()
 
@@ -240,15 +200,27 @@ class _Drain(_Sender):
     byte-queueing transport itself (under TLS too), whose buffer empties before
     it calls ``resumeProducing``."""
 
+    registering = False
+
     def start(self) -> Deferred:
         self._touch()
-        self.target = _queue_of(self.conn.transport) or self.conn.transport
+        self.target = queue_of(self.conn.transport) or self.conn.transport
+        self.registering = True
         self.target.registerProducer(self, False)
+        self.registering = False
         return self.finished
 
     def resumeProducing(self) -> None:
-        # Called at registration (still queued: keep waiting) and once drained.
-        if not self.over and queued(self.target) <= self.runtime.settings.output_buffer:
+        # Called at registration (still queued: keep waiting) and once drained;
+        # when the queue cannot be measured (public path), only the latter counts.
+        if self.over:
+            return
+        held = queued(self.target)
+        if held is None:
+            drained = not self.registering  # public path: only a drained transport calls back
+        else:
+            drained = held <= self.runtime.settings.output_buffer
+        if drained:
             self._end(self.outcome)
 
     def _end(self, outcome: str) -> None:
@@ -297,7 +269,9 @@ class _FileSender(_Sender):
         return super().start()
 
     def _read(self) -> None:
-        if self.offset >= self.stop or self.reading or self.over:
+        # One chunk ahead at most: a read landing while ``ready`` is still
+        # unsent would replace it (a hole in the body).
+        if self.offset >= self.stop or self.reading or self.over or self.ready is not None:
             return
         self.reading = True
         n = min(FILE_CHUNK, self.stop - self.offset)

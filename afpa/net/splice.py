@@ -7,10 +7,11 @@ each side's input is written to the other.  Back-pressure holds both ways, as in
 ``twisted.protocols.portforward``: each transport is registered as the other's
 producer, so a side that does not read stops the other side being read.
 
-Two verbs: :func:`splice` connects to a server first (a deferred route), and
-:func:`splice_to` joins a connection a module already has open (a backend that
-agreed to switch protocols); the module then hands that connection's events to
-the returned :class:`Tunnel` (its ``data``/``lost`` methods).
+Two verbs (modules reach them through :mod:`afpa.net.verbs`): :func:`splice`
+connects to a server first (a deferred route), and :func:`splice_to` joins an
+outbound connection a module already has open (a backend that agreed to switch
+protocols); the module then hands that connection's events to the returned
+:class:`Tunnel` (its ``data``/``lost`` methods).
 """
 
 from __future__ import annotations
@@ -113,14 +114,15 @@ def splice(reactor: Any, conn: Any, host: str, port: int, timeout: float,
     return done
 
 
-def splice_to(reactor: Any, conn: Any, transport: Any, idle_timeout: float = 3600.0) -> Tunnel:
-    """Splice ``conn`` with an already connected server ``transport``: replay
-    ``conn``'s unread input to it, then relay both ways until either side closes.
+def splice_to(reactor: Any, conn: Any, outbound: Any, idle_timeout: float = 3600.0) -> Tunnel:
+    """Splice client ``conn`` with the connected ``outbound`` connection (a
+    connection scope, see ``afpa.net.verbs.attach``): replay ``conn``'s unread
+    input to it, then relay both ways until either side closes.
 
-    The caller routes the server connection's events to the returned tunnel
+    The caller routes the outbound connection's events to the returned tunnel
     (``tunnel.data(bytes)``, ``tunnel.lost(reason)``); ``tunnel.done`` fires
-    with ``"spliced"`` once the server side is gone (closing the client with it).
+    with ``"spliced"`` once the outbound side is gone (closing the client with it).
     """
     tunnel = Tunnel(conn, reactor, idle_timeout)
-    tunnel.attach(transport)
+    tunnel.attach(outbound.transport)
     return tunnel

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from afpa.net import sendengine
+from afpa.net import sendengine, twisted_private
 from afpa.machine.driver import Driver
 from afpa.machine.scopes import Connection
 
@@ -68,9 +68,8 @@ class MachineProtocol(Protocol, Driver):
         conn.tls = getattr(self.factory, "tls", False)
         self.stats = server.stats_for(machine)
         # Direct socket writes only for plain TCP; TLS goes through its transport.
-        sock = getattr(t, "socket", None)
-        if sock is not None and hasattr(t, "_tempDataLen") and not conn.tls:
-            conn.sock = sock
+        if not conn.tls:
+            conn.sock = twisted_private.direct_socket(t)
         if hasattr(t, "setTcpNoDelay"):
             t.setTcpNoDelay(True)
         if conn.tls:

@@ -32,6 +32,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from afpa.net import twisted_private
 from afpa.process.clusterreload import ClusterReload
 from afpa.config import Settings
 from afpa.machine.modules import Peering, Registry
@@ -557,6 +558,7 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
     for line in (module.describe(server.g) if module.describe is not None else []):
         print(f"afpa: {line}", file=sys.stderr, flush=True)
     print(f"afpa: table {server.machine.source}", file=sys.stderr, flush=True)
+    print(f"afpa: {twisted_private.describe()}", file=sys.stderr, flush=True)
 
     shutdown = _Shutdown(reactor, cluster)
     for signum in (signal.SIGTERM, signal.SIGINT):

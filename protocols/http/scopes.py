@@ -219,8 +219,7 @@ def carry_over(old: HttpGlobal, new: HttpGlobal) -> None:
             new.pools.pools[backend] = pool
         else:
             pool.max_idle = 0  # connections given back from now on are closed
-            while pool.idle:
-                pool.idle.pop().transport.loseConnection()
+            pool.close_idle()
     flights = old.flights
     flights.hit_for_miss = new.flights.hit_for_miss
     flights.max_waiters = new.flights.max_waiters

@@ -198,3 +198,29 @@ def test_file_body_range_streams_from_an_offset(tmp_path):
             helpers.fire_next()
         t.drain()
     assert outcomes == ["sent"] and bytes(sock.data) == b"H" + data[start:stop]
+
+
+def test_file_sender_reads_at_most_one_chunk_ahead(tmp_path):
+    """Without direct socket writes (the public path: every byte through the
+    transport), a read finishing while the previous chunk still waited to be
+    sent once replaced that chunk: the client got a body with a hole in it."""
+    data = os.urandom(5 * FILE_CHUNK + 7)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    helpers = ManualHelpers()
+    g = G(helpers)
+    sock = ScriptedSocket()
+    conn, t = connection(sock)
+    conn.sock = None
+    fd = os.open(path, os.O_RDONLY)
+    done = send_engine(g, conn, Req(b"HEAD", FileBody(fd, len(data))))
+    outcomes = []
+    done.addCallback(outcomes.append)
+    for _ in range(1000):
+        if outcomes:
+            break
+        while helpers.calls:
+            helpers.fire_next()  # the disk is faster than the client
+        t.drain()
+    assert outcomes == ["sent"]
+    assert bytes(sock.data) == b"HEAD" + data

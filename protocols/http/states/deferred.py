@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.error import TimeoutError as ConnectTimeout
 
 from afpa.machine.modules import state
-from afpa.net.splice import splice
+from afpa.net.verbs import splice
 from protocols.http.wire.responses import set_error
 
 

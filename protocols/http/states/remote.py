@@ -43,8 +43,9 @@ times out).
 Streaming both ways with back-pressure: the request body is read from the
 client connection as it arrives and written to the backend (client reading is
 paused while the backend's buffer is full); the response body is relayed as
-it arrives (backend reading is paused while the client's buffer is full, the
-backend transport being registered as the client transport's producer).
+it arrives (backend reading is paused while the client's buffer is full).
+Both are the runtime's ``verbs.pace``; this module acts on connections only
+through ``afpa.net.verbs``.
 
 Faults: connect refused -> 502, connect or first-byte timeout -> 504, a
 malformed response head -> 502 (never relayed, never cached), a backend that
@@ -68,12 +69,10 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 
-from afpa.net import sendengine
 from afpa.cache.store import CacheObject, fragments_of
 from afpa.machine.modules import state
-from afpa.net.outbound import Exchange
 from afpa.machine.scopes import Connection, Request
-from afpa.net.splice import splice_to
+from afpa.net import verbs
 from protocols.http.policy import cachepolicy, forward, invalidation, ranges
 from protocols.http.states import coalesce, tracing
 from protocols.http.states import siblings as siblings_rules
@@ -197,7 +196,7 @@ class BackendExchange(Request):
         self.result = "aborted"
         self.drop_store()
         if not self.cconn.closed:
-            self.cconn.transport.abortConnection()
+            verbs.abort(self.cconn)
 
     def on_failure(self) -> None:
         """A backend state raised: 502 or a cut client, and a dropped backend."""
@@ -208,7 +207,7 @@ class BackendExchange(Request):
         machine waits in sees ``timed_out`` and answers with its outcome."""
         self.timed_out = True
         if self.proto is not None:
-            self.proto.transport.abortConnection()  # the loss wakes the machine
+            verbs.abort(self.runner.conn)  # the loss wakes the machine
         elif self.connecting is not None:
             self.connecting.cancel()  # the errback wakes the machine
         else:
@@ -257,19 +256,19 @@ class BackendExchange(Request):
             self.granted = None
         if cconn.deadline_kind == "backend":
             cconn.deadline_kind = "busy"
-        if self.relaying and not cconn.closed and cconn.transport.producer is not None:
-            cconn.transport.unregisterProducer()
+        if self.relaying and not cconn.closed:
+            verbs.unpace(cconn)
         cconn.sink = cconn.on_lost = None
         proto = self.proto
         if proto is None:
             return
-        if proto.transport.producer is not None:
-            proto.transport.unregisterProducer()
+        bconn = self.runner.conn  # attached to proto
+        verbs.unpace(bconn)
         if not proto.closed:
-            proto.transport.resumeProducing()
+            verbs.resume_reading(bconn)
         if close or not self.upload_done or self.result == "aborted":
             proto.owner = None
-            proto.transport.loseConnection()
+            verbs.close(bconn)
         else:
             self.pool.release(proto, self.g.reactor.seconds())
         self.proto = None
@@ -288,34 +287,18 @@ class BackendExchange(Request):
             # the client its body was bad (unless a response is already on its way).
             self.upload_done = True
             self.upload_error = exc
-            self.proto.transport.abortConnection()
+            verbs.abort(self.runner.conn)
             return
         cconn.inpos = cconn.scan = pos
         out = forward.frame(pieces, self.upload_chunked, finished)
         if out:
-            sendengine.write(self.runner.conn, out)
+            verbs.write(self.runner.conn, out)
         if finished:
             self.upload_done = True
             cconn.pending = None
             cconn.sink = None
-            self.proto.transport.unregisterProducer()
-            cconn.driver.resume_reading()
-
-
-@attrs.define(slots=True, eq=False)
-class _UploadThrottle:
-    """Pauses client reading while the backend's send buffer is full."""
-
-    driver: Any
-
-    def pauseProducing(self) -> None:
-        self.driver.pause_reading()
-
-    def resumeProducing(self) -> None:
-        self.driver.resume_reading()
-
-    def stopProducing(self) -> None:
-        pass
+            verbs.unpace(self.runner.conn)
+            verbs.resume_reading(cconn)
 
 
 # -- the client machine's state ------------------------------------------------
@@ -349,12 +332,12 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 def _start_exchange(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """Run the backend machine for ``ex``; a client that leaves meanwhile aborts
     the backend connection and lets the machine know."""
-    exchange = ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
+    exchange = ex.runner = verbs.exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
 
     def client_lost(_reason: Any) -> None:
         ex.client_gone = True
         if ex.proto is not None:
-            ex.proto.transport.abortConnection()
+            verbs.abort(exchange.conn)
         exchange.poke()
 
     conn.on_lost = client_lost
@@ -436,7 +419,7 @@ def refresh_stale(g: Any, conn: Any, req: Any) -> str:
     bconn = Connection(None, None, None)
     bconn.peer_label, bconn.tls, bconn.deadline = conn.peer, conn.tls, float("inf")
     ex = BackendExchange(g=g, cconn=bconn, creq=breq, pool=g.pools.pick(route), background=True)
-    ex.runner = Exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
+    ex.runner = verbs.exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
     refreshing[token] = ex
     ex.runner.start().addBoth(lambda _: refreshing.pop(token, None))
     return "answered"
@@ -486,8 +469,8 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
         cconn.sink = ex.runner.poke
         if creq.expect_continue:
             ex.sent_continue = True
-            sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
-        cconn.driver.resume_reading()
+            verbs.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
+        verbs.resume_reading(cconn)
     ex.arm(g.runtime.settings.idle_timeout)  # the body must keep arriving
     return "need_more"
 
@@ -535,11 +518,10 @@ def backend_wait_turn(g: Any, conn: Any, ex: BackendExchange) -> str:
 def _connected(proto: Any, conn: Any, ex: BackendExchange) -> str:
     ex.connecting = None
     ex.proto = proto
-    conn.transport = proto.transport
-    conn.sock = getattr(proto.transport, "socket", None)  # direct writes, as to clients
+    verbs.attach(conn, proto)
     conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
     if ex.client_gone:
-        proto.transport.loseConnection()
+        verbs.close(conn)
         ex.proto = None
         ex.result = "aborted"
         return "failed"
@@ -582,19 +564,19 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
                                     body=framing, upgrade=ex.upgrade,
                                     drop=_RANGE_FIELDS if ex.whole else frozenset(),
                                     conditional=conditional)
-    sendengine.write(conn, [head])
+    verbs.write(conn, [head])
     ex.arm(g.settings.backend_first_byte_timeout)
     if has_body:
         ex.upload = cconn.pending.reader
         ex.upload_chunked = creq.chunked
         ex.upload_done = False
         if creq.expect_continue and not ex.sent_continue:
-            sendengine.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
-        conn.transport.registerProducer(_UploadThrottle(cconn.driver), True)
+            verbs.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
+        verbs.pace(cconn, conn)  # the client is not read while the backend's buffer is full
         cconn.sink = ex.pump_upload
         # Reading may have been paused while the backend connection was being
         # made; from now on the backend's buffer decides (through the throttle).
-        cconn.driver.resume_reading()
+        verbs.resume_reading(cconn)
         ex.pump_upload()
     return "sent"
 
@@ -647,7 +629,7 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
                 # The dead connection's state must not leak into the retry: a
                 # connect that then fails would find conn.closed set and the
                 # machine would never resume (the request hung forever).
-                conn.transport, conn.sock = None, None
+                verbs.detach(conn)
                 conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
                 return "retry"
             ex.fail(502, "backend closed the connection without a complete response",
@@ -699,8 +681,8 @@ def _relay_interim(g: Any, ex: BackendExchange) -> None:
         return
     ex.interims += 1
     hide = frozenset(t for t in _targeted(g.settings) if t in ex.lnames)
-    sendengine.write(ex.cconn, [b"".join([forward.status_line(ex), *forward.response_lines(ex, hide),
-                                          b"\r\n"])])
+    verbs.write(ex.cconn, [b"".join([forward.status_line(ex), *forward.response_lines(ex, hide),
+                                     b"\r\n"])])
 
 
 def _bodiless(creq: Any, status: int) -> bool:
@@ -734,7 +716,7 @@ def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
     creq.close = True
     ex.keep_alive = False
     ex.result = "upgraded"
-    sendengine.write(ex.cconn, out)
+    verbs.write(ex.cconn, out)
 
 
 def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
@@ -818,7 +800,7 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     # (one write instead of two for the common small response).
     ex.out = [b"".join(head)]
     if ex.reader is not None:
-        cconn.transport.registerProducer(conn.transport, True)
+        verbs.pace(conn, cconn)  # the backend is not read while the client's buffer is full
     if ex.store is None and g.flights.inflight:
         # Coalescing: nothing will be stored, so nobody waits for this answer.
         coalesce.leader_uncacheable(g, creq, status, transient=meta is not None)  # busy
@@ -852,7 +834,7 @@ def _relay_sibling_head(g: Any, conn: Any, ex: BackendExchange, lines: list[byte
     ex.relaying = True
     ex.out = [b"".join([forward.status_line(ex), *lines, _trace_line(creq), b"\r\n"])]
     if ex.reader is not None:
-        cconn.transport.registerProducer(conn.transport, True)
+        verbs.pace(conn, cconn)  # the backend is not read while the client's buffer is full
 
 
 def _trace_line(creq: Any) -> bytes:
@@ -947,7 +929,7 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     if pieces or finished:
         out += forward.frame(pieces, ex.client_chunked, finished)
     if out and not ex.held:
-        sendengine.write(ex.cconn, out)
+        verbs.write(ex.cconn, out)
         if pieces:
             ex.creq.relayed += sum(len(p) for p in pieces)  # $body_bytes_sent, trace "bytes"
     if pieces:
@@ -1164,7 +1146,7 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
 def backend_tunnel(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """After a 101: splice the client with this backend connection (bytes both
     ways, back-pressure, ``tunnel_idle_timeout``) until either side closes."""
-    tunnel = splice_to(g.reactor, ex.cconn, conn.transport, g.settings.tunnel_idle_timeout)
+    tunnel = verbs.splice_to(g.reactor, ex.cconn, conn, g.settings.tunnel_idle_timeout)
     ex.proto.owner = tunnel  # the backend connection's events now go to the tunnel
     if conn.closed:
         tunnel.lost(None)  # the backend closed right after its 101

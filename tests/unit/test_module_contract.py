@@ -153,7 +153,7 @@ def line_server(tmp_path):
 
 def test_a_module_without_hooks_is_never_probed(line_server):
     server = line_server()
-    assert server.describe()[-1].startswith("table ")
+    assert any(line.startswith("table ") for line in server.describe())
     server.sweep()
     families = [f.name for f in Collector(server).collect()]
     assert "afpa_connections" in families

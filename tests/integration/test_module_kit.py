@@ -94,7 +94,7 @@ def test_afpa_tables_and_check_find_the_module_table(installed, tmp_path):
     ok = afpa(installed, "check", "--module", "quotes", "--quotes-dir", str(tmp_path))
     assert ok.returncode == 0, ok.stderr
     bad = afpa(installed, "check", "--module", "quotes", "--quotes-dir", str(tmp_path / "nowhere"))
-    assert bad.returncode == 1 and "quotes.dir: not a directory" in bad.stderr
+    assert bad.returncode == 1 and "--quotes-dir: not a directory" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

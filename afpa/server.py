@@ -23,6 +23,7 @@ from afpa.machine import tables
 from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
 from afpa.config import SettingError, Settings, read_admin_token, sibling_address
+from afpa.net.datagram import DatagramEndpoint
 from afpa.net.stream import MachineProtocol
 from afpa.net.helpers import Helpers
 from afpa.net.intrinsics import default_registry
@@ -135,6 +136,8 @@ class Server:
         self.trace_all = self.access_log is not None and self.access_format.traces
         self.trace_hub = TraceHub(on_change=lambda _active: self.trace_interest())
         self.connections: set[MachineProtocol] = set()
+        # Datagram listeners (modules whose transports include "datagram").
+        self.datagram_endpoints: list[DatagramEndpoint] = []
         self.connections_total = 0
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
@@ -181,6 +184,8 @@ class Server:
         for proto in self.live:
             proto.trace_all = on
             proto.step = proto.run_traced if on else proto.run
+        for endpoint in self.datagram_endpoints:
+            endpoint.trace_all = on
 
     def traced(self, conn: Any, req: Any, now: float) -> None:
         """A traced request finished: its event goes to the live subscribers."""
@@ -215,10 +220,20 @@ class Server:
                     writes = "writes and /trace refused: no admin token configured"
                 lines.append(f"admin (live machine page, /metrics, /healthz, /tables/) on "
                              f"http://{addr.host}:{addr.port}/ ({writes})")
+            elif getattr(addr, "type", "TCP") == "UDP":
+                lines.append(f"listening on udp {addr.host}:{addr.port}")
             else:
+                module = self.machine.module
+                if "datagram" in module.transports:
+                    lines.append(f"listening on tcp {addr.host}:{addr.port}")
+                    continue
                 scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
-        lines += self.g.describe() if hasattr(self.g, "describe") else []
+        describe = self.machine.module.describe
+        if describe is not None:
+            lines += describe(self.g)
+        elif hasattr(self.g, "describe"):
+            lines += self.g.describe()
         lines.append(f"table {self.machine.source}")
         return lines
 
@@ -253,6 +268,8 @@ class Server:
             self.listening = True
             for kind, addr in reload.wanted_listeners(s):
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
+            if "datagram" in self.machine.module.transports:
+                self.open_datagram_listener(tuple(s.listen))
         sibling = sibling_address(s)
         if sibling is not None and self.sibling_port is None:
             self.sibling_port = self.reactor.listenTCP(sibling[1], self._sibling_factory(),
@@ -280,6 +297,16 @@ class Server:
         if kind == "https":
             return self.reactor.listenSSL(port, self.factory(tls=True), tls, backlog=1024, interface=host)
         return self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host)
+
+    def open_datagram_listener(self, addr: tuple[str, int]) -> Any:
+        """Receive datagrams on ``addr`` (UDP, beside the stream listener on the
+        same address): each one runs the machine once (:mod:`afpa.net.datagram`)."""
+        host, port = addr
+        endpoint = DatagramEndpoint(self)
+        udp = self.reactor.listenUDP(port, endpoint, interface=host, maxPacketSize=65535)
+        self.datagram_endpoints.append(endpoint)
+        self.ports.append(udp)
+        return udp
 
     def add_listener(self, key: tuple[str, tuple[str, int]], port: Any) -> None:
         """Record a listening port opened by :meth:`open_listener`."""

@@ -9,6 +9,7 @@ and runs a once-a-second sweep that enforces the idle, header and send timeouts
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import attrs
@@ -249,6 +250,11 @@ class Server:
         if s.tls_certs:
             from afpa.net.tls import server_context_factory
             self.tls_context = server_context_factory(list(s.tls_certs))
+        if "datagram" in self.machine.module.transports:
+            # First, so that once the stream listener accepts (what a caller waits
+            # for) datagrams are received too.  Workers each bind the address
+            # (SO_REUSEPORT): the kernel spreads datagrams over them.
+            self.open_datagram_listener(tuple(s.listen), shared=sockets is not None)
         if sockets is not None:
             # Bound by a supervisor, which owns the addresses: ``listening`` stays
             # False, so a reload here never binds or closes one.
@@ -268,8 +274,6 @@ class Server:
             self.listening = True
             for kind, addr in reload.wanted_listeners(s):
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
-            if "datagram" in self.machine.module.transports:
-                self.open_datagram_listener(tuple(s.listen))
         sibling = sibling_address(s)
         if sibling is not None and self.sibling_port is None:
             self.sibling_port = self.reactor.listenTCP(sibling[1], self._sibling_factory(),
@@ -298,12 +302,22 @@ class Server:
             return self.reactor.listenSSL(port, self.factory(tls=True), tls, backlog=1024, interface=host)
         return self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host)
 
-    def open_datagram_listener(self, addr: tuple[str, int]) -> Any:
+    def open_datagram_listener(self, addr: tuple[str, int], shared: bool = False) -> Any:
         """Receive datagrams on ``addr`` (UDP, beside the stream listener on the
-        same address): each one runs the machine once (:mod:`afpa.net.datagram`)."""
+        same address): each one runs the machine once (:mod:`afpa.net.datagram`).
+        ``shared``: several worker processes bind it (SO_REUSEPORT)."""
         host, port = addr
         endpoint = DatagramEndpoint(self)
-        udp = self.reactor.listenUDP(port, endpoint, interface=host, maxPacketSize=65535)
+        if shared:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+                sock.setblocking(False)
+                # adopted as a duplicate: this one closes when the block ends
+                udp = self.reactor.adoptDatagramPort(sock.fileno(), family, endpoint, maxPacketSize=65535)
+        else:
+            udp = self.reactor.listenUDP(port, endpoint, interface=host, maxPacketSize=65535)
         self.datagram_endpoints.append(endpoint)
         self.ports.append(udp)
         return udp

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from afpa.machine.modules import ProtocolModule, collect
-from protocols.dns import states
+from protocols.dns import invalidation, states
 from protocols.dns.scopes import DnsGlobal, DnsRequest, describe, rcode_name, type_name
 from protocols.dns.settings import SETTINGS
 from protocols.dns.wire import qname_text
@@ -88,4 +88,5 @@ MODULE = ProtocolModule(
     transports=frozenset({"datagram", "stream"}),
     settings=SETTINGS,
     describe=describe,
+    invalidation=invalidation,
 )

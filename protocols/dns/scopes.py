@@ -97,7 +97,8 @@ class DnsGlobal:
     open_stream: Callable[..., Any] = None  # type: ignore[assignment]
     # Counters (exported by metrics())
     by_qtype: dict = attrs.field(factory=dict)
-    by_rcode: dict = attrs.field(factory=dict)
+    by_rcode: list = attrs.field(factory=lambda: [0] * 4096)  # 12-bit extended RCODEs
+    seconds: Callable[[], float] = None  # type: ignore[assignment]  # the reactor's clock
     dropped: int = 0
     ignored: int = 0                  # upstream datagrams that did not answer our query (spoofed, late)
     upstream_tries: dict = attrs.field(factory=dict)  # (upstream, outcome) -> n
@@ -115,7 +116,7 @@ class DnsGlobal:
             local.load_hosts(path)
         reactor = runtime.reactor
         return cls(runtime=runtime, settings=settings, dns=dns, cache=runtime.cache, reactor=reactor,
-                   forwarding=Forwarding(dns.upstreams, rules), local=local,
+                   forwarding=Forwarding(dns.upstreams, rules), local=local, seconds=reactor.seconds,
                    open_datagram=lambda host, port, on_data, on_error: open_datagram(
                        reactor, host, port, on_data, on_error),
                    open_stream=lambda host, port, on_data, on_lost: open_stream(
@@ -123,8 +124,9 @@ class DnsGlobal:
 
     def count(self, qtype: int, rcode: int) -> None:
         """One reply sent."""
-        self.by_qtype[qtype] = self.by_qtype.get(qtype, 0) + 1
-        self.by_rcode[rcode] = self.by_rcode.get(rcode, 0) + 1
+        by_qtype = self.by_qtype
+        by_qtype[qtype] = by_qtype.get(qtype, 0) + 1
+        self.by_rcode[rcode & 0xFFF] += 1
 
     def tried(self, upstream: tuple[str, int], outcome: str, seconds: float | None = None) -> None:
         """One upstream try ended with ``outcome``; ``seconds`` when it answered."""
@@ -142,8 +144,9 @@ class DnsGlobal:
             q.add_metric([type_name(qtype)], n)
         yield q
         r = CounterMetricFamily("afpa_dns_replies", "DNS replies sent, by response code", labels=["rcode"])
-        for rcode, n in sorted(self.by_rcode.items()):
-            r.add_metric([rcode_name(rcode)], n)
+        for rcode, n in enumerate(self.by_rcode):
+            if n:
+                r.add_metric([rcode_name(rcode)], n)
         yield r
         yield CounterMetricFamily("afpa_dns_dropped", "Queries dropped unanswered (malformed, or a response)",
                                   value=self.dropped)

@@ -109,8 +109,10 @@ def derive_cached_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     question case, every TTL lowered by the time it has been stored.  A stale one
     is kept on the request (serve-stale) and the query goes upstream."""
     q = req.query
-    key = req.key = q.key if not q.do else q.key + b"\x01"  # DNSSEC records only for DO queries
-    now = g.reactor.seconds()
+    # DO queries get their own entries (answers with DNSSEC records): a wire
+    # name never starts with 0xFF, so the prefix cannot collide.
+    key = req.key = q.key if not q.do else b"\xff" + q.key
+    now = g.seconds()
     obj = g.cache.get(key, now)
     if obj is None:
         req.cache_status = "miss"
@@ -147,7 +149,7 @@ def derive_miss_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
         req.cache_status = "local"
         _answer(g, req, wire.error_reply(q, rcode), rcode)
         return "answered"
-    now = g.reactor.seconds()
+    now = g.seconds()
     flight = g.flights.get(req.key)
     if flight is not None and flight.expires > now:
         req.flight = flight
@@ -169,7 +171,7 @@ def derive_collapsed_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> Defer
     (``failed``); or no end in sight (``timeout``)."""
     done: Deferred = Deferred()
     waiter = Waiter(req, req.tcp, done)
-    wait = max(0.0, req.flight.expires - g.reactor.seconds())
+    wait = max(0.0, req.flight.expires - g.seconds())
     waiter.timer = g.reactor.callLater(wait, _waited_too_long, waiter)
     req.flight.waiters.append(waiter)
     return done
@@ -229,7 +231,7 @@ class _Try:
         rng = g.rng
         self.sent_id = rng.getrandbits(16)
         self.sent_qname = wire.randomize_case(req.query.qname, rng)
-        self.started = g.reactor.seconds()
+        self.started = g.seconds()
 
     def query(self) -> bytes:
         return wire.build_upstream_query(self.req.query, self.sent_id, qname=self.sent_qname)
@@ -275,7 +277,7 @@ class _Try:
             self.timer.cancel()
         if self.sock is not None:
             self.sock.close()
-        now = self.g.reactor.seconds()
+        now = self.g.seconds()
         self.g.tried(self.upstream, word, now - self.started if word in ("answer", "truncated") else None)
         self.done.callback(word)
 
@@ -337,7 +339,7 @@ def store_answer(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     answer = resp.answer
     word = "answered"
     if answer is not None:
-        now = g.reactor.seconds()
+        now = g.seconds()
         size = len(answer.wire)
         obj = CacheObject(req.key, b"", (answer.wire,), size, now, now + answer.ttl, meta=answer)
         if g.cache.put(obj):
@@ -356,7 +358,7 @@ def derive_failed_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     q = req.query
     stale = req.stale
     dns = g.dns
-    if dns.serve_stale and stale is not None and g.reactor.seconds() - stale.fresh_until <= dns.stale_max:
+    if dns.serve_stale and stale is not None and g.seconds() - stale.fresh_until <= dns.stale_max:
         answer = stale.meta
         data = bytearray(wire.reply_from_answer(answer, q, 0, req.tcp))
         if not data[2] & (wire.TC >> 8):

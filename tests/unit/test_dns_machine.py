@@ -145,7 +145,7 @@ def test_miss_then_hit_with_lower_ttl(box):
     machine = box.server.machine
     assert machine.entries[machine.states["derive_cached_response"].index] == 2
     assert box.server.request_stats["dns"].by_class[1] == 2
-    assert box.g.by_rcode == {0: 2}
+    assert box.g.by_rcode[0] == 2 and sum(box.g.by_rcode) == 2
     assert box.server.runtime.cache.hits == 1
 
 
@@ -399,3 +399,20 @@ def test_access_log_line(tmp_path):
     assert [ln.split()[1:7] for ln in lines] == [
         ["127.0.0.9", "udp", "example.com.", "A", "NOERROR", "miss"],
         ["127.0.0.9", "udp", "example.com.", "A", "NOERROR", "hit"]]
+
+
+def test_admin_purge_and_ban_by_name(box):
+    for name in ("www.example.com", "a.www.example.com", "example.org"):
+        box.ask(m.query(name, qid=1))
+        box.answer_last(a_answer(name.encode()))
+    cache = box.server.runtime.cache
+    assert len(cache) == 3
+    from afpa.ops.admin import cache_write
+    assert cache_write(box.server, "purge", {"host": "WWW.example.com"})["purged"] == 1
+    assert len(cache) == 2
+    assert cache_write(box.server, "ban", {"host": "example.com"})["purged"] == 1  # a.www.example.com
+    assert len(cache) == 1
+    box.ask(m.query("example.org", qid=2))
+    assert len(box.up.udp) == 3  # still a hit
+    with pytest.raises(Exception, match="no tags"):
+        cache_write(box.server, "tag", {"tags": ["x"]})

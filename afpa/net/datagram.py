@@ -196,6 +196,7 @@ class DatagramEndpoint(DatagramProtocol):
         d.make_request = machine.module.make_request
         try:
             if self.trace_all:
+                d.trace_all = True  # run_traced then traces every new request
                 d.run_traced(machine.start, None)
             else:
                 d.run(machine.start, None)

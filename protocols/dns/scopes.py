@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -116,7 +117,8 @@ class DnsGlobal:
             local.load_hosts(path)
         reactor = runtime.reactor
         return cls(runtime=runtime, settings=settings, dns=dns, cache=runtime.cache, reactor=reactor,
-                   forwarding=Forwarding(dns.upstreams, rules), local=local, seconds=reactor.seconds,
+                   forwarding=Forwarding(dns.upstreams, rules), local=local,
+                   seconds=reactor.seconds if reactor is not None else time.time,  # afpa check: no reactor
                    open_datagram=lambda host, port, on_data, on_error: open_datagram(
                        reactor, host, port, on_data, on_error),
                    open_stream=lambda host, port, on_data, on_lost: open_stream(

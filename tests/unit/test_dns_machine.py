@@ -416,3 +416,19 @@ def test_admin_purge_and_ban_by_name(box):
     assert len(box.up.udp) == 3  # still a hit
     with pytest.raises(Exception, match="no tags"):
         cache_write(box.server, "tag", {"tags": ["x"]})
+
+
+def test_traced_queries_record_their_state_path(box):
+    box.server.set_trace_all(True)
+    box.server.datagram_endpoints.append(box.endpoint)
+    box.server.set_trace_all(False)
+    box.server.set_trace_all(True)
+    events = []
+    box.server.traced = lambda conn, req, now: events.append((req.trace.compact(), req.cache_status))
+    box.ask(m.query("example.com", qid=1))
+    box.answer_last(a_answer())
+    box.ask(m.query("example.com", qid=2))
+    paths = [p for p, _ in events]
+    assert [s for _, s in events] == ["miss", "hit"]
+    assert "derive_remote_response" in paths[0] and "store_answer" in paths[0]
+    assert paths[1].startswith("derive_request") and "derive_cached_response" in paths[1]

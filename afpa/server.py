@@ -233,7 +233,7 @@ class Server:
         describe = self.machine.module.describe
         if describe is not None:
             lines += describe(self.g)
-        elif hasattr(self.g, "describe"):
+        elif hasattr(self.g, "describe"):  # until every module declares it (main: the contract part)
             lines += self.g.describe()
         lines.append(f"table {self.machine.source}")
         return lines

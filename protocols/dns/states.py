@@ -22,7 +22,6 @@ ignored while the try goes on waiting.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -38,7 +37,6 @@ from protocols.dns.scopes import DnsGlobal, DnsRequest, Flight, Waiter
 STATUS = {wire.NOERROR: 200, wire.NXDOMAIN: 200, wire.FORMERR: 400, wire.NOTIMP: 400, wire.REFUSED: 400,
           wire.BADVERS: 400, wire.SERVFAIL: 500}
 STALE_TTL = 30  # RFC 8767 4: the TTL of a stale answer
-_U32 = struct.Struct(">I")
 _BAD_UPSTREAM_RCODES = frozenset({wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR})
 
 
@@ -360,12 +358,8 @@ def derive_failed_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     dns = g.dns
     if dns.serve_stale and stale is not None and g.seconds() - stale.fresh_until <= dns.stale_max:
         answer = stale.meta
-        data = bytearray(wire.reply_from_answer(answer, q, 0, req.tcp))
-        if not data[2] & (wire.TC >> 8):
-            for off in answer.ttl_offsets:
-                _U32.pack_into(data, off, STALE_TTL)
         req.cache_status = "stale"
-        _answer(g, req, bytes(data), answer.rcode)
+        _answer(g, req, wire.stale_reply(answer, q, req.tcp, STALE_TTL), answer.rcode)
         return "stale"
     req.cache_status = "error"
     _answer(g, req, wire.error_reply(q, wire.SERVFAIL), wire.SERVFAIL)

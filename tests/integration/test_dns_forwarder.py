@@ -8,6 +8,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from importlib.metadata import entry_points
 
@@ -15,7 +16,7 @@ import pytest
 from twisted.names import dns
 
 from tests import dnsmsg as m
-from tests.conftest import REPO, AfpaProcess
+from tests.conftest import REPO, AfpaProcess, free_port, wait_port
 from tests.integration.dnsupstream import SPOOF_ADDRESS, DnsUpstream
 
 pytestmark = pytest.mark.integration
@@ -35,6 +36,21 @@ def dns_entry_point(tmp_path_factory):
     return str(shim)
 
 
+class DnsProcess(AfpaProcess):
+    """``afpa serve --module dns`` on ephemeral loopback ports (UDP and TCP on one)."""
+
+    def __init__(self, *extra: str):
+        self.port = free_port()
+        self.admin_port = free_port()
+        cmd = [sys.executable, "-m", "afpa", "serve", "--module", "dns", "--listen", f"127.0.0.1:{self.port}",
+               "--admin", f"127.0.0.1:{self.admin_port}", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # The datagram listener is bound before the stream one: TCP open means UDP is too.
+        wait_port(self.port, self.proc)
+        wait_port(self.admin_port, self.proc)
+
+
 @pytest.fixture
 def upstream():
     up = DnsUpstream()
@@ -43,13 +59,13 @@ def upstream():
 
 
 @pytest.fixture
-def forwarder(dns_entry_point, upstream, docroot, monkeypatch):
+def forwarder(dns_entry_point, upstream, monkeypatch):
     if dns_entry_point:
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (dns_entry_point, str(REPO)) if p))
     procs = []
 
     def start(*extra):
-        p = AfpaProcess(docroot, "--module", "dns", "--upstream", f"127.0.0.1:{upstream.port}", *extra)
+        p = DnsProcess("--upstream", f"127.0.0.1:{upstream.port}", *extra)
         procs.append(p)
         return p
 

@@ -81,7 +81,7 @@ class DnsBox:
         self.clock.advance(1_800_000_000)
         reg = Registry(intrinsics=dict(INTRINSICS))
         reg.register(MODULE)
-        settings = Settings(root=str(tmp_path), module="dns", module_settings=SETTINGS.build(dns))
+        settings = Settings(module="dns", module_settings=SETTINGS.build(dns))
         self.server = Server(settings, reactor=self.clock, registry=reg, helpers=InlineHelpers())
         self.g = self.server.g
         self.up = Upstreams()

@@ -89,4 +89,5 @@ MODULE = ProtocolModule(
     settings=SETTINGS,
     describe=describe,
     invalidation=invalidation,
+    sweep=lambda g, now: g.sweep(now),
 )

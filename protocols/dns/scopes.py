@@ -169,6 +169,12 @@ class DnsGlobal:
         h.add_metric([], cumulative, self.latency_sum)
         yield h
 
+    def sweep(self, now: float) -> None:
+        """Forget flights past their end (a leader that never finished)."""
+        stale = [key for key, flight in self.flights.items() if flight.expires <= now]
+        for key in stale:
+            del self.flights[key]
+
     def describe(self) -> list[str]:
         """Startup lines: where queries go."""
         return describe(self)

@@ -162,11 +162,13 @@ def derive_miss_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     return "forward"
 
 
-@state("answered", "failed", "timeout", needs=("flight",), provides={"answered": ("response",)})
+@state("answered", "failed", "released", "timeout", needs=("flight",), provides={"answered": ("response",)},
+       drops={"released": ("flight",)})
 def derive_collapsed_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> Deferred:
     """Wait for the upstream query already in flight for this question: its
     answer, with this query's ID and case (``answered``); its failure
-    (``failed``); or no end in sight (``timeout``)."""
+    (``failed``); its asker gone before the answer (``released``: ask again);
+    or no end in sight (``timeout``)."""
     done: Deferred = Deferred()
     waiter = Waiter(req, req.tcp, done)
     wait = max(0.0, req.flight.expires - g.seconds())
@@ -181,9 +183,18 @@ def _waited_too_long(waiter: Waiter) -> None:
         waiter.done.callback("timeout")
 
 
-def _finish_flight(g: DnsGlobal, req: DnsRequest, answer: wire.Answer | None) -> None:
-    """The leader of a flight is done: every waiter gets ``answer`` (None: the
-    upstreams failed; each waiter then serves stale or SERVFAIL itself)."""
+def _store(g: DnsGlobal, req: DnsRequest, answer: wire.Answer) -> bool:
+    """Keep ``answer`` under the request's key until its TTL runs out (False: too big)."""
+    now = g.seconds()
+    obj = CacheObject(req.key, b"", (answer.wire,), len(answer.wire), now, now + answer.ttl, meta=answer)
+    return g.cache.put(obj)
+
+
+def _finish_flight(g: DnsGlobal, req: DnsRequest, answer: wire.Answer | None, none: str = "failed") -> None:
+    """The leader of a flight is done: every waiter gets ``answer``.  Without
+    one the waiters get the word ``none``: ``failed`` (the upstreams failed;
+    each serves stale or SERVFAIL itself) or ``released`` (the leader's client
+    went away before its answer came: each asks again itself)."""
     flight = req.flight
     if flight is None or not req.leader:
         return
@@ -198,7 +209,7 @@ def _finish_flight(g: DnsGlobal, req: DnsRequest, answer: wire.Answer | None) ->
         if w.done.called:
             continue
         if answer is None:
-            w.done.callback("failed")
+            w.done.callback(none)
             continue
         wreq = w.req
         try:
@@ -214,11 +225,12 @@ def _finish_flight(g: DnsGlobal, req: DnsRequest, answer: wire.Answer | None) ->
 class _Try:
     """One question to one upstream; ``done`` fires with the try's outcome word."""
 
-    __slots__ = ("g", "req", "upstream", "done", "sock", "timer", "sent_id", "sent_qname", "started",
+    __slots__ = ("g", "conn", "req", "upstream", "done", "sock", "timer", "sent_id", "sent_qname", "started",
                  "ended", "buf")
 
-    def __init__(self, g: DnsGlobal, req: DnsRequest, upstream: tuple[str, int]):
+    def __init__(self, g: DnsGlobal, conn: Any, req: DnsRequest, upstream: tuple[str, int]):
         self.g = g
+        self.conn = conn
         self.req = req
         self.upstream = upstream
         self.done: Deferred = Deferred()
@@ -275,8 +287,18 @@ class _Try:
             self.timer.cancel()
         if self.sock is not None:
             self.sock.close()
-        now = self.g.seconds()
-        self.g.tried(self.upstream, word, now - self.started if word in ("answer", "truncated") else None)
+        g = self.g
+        now = g.seconds()
+        g.tried(self.upstream, word, now - self.started if word in ("answer", "truncated") else None)
+        if self.conn.closed:
+            # A TCP client that went away: its machine will not run on, so the
+            # queries waiting for this one must not wait for it.
+            req = self.req
+            if word == "answer" and req.response.answer is not None:
+                _store(g, req, req.response.answer)
+                _finish_flight(g, req, req.response.answer)
+            else:
+                _finish_flight(g, req, None, "released")
         self.done.callback(word)
 
 
@@ -287,7 +309,7 @@ def derive_remote_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str | De
     upstreams = req.upstreams
     upstream = req.upstream = upstreams[req.attempt % len(upstreams)]
     req.attempt += 1
-    t = _Try(g, req, upstream)
+    t = _Try(g, conn, req, upstream)
     try:
         t.sock = g.open_datagram(upstream[0], upstream[1], lambda data: t.message(data, False), t.lost)
     except Exception:  # noqa: BLE001 - no socket (EMFILE...): this try failed, the table goes on
@@ -303,7 +325,7 @@ def derive_remote_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str | De
 def derive_tcp_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> Deferred:
     """The upstream's UDP answer was truncated: ask it the same question over TCP."""
     upstream = req.upstream
-    t = _Try(g, req, upstream)
+    t = _Try(g, conn, req, upstream)
 
     def data(chunk: bytes) -> None:
         msgs, t.buf = wire.unframe(t.buf + chunk)
@@ -336,12 +358,8 @@ def store_answer(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     resp = req.response
     answer = resp.answer
     word = "answered"
-    if answer is not None:
-        now = g.seconds()
-        size = len(answer.wire)
-        obj = CacheObject(req.key, b"", (answer.wire,), size, now, now + answer.ttl, meta=answer)
-        if g.cache.put(obj):
-            word = "stored"
+    if answer is not None and _store(g, req, answer):
+        word = "stored"
     reply = answer if answer is not None else resp.reply
     _finish_flight(g, req, reply)
     _answer(g, req, wire.reply_from_answer(reply, req.query, 0, req.tcp), reply.rcode)

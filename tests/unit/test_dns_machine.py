@@ -432,3 +432,27 @@ def test_traced_queries_record_their_state_path(box):
     assert [s for _, s in events] == ["miss", "hit"]
     assert "derive_remote_response" in paths[0] and "store_answer" in paths[0]
     assert paths[1].startswith("derive_request") and "derive_cached_response" in paths[1]
+
+
+def test_waiters_get_the_answer_when_the_asking_tcp_client_left(box):
+    proto, t = box.tcp_client()
+    proto.dataReceived(m.frame(m.query("gone.example.com", qid=1)))
+    assert box.ask(m.query("gone.example.com", qid=2)) == []  # waits for the TCP client's query
+    proto.connectionLost(None)
+    box.answer_last(a_answer(b"gone.example.com"))
+    [r] = box.replies()
+    assert m.parse(r).id == 2 and ttls(r) == [300]
+    assert len(box.server.runtime.cache) == 1 and box.g.flights == {}
+
+
+def test_waiters_ask_themselves_when_the_asking_tcp_client_left_and_its_try_failed(tmp_path):
+    box = DnsBox(tmp_path, tries=1, timeout=1.0)
+    proto, t = box.tcp_client()
+    proto.dataReceived(m.frame(m.query("gone.example.com", qid=1)))
+    box.ask(m.query("gone.example.com", qid=2))
+    proto.connectionLost(None)
+    box.clock.advance(1.0)  # the left client's try times out
+    assert len(box.up.udp) == 2 and box.replies() == []  # the waiter asked again itself
+    box.answer_last(a_answer(b"gone.example.com"))
+    [r] = box.replies()
+    assert m.parse(r).id == 2

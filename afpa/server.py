@@ -9,6 +9,7 @@ and runs a once-a-second sweep that enforces the idle, header and send timeouts
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import attrs
@@ -23,6 +24,7 @@ from afpa.machine import tables
 from afpa.ops.accesslog import AccessLog, FormatError, module_format
 from afpa.cache.store import CacheStore
 from afpa.config import SettingError, Settings, read_admin_token
+from afpa.net.datagram import DatagramEndpoint
 from afpa.net.stream import MachineProtocol
 from afpa.net import twisted_private
 from afpa.net.helpers import Helpers
@@ -137,6 +139,8 @@ class Server:
         self.trace_all = self.access_log is not None and self.access_format.traces
         self.trace_hub = TraceHub(on_change=lambda _active: self.trace_interest())
         self.connections: set[MachineProtocol] = set()
+        # Datagram listeners (modules whose transports include "datagram").
+        self.datagram_endpoints: list[DatagramEndpoint] = []
         self.connections_total = 0
         self.request_stats: dict[str, RequestStats] = {}
         self.ports: list[Any] = []
@@ -183,6 +187,8 @@ class Server:
         for proto in self.live:
             proto.trace_all = on
             proto.step = proto.run_traced if on else proto.run
+        for endpoint in self.datagram_endpoints:
+            endpoint.trace_all = on
 
     def traced(self, conn: Any, req: Any, now: float) -> None:
         """A traced request finished: its event goes to the live subscribers."""
@@ -217,7 +223,13 @@ class Server:
                     writes = "writes and /trace refused: no admin token configured"
                 lines.append(f"admin (live machine page, /metrics, /healthz, /tables/) on "
                              f"http://{addr.host}:{addr.port}/ ({writes})")
+            elif getattr(addr, "type", "TCP") == "UDP":
+                lines.append(f"listening on udp {addr.host}:{addr.port}")
             else:
+                module = self.machine.module
+                if "datagram" in module.transports:
+                    lines.append(f"listening on tcp {addr.host}:{addr.port}")
+                    continue
                 scheme = "https" if port in self.tls_ports else "http"
                 lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
         describe = self.machine.module.describe
@@ -240,6 +252,11 @@ class Server:
         if s.tls_certs:
             from afpa.net.tls import server_context_factory
             self.tls_context = server_context_factory(list(s.tls_certs), self.machine.module.alpn)
+        if "datagram" in self.machine.module.transports:
+            # First, so that once the stream listener accepts (what a caller waits
+            # for) datagrams are received too.  Workers each bind the address
+            # (SO_REUSEPORT): the kernel spreads datagrams over them.
+            self.open_datagram_listener(tuple(s.listen), shared=sockets is not None)
         if sockets is not None:
             # Bound by a supervisor, which owns the addresses: ``listening`` stays
             # False, so a reload here never binds or closes one.
@@ -289,6 +306,26 @@ class Server:
         if kind == "https":
             return self.reactor.listenSSL(port, self.factory(tls=True), tls, backlog=1024, interface=host)
         return self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host)
+
+    def open_datagram_listener(self, addr: tuple[str, int], shared: bool = False) -> Any:
+        """Receive datagrams on ``addr`` (UDP, beside the stream listener on the
+        same address): each one runs the machine once (:mod:`afpa.net.datagram`).
+        ``shared``: several worker processes bind it (SO_REUSEPORT)."""
+        host, port = addr
+        endpoint = DatagramEndpoint(self)
+        if shared:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+                sock.setblocking(False)
+                # adopted as a duplicate: this one closes when the block ends
+                udp = self.reactor.adoptDatagramPort(sock.fileno(), family, endpoint, maxPacketSize=65535)
+        else:
+            udp = self.reactor.listenUDP(port, endpoint, interface=host, maxPacketSize=65535)
+        self.datagram_endpoints.append(endpoint)
+        self.ports.append(udp)
+        return udp
 
     def add_listener(self, key: tuple[str, tuple[str, int]], port: Any) -> None:
         """Record a listening port opened by :meth:`open_listener`."""

@@ -11,7 +11,7 @@ Nothing else is shared between state functions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
@@ -41,9 +41,11 @@ class Connection:
     at a time is not rescanned from its start on every byte.  ``pending`` holds
     protocol work left over from the previous request (e.g. a request body still
     to be read and discarded).  ``deadline`` / ``deadline_kind`` drive the
-    timeout sweep.
+    timeout sweep.  ``kind`` is the transport kind: ``"stream"`` here,
+    ``"datagram"`` for :class:`afpa.net.datagram.DatagramConnection`.
     """
 
+    kind: ClassVar[str] = "stream"
     transport: Any
     machine: Any
     state: Any

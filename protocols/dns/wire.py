@@ -756,9 +756,11 @@ def parse_response(
 
 # --- replies ---------------------------------------------------------------
 
-# Flags a replayed answer keeps: QR, opcode, AA, RA, AD, rcode (and TC only if
-# the stored reply itself is a truncated one).  RD and CD come from the query.
-_KEEP = QR | OPCODE_MASK | AA | TC | RA | AD | RCODE_MASK
+# Flags a replayed answer keeps: QR, opcode, AA, AD, rcode (and TC only if the
+# stored reply itself is a truncated one).  RD and CD come from the query.  RA is
+# always set: a forwarder offers recursion whatever its upstream said (as
+# dnsmasq does), so dig does not warn that recursion is unavailable.
+_KEEP = QR | OPCODE_MASK | AA | TC | AD | RCODE_MASK
 _RD_CD = RD | CD
 _NOT_AD = 0xFFFF & ~AD
 
@@ -773,7 +775,7 @@ def reply_from_answer(answer: Answer, query: Query, age: int, tcp: bool) -> byte
     AD (RFC 6840 5.8).
     """
     qflags = query.flags
-    flags = (answer.flags & _KEEP) | (qflags & _RD_CD)
+    flags = (answer.flags & _KEEP) | RA | (qflags & _RD_CD)
     if not (query.do or qflags & AD):
         flags &= _NOT_AD
     rest = answer.aged_rest if age == answer.aged_by else answer.age(age)
@@ -798,7 +800,7 @@ def stale_reply(answer: Answer, query: Query, tcp: bool, ttl: int = STALE_TTL) -
     the hit path: nothing is memoised.
     """
     qflags = query.flags
-    flags = (answer.flags & _KEEP) | (qflags & _RD_CD)
+    flags = (answer.flags & _KEEP) | RA | (qflags & _RD_CD)
     if not (query.do or qflags & AD):
         flags &= _NOT_AD
     opt = (_OPT_REPLY_DO if query.do else _OPT_REPLY) if query.edns else b""

@@ -493,3 +493,13 @@ def test_tcp_framing():
         assert b"".join(wire.frame(m) for m in msgs) + rest == stream[:cut]
     with pytest.raises(ValueError):
         wire.frame(b"x" * 65536)
+
+
+def test_replies_from_the_cache_offer_recursion_whatever_the_upstream_said():
+    # An upstream that answers without RA (an authoritative server) must not make
+    # the forwarder's own replies say recursion is unavailable (dig warns then).
+    q, data, _ = exchange(QE, CHAIN)
+    flags = struct.unpack_from(">H", data, 2)[0] & ~wire.RA
+    stored = wire.parse_response(data[:2] + struct.pack(">H", flags) + data[4:], q, 4660, q.qname).answer
+    for reply in (wire.reply_from_answer(stored, q, 0, tcp=False), wire.stale_reply(stored, q, tcp=False)):
+        assert header(reply)[1] & wire.RA

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from afpa.cache.store import FRAGMENT, CacheObject
 from afpa.machine.modules import UnmetNeed
+from afpa.machine.scopes import WORK
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
@@ -201,9 +202,7 @@ class _Sender:
 
     def _touch(self) -> None:
         # Progress pushes the send deadline out: only a stalled client times out.
-        conn = self.conn
-        conn.deadline = self.runtime.reactor.seconds() + self.runtime.settings.send_timeout
-        conn.deadline_kind = "send"
+        self.conn.arm(self.runtime.reactor.seconds() + self.runtime.settings.send_timeout, WORK)
 
     def _drain(self) -> bool:
         """Send queued buffers until the socket is full.  Returns True when bytes

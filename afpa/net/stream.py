@@ -7,6 +7,16 @@ Engine's producer ``resumeProducing`` (send window open) and ``connectionLost``
 (:class:`afpa.machine.driver.Driver`); input arriving while the machine is parked
 is buffered (and reading paused past a limit), so pipelined requests are
 answered strictly in order.
+
+Control never leaves the tables: the connection's events reach the machine as
+the runtime's event words through :meth:`Driver.deliver` -- ``input`` from
+``dataReceived``, ``peer_closed`` from ``connectionLost`` and ``timeout`` from
+the server's sweep (:meth:`MachineProtocol.timed_out`) -- and the table maps
+them.  One deadline per connection (``conn.deadline``, ``conn.timer``): the
+runtime arms ``idle_timeout`` between requests (and ``tls_handshake_timeout``
+until a TLS handshake is done, which alone it enforces itself: no machine has
+the connection yet); a state arms its own for what it waits on.  What this
+driver does with an event its table leaves unmapped is :meth:`unmapped`.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from zope.interface import implementer
 
 from afpa.net import sendengine
 from afpa.machine.driver import Driver
-from afpa.machine.scopes import Connection
+from afpa.machine.modules import PEER_CLOSED, INPUT, TIMEOUT
+from afpa.machine.scopes import HANDSHAKE, IDLE, WORK, Connection
 
 INF = float("inf")
 
@@ -30,11 +41,10 @@ class MachineProtocol(Protocol, Driver):
     """One client connection, driven by the machine that was current when it was
     accepted.
 
-    While the machine is parked, a state may take over the connection's input
-    and loss events by setting ``conn.sink`` (called with no argument after new
-    bytes were appended to ``conn.inbuf``) and ``conn.on_lost`` (called with the
-    reason): that is how a forwarded request body streams to a backend and how a
-    deferred connection is spliced.
+    While the machine is parked, the work it waits on may take the
+    connection's events (:attr:`Driver.waiter`): that is how a forwarded request
+    body streams to a backend machine, how that machine learns the client left,
+    and how a spliced connection relays bytes.
     """
 
     answer_fn = staticmethod(sendengine.send_engine)
@@ -76,18 +86,16 @@ class MachineProtocol(Protocol, Driver):
         if conn.tls:
             # Until the handshake completes (handshakeCompleted) only its own,
             # short deadline applies: a peer that never finishes it is closed.
-            conn.deadline_kind = "handshake"
-            conn.deadline = self.seconds() + server.settings.tls_handshake_timeout
+            conn.arm(self.seconds() + server.settings.tls_handshake_timeout, HANDSHAKE)
         else:
-            conn.deadline = self.seconds() + server.settings.idle_timeout
+            conn.arm(self.seconds() + server.settings.idle_timeout, IDLE)
         server.connection_opened(self)
 
     def handshakeCompleted(self) -> None:
         """TLS only (IHandshakeListener): the handshake is done; the idle deadline starts."""
         conn = self.conn
-        if conn is not None and conn.deadline_kind == "handshake":
-            conn.deadline_kind = "idle"
-            conn.deadline = self.seconds() + self.server.settings.idle_timeout
+        if conn is not None and conn.timer == HANDSHAKE:
+            conn.arm(self.seconds() + self.server.settings.idle_timeout, IDLE)
 
     def dataReceived(self, data: bytes) -> None:
         conn = self.conn
@@ -101,10 +109,9 @@ class MachineProtocol(Protocol, Driver):
             conn.scan = max(0, conn.scan - conn.inpos)
         conn.inpos = 0
         if conn.busy:
-            if conn.sink is not None:
-                conn.sink()
-            elif conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
-                self.pause_reading()
+            self.deliver(INPUT)  # to whoever takes the connection's input while parked
+            if conn.busy and conn.unread() > self.server.settings.max_header_block and not self.reading_paused:
+                self.pause_reading()  # nobody is consuming it: stop reading
             return
         self.step(conn.state, None)
 
@@ -112,8 +119,7 @@ class MachineProtocol(Protocol, Driver):
         conn = self.conn
         if conn is not None and not conn.closed:
             conn.closed = True
-            if conn.on_lost is not None:
-                conn.on_lost(reason)
+            self.deliver(PEER_CLOSED)
             if conn.req is not None:
                 release(conn.req)
             self.server.connection_closed(self)
@@ -142,25 +148,17 @@ class MachineProtocol(Protocol, Driver):
         req.started = self.seconds()
         return req
 
-    def waiting(self) -> None:
-        conn = self.conn
-        if conn.deadline_kind == "idle":
-            conn.deadline_kind = "header"
-            conn.deadline = self.seconds() + self.server.settings.header_timeout
-
     def suspended(self) -> None:
+        # Parked: only a deadline the state armed for its work (WORK) runs on;
+        # the idle or input one it had before is not its business any more.
         conn = self.conn
-        if conn.deadline_kind not in ("send", "backend", "tunnel"):
-            conn.deadline_kind = "busy"
-            conn.deadline = INF
+        if conn.timer != WORK:
+            conn.arm(INF, IDLE)
 
     def resumed(self) -> None:
-        conn = self.conn
-        conn.sink = conn.on_lost = conn.on_timeout = None
-        if conn.deadline_kind in ("busy", "backend"):
-            conn.deadline_kind = "idle"
+        self.conn.arm(INF, IDLE)  # the work is over; the next state or finished() arms anew
 
-    def finished(self, req: Any, close: bool) -> Any:
+    def finished(self, req: Any, close: bool, word: str = "") -> Any:
         conn = self.conn
         now = self.seconds()
         if req.status:
@@ -175,7 +173,7 @@ class MachineProtocol(Protocol, Driver):
             self._close()
             return None
         conn.state = machine.start
-        conn.deadline_kind = "idle"
+        conn.timer = IDLE
         if self.reading_paused:
             self.resume_reading()
         if conn.inpos >= len(conn.inbuf):
@@ -184,7 +182,24 @@ class MachineProtocol(Protocol, Driver):
         return machine.start  # pipelined input is already here
 
     def failed(self) -> None:
-        self.abort_request(500)
+        self.abort_request("failed")
+
+    def unmapped(self, word: str) -> None:
+        """The defaults for events a client table leaves unmapped: ``timeout``
+        closes the connection (cuts it when the machine is parked, e.g. on a
+        send to a client that stopped reading: nothing can be said to it);
+        ``peer_closed`` drops the request (the connection is gone; a parked
+        Deferred that fires later is discarded); ``input`` waits in the buffer."""
+        if word is TIMEOUT:
+            conn = self.conn
+            if conn.closed:
+                return
+            if conn.busy:
+                conn.closed = True
+                self.transport.abortConnection()
+                self.server.connection_closed(self)
+            else:
+                self._close()
 
     # -- configuration reload -------------------------------------------------
 
@@ -203,11 +218,11 @@ class MachineProtocol(Protocol, Driver):
         # connections that have nothing to take up pay nothing per request.
         self.finished = self._finish_then_switch  # type: ignore[method-assign]
 
-    def _finish_then_switch(self, req: Any, close: bool) -> Any:
+    def _finish_then_switch(self, req: Any, close: bool, word: str = "") -> Any:
         del self.finished
         machine, g = self._next
         self._next = None
-        state = MachineProtocol.finished(self, req, close)
+        state = MachineProtocol.finished(self, req, close, word)
         if self.conn.closed:
             return None
         self._switch(machine, g)
@@ -254,9 +269,11 @@ class MachineProtocol(Protocol, Driver):
         self.transport.loseConnection()
         self.server.connection_closed(self)
 
-    def abort_request(self, status: int) -> None:
-        """End the current request with the protocol's error answer (if nothing of a
-        response went out yet) and close the connection."""
+    def abort_request(self, reason: str) -> None:
+        """End the current request with the protocol's error answer for
+        ``reason`` (a runtime reason word, e.g. ``"failed"``: see
+        ``ProtocolModule.fail``), if nothing of a response went out yet, and
+        close the connection."""
         conn = self.conn
         if conn.closed:
             return
@@ -268,7 +285,7 @@ class MachineProtocol(Protocol, Driver):
         if not req.sent_head:
             release(req)
             req.head, req.body, req.status = b"", None, 0
-            conn.machine.module.fail(self.g, conn, req, status)
+            conn.machine.module.fail(self.g, conn, req, reason)
             if req.head:
                 trace = req.trace
                 if trace is not None and trace.header:
@@ -285,25 +302,22 @@ class MachineProtocol(Protocol, Driver):
         conn.req = None
         self._close()
 
-    def timed_out(self, kind: str) -> None:
-        """Called by the server's sweep when ``conn.deadline`` has passed."""
+    def timed_out(self) -> None:
+        """Called by the server's sweep when ``conn.deadline`` has passed: the
+        machine gets ``timeout`` (:meth:`Driver.deliver`)."""
         conn = self.conn
         if conn.closed:
             return
-        if conn.on_timeout is not None:
-            # A state parked on other work (a backend exchange) owns this deadline.
-            conn.deadline = INF
-            conn.on_timeout()
-        elif kind == "header":
-            self.abort_request(408)
-        elif kind in ("send", "handshake"):
-            # Nothing useful can be said to either; a TLS transport would first
-            # try a polite shutdown a half-done handshake cannot carry.
+        if conn.timer == HANDSHAKE:
+            # Before the handshake no machine has the connection: nothing can be
+            # said, and a TLS transport would first try a polite shutdown a
+            # half-done handshake cannot carry.
             conn.closed = True
             self.transport.abortConnection()
             self.server.connection_closed(self)
-        else:
-            self._close()
+            return
+        conn.deadline = INF
+        self.deliver(TIMEOUT)
 
 
 def release(req: Any) -> None:

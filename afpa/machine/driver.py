@@ -312,7 +312,7 @@ class Driver:
             self.resumed()
             self.resume(state, word)
             return
-        if word is INPUT:
+        if word == INPUT:
             self.resume(state, None)  # @wait: the same state runs again
         elif word in state.on:
             self.resume(state, word)

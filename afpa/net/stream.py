@@ -190,7 +190,7 @@ class MachineProtocol(Protocol, Driver):
         send to a client that stopped reading: nothing can be said to it);
         ``peer_closed`` drops the request (the connection is gone; a parked
         Deferred that fires later is discarded); ``input`` waits in the buffer."""
-        if word is TIMEOUT:
+        if word == TIMEOUT:
             conn = self.conn
             if conn.closed:
                 return

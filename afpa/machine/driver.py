@@ -67,7 +67,7 @@ from twisted.python.failure import Failure
 
 from afpa.machine.modules import INPUT, UnmetNeed
 from afpa.machine.scopes import Connection
-from afpa.machine.tables import CLOSE, WAIT
+from afpa.machine.tables import WAIT, Edge
 from afpa.machine.trace import Begin, Trace
 
 log = Logger(namespace="afpa.machine.driver")
@@ -111,19 +111,18 @@ class Driver:
                 self.fail(state, None, outcome)
                 return
             transitions[edge.index] += 1
+            outcome = None
             nxt = edge.target
             if nxt.fn is not None:
                 state = nxt
-                outcome = None
                 continue
             if nxt.name == WAIT:
                 conn.state = state
                 self.waiting()
                 return
-            state = self.finished(req, nxt.name == CLOSE, outcome)
+            state = self.finished(req, edge)
             if state is None:
                 return
-            outcome = None
             req = conn.req
 
     # -- tracing --------------------------------------------------------------
@@ -177,9 +176,9 @@ class Driver:
                 self.fail(state, None, outcome)
                 return
             transitions[edge.index] += 1
+            outcome = None
             nxt = edge.target
             if nxt.fn is not None:
-                outcome = None
                 if trace is not None:
                     now = trace.clock()
                     trace.move(prefix, nxt, now)
@@ -198,10 +197,9 @@ class Driver:
                 now = trace.clock()
                 trace.leave(prefix, now)
                 self.trace_finished(req, now)  # here, not in finished(): no test on the fast path
-            state = self.finished(req, nxt.name == CLOSE, outcome)
+            state = self.finished(req, edge)
             if state is None:
                 return
-            outcome = None
             req = conn.req
             trace = None if req is None else req.trace
             fresh = True
@@ -367,10 +365,11 @@ class Driver:
     def resumed(self) -> None:
         """The Deferred fired; the machine is about to continue."""
 
-    def finished(self, req: Any, close: bool, word: str) -> Any:
-        """The request ended (``@done`` or ``@close``, reached on the outcome
-        ``word``: a companion machine's result for its caller); return the
-        state to go on with, or None to stop stepping."""
+    def finished(self, req: Any, edge: Edge) -> Any:
+        """The request ended on ``edge`` (to ``@done``, or ``@close`` when
+        ``edge.close``; ``edge.word``, the outcome that ended it, is a companion
+        machine's result for its caller); return the state to go on with, or
+        None to stop stepping."""
         raise NotImplementedError
 
     def failed(self) -> None:

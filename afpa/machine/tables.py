@@ -108,10 +108,14 @@ class CompiledState:
 
 @attrs.frozen(slots=True)
 class Edge:
-    """A transition: where an outcome leads, and its counter slot."""
+    """A transition: where an outcome leads, and its counter slot.  ``word`` is
+    the outcome; ``close`` says the target is ``@close`` (read when a request
+    ends, so the driver need not compare names)."""
 
     target: CompiledState
     index: int
+    word: str = ""
+    close: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -345,7 +349,7 @@ def compile_spec(spec: TableSpec, registry: Registry) -> Machine:
             # @wait means "this same state, later": the edge keeps the special
             # marker so the engine knows to stop, not to loop.
             dest = specials[target] if target in specials else states[target]
-            st.on[outcome] = Edge(dest, len(edges))
+            st.on[outcome] = Edge(dest, len(edges), outcome, target == CLOSE)
             edges.append((sname, outcome, target))
     return Machine(
         name=spec.name, module=module, start=states[spec.start], states=states, edges=edges,

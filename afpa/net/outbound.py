@@ -123,9 +123,9 @@ class Exchange(Driver):
     def new_request(self) -> Any:
         return self.conn.req  # one request per exchange, made by the caller
 
-    def finished(self, req: Any, close: bool, word: str) -> None:
+    def finished(self, req: Any, edge: Any) -> None:
         # The word that ended the machine is its result for the client machine.
-        self._end(req, close, word)
+        self._end(req, edge.close, edge.word)
         return None
 
     def failed(self) -> None:

@@ -158,7 +158,7 @@ class MachineProtocol(Protocol, Driver):
     def resumed(self) -> None:
         self.conn.arm(INF, IDLE)  # the work is over; the next state or finished() arms anew
 
-    def finished(self, req: Any, close: bool, word: str = "") -> Any:
+    def finished(self, req: Any, edge: Any) -> Any:
         conn = self.conn
         now = self.seconds()
         if req.status:
@@ -168,12 +168,12 @@ class MachineProtocol(Protocol, Driver):
         conn.req = None
         conn.requests += 1
         machine = conn.machine
-        if close or conn.closed or self.server.draining:
+        if edge.close or conn.closed or self.server.draining:
             conn.state = machine.start
             self._close()
             return None
         conn.state = machine.start
-        conn.timer = IDLE
+        conn.timer = 0  # IDLE (a constant here: this runs once per request)
         if self.reading_paused:
             self.resume_reading()
         if conn.inpos >= len(conn.inbuf):
@@ -218,11 +218,11 @@ class MachineProtocol(Protocol, Driver):
         # connections that have nothing to take up pay nothing per request.
         self.finished = self._finish_then_switch  # type: ignore[method-assign]
 
-    def _finish_then_switch(self, req: Any, close: bool, word: str = "") -> Any:
+    def _finish_then_switch(self, req: Any, edge: Any) -> Any:
         del self.finished
         machine, g = self._next
         self._next = None
-        state = MachineProtocol.finished(self, req, close, word)
+        state = MachineProtocol.finished(self, req, edge)
         if self.conn.closed:
             return None
         self._switch(machine, g)

@@ -439,9 +439,13 @@ def _tables(args: argparse.Namespace, registry: Registry) -> int:
                 print(f"{f}: cannot read: {exc.strerror}", file=sys.stderr)
                 failed = True
                 continue
-            _, problems = tables.check_text(text, label, registry)
+            spec, problems = tables.check_text(text, label, registry)
             for problem in problems:
                 print(problem, file=sys.stderr)
+            if spec is not None and not problems:
+                # Runtime events left to the runtime's default: said, not failed.
+                for note in tables.notes(spec, registry):
+                    print(note)
             if problems:
                 failed = True
                 print(f"{label}: {len(problems)} problem(s)", file=sys.stderr)

@@ -3,8 +3,9 @@
 :class:`Server` ties the runtime together: it loads and compiles the table (a
 table that fails validation never runs), builds the cache, helper threads and the
 module's global scope, accepts connections with :class:`~afpa.net.stream.MachineProtocol`
-and runs a once-a-second sweep that enforces the idle, header and send timeouts
-(one timer for all connections instead of a timer per request).
+and runs a once-a-second sweep that delivers ``timeout`` to every connection
+whose deadline has passed (one timer for all connections instead of a timer per
+request; the machine's table says what a timeout means).
 """
 
 from __future__ import annotations
@@ -490,7 +491,9 @@ class Server:
         return stats
 
     def sweep(self) -> None:
-        """Close connections whose deadline has passed (idle, slow head, stalled send)."""
+        """Deliver ``timeout`` to every connection whose deadline has passed (its
+        machine's table says what that means: a 408, a closed idle connection, a
+        backend that did not answer in time)."""
         now = self.reactor.seconds()
         if self.access_log is not None:
             self.access_log.flush()
@@ -500,4 +503,4 @@ class Server:
         for proto in list(self.connections):
             conn = proto.conn
             if conn is not None and conn.deadline <= now:
-                proto.timed_out(conn.deadline_kind)
+                proto.timed_out()

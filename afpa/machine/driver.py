@@ -14,6 +14,31 @@ server runs: :class:`MachineProtocol` drives the client-connection machine,
 and :class:`afpa.net.outbound.Exchange` drives a backend machine
 (``http-backend.toml``) for one forwarded request.
 
+Events are outcomes.  The runtime knows no protocol; what happens to a
+connection reaches its machine as one of the runtime's event words
+(:data:`afpa.machine.modules.EVENTS`) through :meth:`Driver.deliver`, and the
+table says what runs next:
+
+- ``timeout``: the connection's deadline passed (``conn.deadline``, armed by
+  the runtime between requests or by a state for what it waits on; the
+  server's sweep finds it).  ``input``: more input arrived.  ``peer_closed``:
+  the other end closed.
+- A machine stopped on ``@wait`` in state S: ``input`` runs S again (that is
+  what ``@wait`` means); ``timeout`` / ``peer_closed`` take S's edge for that
+  word.  Between requests the start state is the one waiting.
+- A machine parked on a Deferred in state S: if S's function declared that its
+  wait takes the word (``@state(..., events=...)``) and S maps it, the Deferred
+  is given up (cancelled: its canceller stops the work behind it, and whatever
+  it fires with is dropped) and S's edge for the word is taken.
+- A parked state may hand the connection's events to the machine (or relay)
+  that works for it: :attr:`Driver.waiter` (an outbound exchange streaming a
+  request body and watching for the client leaving, a splice relaying bytes).
+  Events then go to ``waiter.deliver(word)``, to be mapped by *its* table.
+- Unmapped: each driver's :meth:`Driver.unmapped` does the documented default
+  (:data:`afpa.machine.tables.EVENT_DEFAULTS`): a client connection is closed
+  on ``timeout`` (cut when a state was parked, e.g. a stalled send), a request
+  whose peer closed is dropped, input waits; an exchange fails.
+
 Tracing: :meth:`Driver.run` records nothing.  A request that is traced (see
 :mod:`afpa.machine.trace`) runs in :meth:`Driver.run_traced`, the same loop plus a
 clock reading per state; the fast loop only learns about tracing in a branch
@@ -28,7 +53,8 @@ House rules:
   close.  What "goes on" means is the driver's business.
 - A state function that raises, or returns a word its table does not map, is
   logged once with the state's name, counted, and handed to the driver's
-  ``fail``; no other connection notices.
+  ``fail``; no other connection notices.  The module answers it for the reason
+  word ``failed`` (``ProtocolModule.fail``): the runtime names no protocol status.
 """
 
 from __future__ import annotations
@@ -39,9 +65,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from afpa.machine.modules import UnmetNeed
+from afpa.machine.modules import INPUT, UnmetNeed
 from afpa.machine.scopes import Connection
-from afpa.machine.tables import CLOSE, WAIT
+from afpa.machine.tables import WAIT, Edge
 from afpa.machine.trace import Begin, Trace
 
 log = Logger(namespace="afpa.machine.driver")
@@ -53,6 +79,8 @@ class Driver:
 
     conn: Connection
     g: Any
+    parked: Deferred | None = None  # the Deferred the machine is parked on
+    waiter: Any = None  # who the connection's events go to while parked (its ``deliver(word)``)
 
     def run(self, state: Any, outcome: str | None) -> None:
         """Step from ``state`` (running its function unless ``outcome`` is given)."""
@@ -92,7 +120,7 @@ class Driver:
                 conn.state = state
                 self.waiting()
                 return
-            state = self.finished(req, nxt.name == CLOSE)
+            state = self.finished(req, edge)
             if state is None:
                 return
             req = conn.req
@@ -169,7 +197,7 @@ class Driver:
                 now = trace.clock()
                 trace.leave(prefix, now)
                 self.trace_finished(req, now)  # here, not in finished(): no test on the fast path
-            state = self.finished(req, nxt.name == CLOSE)
+            state = self.finished(req, edge)
             if state is None:
                 return
             req = conn.req
@@ -213,25 +241,30 @@ class Driver:
 
     def _suspend(self, state: Any, d: Deferred) -> str | None:
         """A state returned a Deferred.  If it has already fired, return its
-        outcome and keep stepping; otherwise park the machine until it fires."""
+        outcome and keep stepping; otherwise park the machine until it fires
+        (or until an event its wait takes is delivered, :meth:`deliver`)."""
         conn = self.conn
         sync: list[Any] = []
-        resumed = False
+        parked = False
 
         def fired(result: Any) -> None:
-            if not resumed:
+            if not parked:
                 sync.append(result)
-            else:
+            elif self.parked is d:
+                self.parked = None
                 self._resumed(state, result)
+            # else: the wait was given up for an event; what it fired with is dropped
 
         d.addBoth(fired)
         if sync:
+            self.waiter = None  # whoever claimed the connection's events is done with them
             result = sync[0]
             if isinstance(result, Failure):
                 self.fail(state, result)
                 return None
             return result
-        resumed = True
+        parked = True
+        self.parked = d
         conn.busy = True
         conn.state = state
         self.suspended()
@@ -240,6 +273,7 @@ class Driver:
     def _resumed(self, state: Any, result: Any) -> None:
         conn = self.conn
         conn.busy = False
+        self.waiter = None
         if self.gone():
             if conn.req is not None:
                 self.discard(conn.req)
@@ -249,6 +283,43 @@ class Driver:
             return
         self.resumed()
         self.resume(state, result)
+
+    # -- events ---------------------------------------------------------------
+
+    def deliver(self, word: str) -> None:
+        """A runtime event (``timeout``, ``peer_closed``, ``input``) for this
+        machine: to the waiter while one holds the connection's events, else
+        an outcome of the state the machine waits in, when its table maps it
+        (see the module docstring), else :meth:`unmapped`."""
+        conn = self.conn
+        state = conn.state
+        if conn.busy:
+            waiter = self.waiter
+            if waiter is not None:
+                waiter.deliver(word)
+                return
+            if word not in state.events or word not in state.on:
+                self.unmapped(word)
+                return
+            # The parked state's wait takes this event: give the wait up (its
+            # canceller stops the work behind it) and let the table decide.
+            d, self.parked = self.parked, None
+            conn.busy = False
+            if d is not None:
+                d.cancel()
+            self.resumed()
+            self.resume(state, word)
+            return
+        if word == INPUT:
+            self.resume(state, None)  # @wait: the same state runs again
+        elif word in state.on:
+            self.resume(state, word)
+        else:
+            self.unmapped(word)
+
+    def unmapped(self, word: str) -> None:
+        """An event the machine's table does not map where it happened: the
+        driver's documented default (:data:`afpa.machine.tables.EVENT_DEFAULTS`)."""
 
     def fail(self, state: Any, failure: Failure | None, outcome: Any = None) -> None:
         """A state raised (or returned an unmapped outcome): log once, count, and
@@ -294,9 +365,11 @@ class Driver:
     def resumed(self) -> None:
         """The Deferred fired; the machine is about to continue."""
 
-    def finished(self, req: Any, close: bool) -> Any:
-        """The request ended (``@done`` or ``@close``); return the state to go on
-        with, or None to stop stepping."""
+    def finished(self, req: Any, edge: Edge) -> Any:
+        """The request ended on ``edge`` (to ``@done``, or ``@close`` when
+        ``edge.close``; ``edge.word``, the outcome that ended it, is a companion
+        machine's result for its caller); return the state to go on with, or
+        None to stop stepping."""
         raise NotImplementedError
 
     def failed(self) -> None:

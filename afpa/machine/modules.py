@@ -45,6 +45,19 @@ StateFn: TypeAlias = Callable[[Any, Any, Any], "str | Deferred[str]"]
 """``fn(g, conn, req) -> outcome``: the signature of every state function."""
 
 
+TIMEOUT, PEER_CLOSED, INPUT = "timeout", "peer_closed", "input"
+EVENTS = frozenset({TIMEOUT, PEER_CLOSED, INPUT})
+"""The runtime's event words.  The runtime knows no protocol: it says only that
+a connection's deadline passed (``timeout``), that the other end closed
+(``peer_closed``) or that more input arrived (``input``), and a machine's
+table maps these words like any outcome.  They are allowed outcomes of every
+state without being declared; see :mod:`afpa.machine.driver` for where each
+can happen and what the runtime does when a table leaves one unmapped.
+
+A state that raised is not an event word: the driver ends the request and asks
+the module for its answer with the reason word ``failed`` (see
+:attr:`ProtocolModule.fail`)."""
+
 RUNTIME_FACTS: Mapping[str, str] = {
     "response": "an answer on the request scope, ready for the Send Engine",
 }
@@ -98,11 +111,13 @@ class StateFunction:
     outcomes: frozenset[str]
     doc: str = ""
     contract: Contract | None = None
+    events: frozenset[str] = frozenset()  # runtime events its wait takes as outcomes
 
 
 def state(*outcomes: str, needs: Iterable[str] | None = None,
           provides: Mapping[str, Iterable[str]] | None = None,
-          drops: Mapping[str, Iterable[str]] | None = None) -> Callable[[StateFn], StateFn]:
+          drops: Mapping[str, Iterable[str]] | None = None,
+          events: Iterable[str] = ()) -> Callable[[StateFn], StateFn]:
     """Decorator declaring the outcomes a state function may return, and
     optionally its contract.
 
@@ -113,10 +128,20 @@ def state(*outcomes: str, needs: Iterable[str] | None = None,
     outcome to facts that stop holding (e.g. a connection given up before a
     retry).  Giving any of the three declares a contract; giving none leaves the
     function unchecked, as before contracts existed.
+
+    ``events`` names the runtime event words (:data:`EVENTS`: ``timeout``,
+    ``peer_closed``, ``input``) the function's wait takes as outcomes: it
+    returns a Deferred, and while it is parked on it the driver delivers those
+    events to it (giving up the Deferred) so the table decides what runs next.
+    A state that stops on ``@wait`` gets ``timeout`` (and ``peer_closed``) as
+    outcomes without declaring them.
     """
 
     if not outcomes:
         raise ValueError("a state function must declare at least one outcome")
+    events = frozenset(events)
+    if isinstance(events, str) or not events <= EVENTS:
+        raise ValueError(f"events: only runtime event words ({', '.join(sorted(EVENTS))})")
     contract = None
     if needs is not None or provides is not None or drops is not None:
         contract = Contract.build(outcomes, needs or (), provides, drops)
@@ -124,6 +149,7 @@ def state(*outcomes: str, needs: Iterable[str] | None = None,
     def mark(fn: StateFn) -> StateFn:
         fn.__afpa_outcomes__ = frozenset(outcomes)  # type: ignore[attr-defined]
         fn.__afpa_contract__ = contract  # type: ignore[attr-defined]
+        fn.__afpa_events__ = events  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -138,7 +164,8 @@ def collect(fns: Iterable[StateFn]) -> dict[str, StateFunction]:
             raise ValueError(f"{fn.__name__} has no @state(...) outcome declaration")
         doc = (fn.__doc__ or "").strip().splitlines()
         out[fn.__name__] = StateFunction(fn.__name__, fn, outcomes, doc[0] if doc else "",
-                                         getattr(fn, "__afpa_contract__", None))
+                                         getattr(fn, "__afpa_contract__", None),
+                                         getattr(fn, "__afpa_events__", frozenset()))
     return out
 
 
@@ -320,9 +347,12 @@ class ProtocolModule:
       :class:`afpa.machine.scopes.RequestScope`).
     - ``facts``: the contract words its functions use, each with its meaning
       (shown by ``afpa tables graph``; :data:`RUNTIME_FACTS` are always known).
-    - ``fail(g, conn, req, status)``: fill ``req`` with the protocol's own error
-      answer (HTTP: 500 when a state raised, 408 on a header timeout) or leave
+    - ``fail(g, conn, req, reason)``: fill ``req`` with the protocol's own error
+      answer for the runtime's ``reason`` word (``"failed"``: a state raised or
+      returned a word its table does not map; HTTP answers 500) or leave
       ``req.head`` empty when the protocol has none; the connection then closes.
+      The runtime never names a protocol status: the module turns reasons into
+      answers.
     - ``invalidation``: how the admin API's purge, ban and tag requests become
       cache keys (the store's keys are the module's own), or None when the module
       offers none.  An object with ``keys(spec, g) -> list`` (``g``: the
@@ -367,7 +397,7 @@ class ProtocolModule:
     table: str
     make_global: Callable[[Any, Any], Any]
     make_request: Callable[[Any], Any]
-    fail: Callable[[Any, Any, Any, int], None]
+    fail: Callable[[Any, Any, Any, str], None]
     companions: tuple[str, ...] = ()
     access_field: Callable[[str], Callable[[Any, Any, float], str] | None] | None = None
     access_format: str = ""

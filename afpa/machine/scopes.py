@@ -32,6 +32,16 @@ class Runtime:
     machines: dict = attrs.field(factory=dict)  # companion machines by name
 
 
+# Which timer a connection's deadline is (Connection.timer).  The runtime arms
+# IDLE (between requests: the runtime's idle_timeout) and HANDSHAKE (a TLS
+# handshake: tls_handshake_timeout, before any machine runs); a state arms WAIT
+# (more input it waits for at @wait, e.g. the rest of a request head) or WORK
+# (work it parks on: a send, a backend exchange, a tunnel).  Only the driver
+# reads it, to know which deadline lapses when the machine parks or resumes;
+# what a timeout means is the table's business (the ``timeout`` outcome).
+IDLE, HANDSHAKE, WAIT, WORK = 0, 1, 2, 3
+
+
 @attrs.define(slots=True, eq=False)
 class Connection:
     """Per-connection data.
@@ -40,9 +50,15 @@ class Connection:
     search for the end of a message resumes, so a request trickling in one byte
     at a time is not rescanned from its start on every byte.  ``pending`` holds
     protocol work left over from the previous request (e.g. a request body still
-    to be read and discarded).  ``deadline`` / ``deadline_kind`` drive the
-    timeout sweep.  ``kind`` is the transport kind: ``"stream"`` here,
-    ``"datagram"`` for :class:`afpa.net.datagram.DatagramConnection`.
+    to be read and discarded).
+
+    ``deadline`` is the connection's one deadline (seconds on the reactor's
+    clock; ``inf``: none) and ``timer`` which timer it is (:data:`IDLE`,
+    :data:`HANDSHAKE`, :data:`WAIT`, :data:`WORK`).  The server's once-a-second
+    sweep hands a connection whose deadline has passed to its driver, which
+    delivers the event word ``timeout`` to the machine (the table maps it).
+    ``kind`` is the transport kind: ``"stream"`` here, ``"datagram"`` for
+    :class:`afpa.net.datagram.DatagramConnection`.
     """
 
     kind: ClassVar[str] = "stream"
@@ -57,17 +73,22 @@ class Connection:
     scan: int = 0
     pending: Any = None
     deadline: float = 0.0
-    deadline_kind: str = "idle"
+    timer: int = 0               # IDLE, HANDSHAKE, WAIT or WORK: who armed ``deadline``
     requests: int = 0
     busy: bool = False
     closed: bool = False
     reset: bool = False          # closed by a reset or an error, not a clean close
     tls: bool = False
     listener: str = ""           # which kind of listener accepted it ("" for clients, "sibling", ...)
-    sink: Any = None
-    on_lost: Any = None
-    on_timeout: Any = None
-    driver: Any = None
+    driver: Any = None           # the Driver running this connection's machine
+
+    def arm(self, until: float, timer: int) -> None:
+        """Set the connection's deadline (``until``, on the reactor's clock) and
+        say which timer it is: :data:`WAIT` for a state waiting for more input
+        (it lapses when the machine parks or the request ends), :data:`WORK`
+        for work a parked state waits on (kept while it is parked)."""
+        self.deadline = until
+        self.timer = timer
 
     @property
     def peer(self) -> str:

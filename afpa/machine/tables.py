@@ -15,6 +15,14 @@ Special targets: ``@wait`` (stop, run the same state again when more input
 arrives), ``@done`` (request finished, the connection goes on) and ``@close``
 (request finished, close the connection).
 
+Runtime events are outcomes too (:data:`afpa.machine.modules.EVENTS`): a state
+that stops on ``@wait`` may map ``timeout`` and ``peer_closed``, and a state
+whose function declares that its wait takes events (``@state(...,
+events=(...))``) may map those.  They need no declaration among the function's
+outcomes; mapping one where it can never happen is a problem, and one that can
+happen but is not mapped gets a note (:func:`notes`) saying what the runtime
+does instead (:data:`EVENT_DEFAULTS`).
+
 Validation reports *every* problem with the file, line, state and key, and a table
 with any problem is never compiled.  Besides the wiring (every outcome mapped,
 every state reachable and able to end), it checks the functions' contracts (see
@@ -37,7 +45,8 @@ from typing import Any
 
 import attrs
 
-from afpa.machine.modules import Contract, ProtocolModule, Registry, StateFn
+from afpa.machine.modules import (EVENTS, INPUT, PEER_CLOSED, TIMEOUT, Contract, ProtocolModule, Registry,
+                                  StateFn, StateFunction)
 
 WAIT, DONE, CLOSE = "@wait", "@done", "@close"
 SPECIALS = (WAIT, DONE, CLOSE)
@@ -91,6 +100,7 @@ class CompiledState:
     fn: StateFn | None
     function: str
     on: dict[str, Edge] = attrs.field(factory=dict)
+    events: frozenset[str] = frozenset()  # runtime events its function's wait takes (parked)
 
     def __repr__(self) -> str:
         return f"<state {self.name}>"
@@ -98,10 +108,14 @@ class CompiledState:
 
 @attrs.frozen(slots=True)
 class Edge:
-    """A transition: where an outcome leads, and its counter slot."""
+    """A transition: where an outcome leads, and its counter slot.  ``word`` is
+    the outcome; ``close`` says the target is ``@close`` (read when a request
+    ends, so the driver need not compare names)."""
 
     target: CompiledState
     index: int
+    word: str = ""
+    close: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -135,6 +149,24 @@ class TableSpec:
 
 def _stem(name: str) -> str:
     return name[:-5] if name.endswith(".toml") else name
+
+
+EVENT_DEFAULTS = {
+    TIMEOUT: "the connection is closed (a backend exchange fails instead)",
+    PEER_CLOSED: "the request is dropped (a backend exchange fails instead)",
+    INPUT: "the input stays buffered until the state runs again",
+}
+"""What the runtime does with an event a table leaves unmapped where it happens."""
+
+
+def receivable(body: dict[str, Any], fn: StateFunction | None) -> frozenset[str]:
+    """The runtime events a state can be given as outcomes: ``timeout`` and
+    ``peer_closed`` when it stops on ``@wait``, and whatever its function's
+    wait declares (``@state(..., events=...)``)."""
+    out = set(fn.events) if fn is not None else set()
+    if WAIT in body["on"].values():
+        out |= {TIMEOUT, PEER_CLOSED}
+    return frozenset(out)
 
 
 def shipped_table_path(name: str) -> Path:
@@ -253,6 +285,7 @@ def validate(spec: TableSpec, registry: Registry) -> list[Problem]:
     for sname, body in spec.states.items():
         run = body["run"]
         declared = None
+        fn = None
         if run:
             fn = registry.lookup(run, spec.module)
             if fn is None:
@@ -260,10 +293,17 @@ def validate(spec: TableSpec, registry: Registry) -> list[Problem]:
             else:
                 declared = fn.outcomes
         on = body["on"]
+        events = receivable(body, fn)
         for outcome, target in on.items():
             if target not in SPECIALS and target not in spec.states:
                 problems.append(Problem(f, sname, f"on.{outcome}", f"unknown target state {target!r}"))
-            if declared is not None and outcome not in declared:
+            if outcome in EVENTS and outcome not in (declared or ()):
+                if fn is not None and outcome not in events:
+                    problems.append(Problem(
+                        f, sname, f"on.{outcome}",
+                        f"runtime event {outcome!r} never reaches this state (it does not stop on @wait"
+                        f" and {run!r} does not declare that its wait takes {outcome!r})"))
+            elif declared is not None and outcome not in declared:
                 problems.append(Problem(
                     f, sname, f"on.{outcome}",
                     f"function {run!r} never returns {outcome!r} (it returns: {', '.join(sorted(declared))})"))
@@ -303,6 +343,22 @@ def _graph_problems(spec: TableSpec) -> list[Problem]:
     return problems
 
 
+def notes(spec: TableSpec, registry: Registry) -> list[Problem]:
+    """Runtime events that can happen in a state whose table entry does not map
+    them, each saying what the runtime does instead (not errors: the defaults
+    are sensible; a table maps an event to do something else)."""
+    out = []
+    for sname, body in spec.states.items():
+        fn = registry.lookup(body["run"], spec.module) if body["run"] else None
+        for event in sorted(receivable(body, fn) - body["on"].keys()):
+            if event == PEER_CLOSED and fn is not None and event not in fn.events:
+                continue  # the other end left while nothing was under way: nothing to do
+            out.append(Problem(spec.file, sname, f"on.{event}",
+                               f"note: runtime event {event!r} can happen here and is not mapped: "
+                               f"{EVENT_DEFAULTS[event]}"))
+    return _with_lines(spec.text, out)
+
+
 def check_text(text: str, file: str, registry: Registry) -> tuple[TableSpec | None, list[Problem]]:
     """Parse and validate; returns the spec and every problem found."""
     spec, problems = parse(text, file)
@@ -318,7 +374,7 @@ def compile_spec(spec: TableSpec, registry: Registry) -> Machine:
     for i, (sname, body) in enumerate(spec.states.items()):
         fn = registry.lookup(body["run"], spec.module)
         assert fn is not None
-        states[sname] = CompiledState(sname, i, fn.fn, body["run"])
+        states[sname] = CompiledState(sname, i, fn.fn, body["run"], events=fn.events)
     specials = {name: CompiledState(name, -1, None, "") for name in SPECIALS}
     edges: list[tuple[str, str, str]] = []
     for sname, body in spec.states.items():
@@ -327,7 +383,7 @@ def compile_spec(spec: TableSpec, registry: Registry) -> Machine:
             # @wait means "this same state, later": the edge keeps the special
             # marker so the engine knows to stop, not to loop.
             dest = specials[target] if target in specials else states[target]
-            st.on[outcome] = Edge(dest, len(edges))
+            st.on[outcome] = Edge(dest, len(edges), outcome, target == CLOSE)
             edges.append((sname, outcome, target))
     return Machine(
         name=spec.name, module=module, start=states[spec.start], states=states, edges=edges,

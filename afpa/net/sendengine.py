@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from afpa.cache.store import FRAGMENT, CacheObject
 from afpa.machine.modules import UnmetNeed
+from afpa.machine.scopes import WORK
 # Imported by name: the hit path calls push with no attribute lookup.
 from afpa.net.twisted_private import push, queue_of, queued
 
@@ -161,9 +162,7 @@ class _Sender:
 
     def _touch(self) -> None:
         # Progress pushes the send deadline out: only a stalled client times out.
-        conn = self.conn
-        conn.deadline = self.runtime.reactor.seconds() + self.runtime.settings.send_timeout
-        conn.deadline_kind = "send"
+        self.conn.arm(self.runtime.reactor.seconds() + self.runtime.settings.send_timeout, WORK)
 
     def _drain(self) -> bool:
         """Send queued buffers until the socket is full.  Returns True when bytes

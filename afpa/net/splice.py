@@ -7,11 +7,15 @@ each side's input is written to the other.  Back-pressure holds both ways, as in
 ``twisted.protocols.portforward``: each transport is registered as the other's
 producer, so a side that does not read stops the other side being read.
 
-Two verbs (modules reach them through :mod:`afpa.net.verbs`): :func:`splice`
-connects to a server first (a deferred route), and :func:`splice_to` joins an
-outbound connection a module already has open (a backend that agreed to switch
-protocols); the module then hands that connection's events to the returned
-:class:`Tunnel` (its ``data``/``lost`` methods).
+Two verbs (modules reach them through :mod:`afpa.net.verbs`): :func:`splice` connects to a server first (a deferred route), and
+:func:`splice_to` joins a connection a module already has open (a backend that
+agreed to switch protocols); the module then hands that connection's events to
+the returned :class:`Tunnel` (its ``data``/``lost`` methods).
+
+While spliced, the client connection's events go to the tunnel: it is the
+waiter on the client's driver (:attr:`afpa.machine.driver.Driver.waiter`) and
+takes ``input`` (relayed), ``peer_closed`` (the server side is closed too) and
+``timeout`` (idle both ways for ``idle_timeout``: both sides are closed).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Protocol
+
+from afpa.machine.modules import INPUT, PEER_CLOSED, TIMEOUT
+from afpa.machine.scopes import WORK
 
 
 class Tunnel:
@@ -36,8 +43,7 @@ class Tunnel:
         self.transport: Any = None
 
     def _touch(self) -> None:
-        self.conn.deadline_kind = "tunnel"
-        self.conn.deadline = self.seconds() + self.idle_timeout
+        self.conn.arm(self.seconds() + self.idle_timeout, WORK)
 
     def attach(self, transport: Any) -> None:
         """Start relaying between the client and ``transport``."""
@@ -47,16 +53,26 @@ class Tunnel:
             transport.loseConnection()
             return
         client = conn.transport
-        # The deadline is the tunnel's own now, not whatever owned it before.
-        conn.on_timeout = None
-        conn.sink = self._from_client
+        # The client connection's events (and its deadline) are the tunnel's now.
+        if conn.driver is not None:
+            conn.driver.waiter = self
         self._from_client()  # replay what was read, including anything since
         self._touch()
-        conn.on_lost = lambda _reason: transport.loseConnection()
         client.registerProducer(transport, True)
         transport.registerProducer(client, True)
         if conn.driver is not None:
             conn.driver.resume_reading()
+
+    def deliver(self, word: str) -> None:
+        """An event of the client connection (see the module docstring)."""
+        if word == INPUT:
+            self._from_client()
+        elif word == PEER_CLOSED:
+            self.transport.loseConnection()
+        elif word == TIMEOUT:
+            if not self.conn.closed:
+                self.conn.transport.loseConnection()
+            self.transport.loseConnection()
 
     def _from_client(self) -> None:
         conn = self.conn

@@ -7,6 +7,16 @@ Engine's producer ``resumeProducing`` (send window open) and ``connectionLost``
 (:class:`afpa.machine.driver.Driver`); input arriving while the machine is parked
 is buffered (and reading paused past a limit), so pipelined requests are
 answered strictly in order.
+
+Control never leaves the tables: the connection's events reach the machine as
+the runtime's event words through :meth:`Driver.deliver` -- ``input`` from
+``dataReceived``, ``peer_closed`` from ``connectionLost`` and ``timeout`` from
+the server's sweep (:meth:`MachineProtocol.timed_out`) -- and the table maps
+them.  One deadline per connection (``conn.deadline``, ``conn.timer``): the
+runtime arms ``idle_timeout`` between requests (and ``tls_handshake_timeout``
+until a TLS handshake is done, which alone it enforces itself: no machine has
+the connection yet); a state arms its own for what it waits on.  What this
+driver does with an event its table leaves unmapped is :meth:`unmapped`.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from zope.interface import implementer
 
 from afpa.net import sendengine, twisted_private
 from afpa.machine.driver import Driver
-from afpa.machine.scopes import Connection
+from afpa.machine.modules import PEER_CLOSED, INPUT, TIMEOUT
+from afpa.machine.scopes import HANDSHAKE, IDLE, WORK, Connection
 
 INF = float("inf")
 
@@ -30,11 +41,10 @@ class MachineProtocol(Protocol, Driver):
     """One client connection, driven by the machine that was current when it was
     accepted.
 
-    While the machine is parked, a state may take over the connection's input
-    and loss events by setting ``conn.sink`` (called with no argument after new
-    bytes were appended to ``conn.inbuf``) and ``conn.on_lost`` (called with the
-    reason): that is how a forwarded request body streams to a backend and how a
-    deferred connection is spliced.
+    While the machine is parked, the work it waits on may take the
+    connection's events (:attr:`Driver.waiter`): that is how a forwarded request
+    body streams to a backend machine, how that machine learns the client left,
+    and how a spliced connection relays bytes.
     """
 
     answer_fn = staticmethod(sendengine.send_engine)
@@ -75,10 +85,9 @@ class MachineProtocol(Protocol, Driver):
         if conn.tls:
             # Until the handshake completes (handshakeCompleted) only its own,
             # short deadline applies: a peer that never finishes it is closed.
-            conn.deadline_kind = "handshake"
-            conn.deadline = self.seconds() + server.settings.tls_handshake_timeout
+            conn.arm(self.seconds() + server.settings.tls_handshake_timeout, HANDSHAKE)
         else:
-            conn.deadline = self.seconds() + server.settings.idle_timeout
+            conn.arm(self.seconds() + server.settings.idle_timeout, IDLE)
         server.connection_opened(self)
         if machine.module.speaks_first:
             # The server talks first (a greeting): the start state runs now,
@@ -88,9 +97,8 @@ class MachineProtocol(Protocol, Driver):
     def handshakeCompleted(self) -> None:
         """TLS only (IHandshakeListener): the handshake is done; the idle deadline starts."""
         conn = self.conn
-        if conn is not None and conn.deadline_kind == "handshake":
-            conn.deadline_kind = "idle"
-            conn.deadline = self.seconds() + self.server.settings.idle_timeout
+        if conn is not None and conn.timer == HANDSHAKE:
+            conn.arm(self.seconds() + self.server.settings.idle_timeout, IDLE)
 
     def dataReceived(self, data: bytes) -> None:
         conn = self.conn
@@ -104,10 +112,9 @@ class MachineProtocol(Protocol, Driver):
             conn.scan = max(0, conn.scan - conn.inpos)
         conn.inpos = 0
         if conn.busy:
-            if conn.sink is not None:
-                conn.sink()
-            elif conn.unread() > self.server.limits.max_unread and not self.reading_paused:
-                self.pause_reading()
+            self.deliver(INPUT)  # to whoever takes the connection's input while parked
+            if conn.busy and conn.unread() > self.server.limits.max_unread and not self.reading_paused:
+                self.pause_reading()  # nobody is consuming it: stop reading
             return
         self.step(conn.state, None)
 
@@ -115,8 +122,7 @@ class MachineProtocol(Protocol, Driver):
         conn = self.conn
         if conn is not None and not conn.closed:
             conn.closed = True
-            if conn.on_lost is not None:
-                conn.on_lost(reason)
+            self.deliver(PEER_CLOSED)
             if conn.req is not None:
                 release(conn.req)
             self.server.connection_closed(self)
@@ -145,25 +151,17 @@ class MachineProtocol(Protocol, Driver):
         req.started = self.seconds()
         return req
 
-    def waiting(self) -> None:
-        conn = self.conn
-        if conn.deadline_kind == "idle":
-            conn.deadline_kind = "header"
-            conn.deadline = self.seconds() + self.server.limits.message_timeout
-
     def suspended(self) -> None:
+        # Parked: only a deadline the state armed for its work (WORK) runs on;
+        # the idle or input one it had before is not its business any more.
         conn = self.conn
-        if conn.deadline_kind not in ("send", "backend", "tunnel"):
-            conn.deadline_kind = "busy"
-            conn.deadline = INF
+        if conn.timer != WORK:
+            conn.arm(INF, IDLE)
 
     def resumed(self) -> None:
-        conn = self.conn
-        conn.sink = conn.on_lost = conn.on_timeout = None
-        if conn.deadline_kind in ("busy", "backend"):
-            conn.deadline_kind = "idle"
+        self.conn.arm(INF, IDLE)  # the work is over; the next state or finished() arms anew
 
-    def finished(self, req: Any, close: bool) -> Any:
+    def finished(self, req: Any, edge: Any) -> Any:
         conn = self.conn
         now = self.seconds()
         if req.status:
@@ -173,12 +171,12 @@ class MachineProtocol(Protocol, Driver):
         conn.req = None
         conn.requests += 1
         machine = conn.machine
-        if close or conn.closed or self.server.draining:
+        if edge.close or conn.closed or self.server.draining:
             conn.state = machine.start
             self._close()
             return None
         conn.state = machine.start
-        conn.deadline_kind = "idle"
+        conn.timer = 0  # IDLE (a constant here: this runs once per request)
         if self.reading_paused:
             self.resume_reading()
         if conn.inpos >= len(conn.inbuf):
@@ -187,7 +185,24 @@ class MachineProtocol(Protocol, Driver):
         return machine.start  # pipelined input is already here
 
     def failed(self) -> None:
-        self.abort_request(500)
+        self.abort_request("failed")
+
+    def unmapped(self, word: str) -> None:
+        """The defaults for events a client table leaves unmapped: ``timeout``
+        closes the connection (cuts it when the machine is parked, e.g. on a
+        send to a client that stopped reading: nothing can be said to it);
+        ``peer_closed`` drops the request (the connection is gone; a parked
+        Deferred that fires later is discarded); ``input`` waits in the buffer."""
+        if word == TIMEOUT:
+            conn = self.conn
+            if conn.closed:
+                return
+            if conn.busy:
+                conn.closed = True
+                self.transport.abortConnection()
+                self.server.connection_closed(self)
+            else:
+                self._close()
 
     # -- configuration reload -------------------------------------------------
 
@@ -206,11 +221,11 @@ class MachineProtocol(Protocol, Driver):
         # connections that have nothing to take up pay nothing per request.
         self.finished = self._finish_then_switch  # type: ignore[method-assign]
 
-    def _finish_then_switch(self, req: Any, close: bool) -> Any:
+    def _finish_then_switch(self, req: Any, edge: Any) -> Any:
         del self.finished
         machine, g = self._next
         self._next = None
-        state = MachineProtocol.finished(self, req, close)
+        state = MachineProtocol.finished(self, req, edge)
         if self.conn.closed:
             return None
         self._switch(machine, g)
@@ -257,9 +272,11 @@ class MachineProtocol(Protocol, Driver):
         self.transport.loseConnection()
         self.server.connection_closed(self)
 
-    def abort_request(self, status: int) -> None:
-        """End the current request with the protocol's error answer (if nothing of a
-        response went out yet) and close the connection."""
+    def abort_request(self, reason: str) -> None:
+        """End the current request with the protocol's error answer for
+        ``reason`` (a runtime reason word, e.g. ``"failed"``: see
+        ``ProtocolModule.fail``), if nothing of a response went out yet, and
+        close the connection."""
         conn = self.conn
         if conn.closed:
             return
@@ -271,7 +288,7 @@ class MachineProtocol(Protocol, Driver):
         if not req.sent_head:
             release(req)
             req.head, req.body, req.status = b"", None, 0
-            conn.machine.module.fail(self.g, conn, req, status)
+            conn.machine.module.fail(self.g, conn, req, reason)
             if req.head:
                 trace = req.trace
                 if trace is not None and trace.header:
@@ -288,25 +305,22 @@ class MachineProtocol(Protocol, Driver):
         conn.req = None
         self._close()
 
-    def timed_out(self, kind: str) -> None:
-        """Called by the server's sweep when ``conn.deadline`` has passed."""
+    def timed_out(self) -> None:
+        """Called by the server's sweep when ``conn.deadline`` has passed: the
+        machine gets ``timeout`` (:meth:`Driver.deliver`)."""
         conn = self.conn
         if conn.closed:
             return
-        if conn.on_timeout is not None:
-            # A state parked on other work (a backend exchange) owns this deadline.
-            conn.deadline = INF
-            conn.on_timeout()
-        elif kind == "header":
-            self.abort_request(408)
-        elif kind in ("send", "handshake"):
-            # Nothing useful can be said to either; a TLS transport would first
-            # try a polite shutdown a half-done handshake cannot carry.
+        if conn.timer == HANDSHAKE:
+            # Before the handshake no machine has the connection: nothing can be
+            # said, and a TLS transport would first try a polite shutdown a
+            # half-done handshake cannot carry.
             conn.closed = True
             self.transport.abortConnection()
             self.server.connection_closed(self)
-        else:
-            self._close()
+            return
+        conn.deadline = INF
+        self.deliver(TIMEOUT)
 
 
 def release(req: Any) -> None:

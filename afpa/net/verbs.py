@@ -121,10 +121,12 @@ def unpace(writer: Connection) -> None:
         t.unregisterProducer()
 
 
-def exchange(g: Any, machine: Any, req: Any, peer: str = "") -> Exchange:
+def exchange(g: Any, machine: Any, req: Any, peer: str = "", watch: Connection | None = None) -> Exchange:
     """A new outbound exchange running ``machine`` with request scope ``req``;
-    ``start()`` runs it and returns a Deferred of the word it ends with."""
-    return Exchange(g, machine, req, peer)
+    ``start()`` runs it and returns a Deferred of the word it ends with.
+    ``watch``: a client connection whose events (``input``, ``peer_closed``,
+    ``timeout``) go to this machine while it runs."""
+    return Exchange(g, machine, req, peer, watch=watch)
 
 
 def attach(conn: Connection, proto: Any) -> None:

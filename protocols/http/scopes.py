@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from afpa.machine.modules import Listener
+from afpa.machine.modules import TIMEOUT, Listener
 from afpa.machine.scopes import Request
 from afpa.machine.trust import TrustedProxies
 from protocols.http.states.coalesce import Flights
@@ -153,9 +153,11 @@ class HttpGlobal:
             self.siblings.sweep(now)
         for ex in list(self.refreshing.values()):
             # A background refresh has no client connection in the server's
-            # sweep: its deadline (BackendExchange.arm) is enforced here.
-            if ex.cconn.deadline <= now and ex.cconn.on_timeout is not None:
-                ex.cconn.on_timeout()
+            # sweep: its deadline (BackendExchange.arm) is found here, and its
+            # machine gets ``timeout`` as a client's exchange would.
+            if ex.cconn.deadline <= now:
+                ex.cconn.deadline = float("inf")
+                ex.runner.deliver(TIMEOUT)
 
     def describe(self) -> list[str]:
         """Where misses go, for the startup log."""

@@ -147,7 +147,8 @@ def test_keepalive_pool_reused_across_clients(afpa_process, backend):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
     assert f'afpa_backend_connections_opened_total{{backend="{b.url}"}} 1.0' in metrics
     assert f'afpa_backend_connections_reused_total{{backend="{b.url}"}} 2.0' in metrics
-    assert 'afpa_state_transitions_total{machine="http-backend",outcome="reuse",state="backend_finish"} 3.0' in metrics
+    # The backend machine's result for each request: relayed, ending on @done (the pool keeps the connection).
+    assert 'afpa_state_transitions_total{machine="http-backend",outcome="relayed",state="backend_stream_body"} 3.0' in metrics
 
 
 def test_idempotent_request_retried_on_fresh_connection(afpa_process, backend):

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 
 from afpa.cache.store import CacheObject, Variants, fragments_of
 from afpa.machine.modules import state
+from afpa.machine.scopes import WAIT
 from afpa.net.sendengine import FileBody, Pieces
 from protocols.http.policy import cachepolicy, conditional, ranges
 from protocols.http.states import files, siblings, tracing
@@ -57,6 +58,10 @@ def derive_request(g: Any, conn: Any, req: Any) -> str:
         return "malformed"
     if end < 0:
         conn.scan = req.scan_hint
+        if conn.timer != WAIT:
+            # A head has begun: it must be complete within timeouts.header
+            # (counted from its first byte; ``timeout`` then goes to answer_timeout).
+            conn.arm(g.reactor.seconds() + g.settings.header_timeout, WAIT)
         return "need_more"
     conn.inpos = conn.scan = end
     if req.chunked or req.content_length > 0:
@@ -91,8 +96,7 @@ def _discard_body(g: Any, conn: Any) -> bool:
     if finished:
         conn.pending = None
         return True
-    conn.deadline_kind = "body"
-    conn.deadline = g.reactor.seconds() + g.runtime.settings.idle_timeout
+    conn.arm(g.reactor.seconds() + g.runtime.settings.idle_timeout, WAIT)  # the body must keep arriving
     return False
 
 
@@ -390,11 +394,30 @@ def _answer_range(g: Any, req: Any, head: bytes, etag: bytes | None, last_modifi
     return True
 
 
-def fail(g: Any, conn: Any, req: Any, status: int) -> None:
-    """The protocol's answer when a state raised (500) or a head timed out (408)."""
+@state("answered", "quiet", needs=(), provides={"answered": ("response",)})
+def answer_timeout(g: Any, conn: Any, req: Any) -> str:
+    """The connection's deadline passed while a request was awaited (the table
+    maps the runtime's ``timeout`` here): part of a head had arrived -> 408
+    (``answered``); an idle keep-alive connection, or one whose previous
+    request's body stopped arriving, is closed without a word (``quiet``)."""
+    if conn.pending is None and conn.unread():
+        fail(g, conn, req, "timeout")
+        return "answered"
+    return "quiet"
+
+
+# The runtime's reason words (ProtocolModule.fail) as HTTP answers.
+_FAIL_STATUS = {"failed": 500, "timeout": 408}
+
+
+def fail(g: Any, conn: Any, req: Any, reason: str) -> None:
+    """The protocol's answer for a runtime reason word: ``failed`` (a state
+    raised, or returned a word its table does not map) is a 500, ``timeout``
+    a 408; the connection closes after it."""
     if not req.cache_status:
         req.cache_status = b"afpa; detail=error"
-    set_error(g, req, status, close=True)
+    set_error(g, req, _FAIL_STATUS.get(reason, 500), close=True)
 
 
-FUNCTIONS = (derive_request, derive_cached_response, derive_miss_response, derive_uncached_response)
+FUNCTIONS = (derive_request, derive_cached_response, derive_miss_response, derive_uncached_response,
+             answer_timeout)

@@ -40,14 +40,14 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
-from afpa.machine.modules import state
+from afpa.machine.modules import PEER_CLOSED, TIMEOUT, state
+from afpa.machine.scopes import WORK
 from protocols.http.states.client import _answer, settle_body
 
 HIT_FOR_MISS_ENTRIES = 65536
 """At most this many keys are remembered as not cacheable (oldest forgotten first)."""
 
 _PRIVATE_FIELDS = (b"authorization", b"cache-control", b"pragma")
-_TIMEOUT = "timeout"
 
 
 @attrs.define(slots=True, eq=False)
@@ -165,42 +165,36 @@ def leader_ended(g: Any, creq: Any) -> None:
 
 # -- the client machine's waiting state -----------------------------------------
 
-@state("hit", "released", "timeout", needs=("request", "route"),
-       provides={"hit": ("response",)})
+@state("hit", "released", needs=("request", "route"), provides={"hit": ("response",)},
+       events=(TIMEOUT, PEER_CLOSED))
 def derive_collapsed_response(g: Any, conn: Any, req: Any) -> Deferred | str:
-    """Wait for the fetch in flight for this key (``cache.coalesce_timeout`` at
-    most): ``hit`` when it was stored (answered from it), ``released`` when it
-    was not (forward this request yourself), ``timeout`` when it took too long."""
+    """Wait for the fetch in flight for this key: ``hit`` when it was stored
+    (answered from it), ``released`` when it was not (forward this request
+    yourself).  The wait takes the events ``timeout`` (after
+    ``cache.coalesce_timeout``) and ``peer_closed``; either gives it up."""
     flight = g.flights.inflight.get(req.key)
     if flight is None:  # reached without derive_miss_response's check (an edited table)
         return _woken(None, g, conn, req)
-    d: Deferred = Deferred()
+
+    def give_up(d: Deferred) -> None:
+        # The driver delivers an event instead: leave the flight's waiters.
+        if d in flight.waiters:
+            flight.waiters.remove(d)
+        req.cache_status = (req.cache_status or b"afpa; fwd=bypass") + b"; collapsed=?0"
+
+    d: Deferred = Deferred(give_up)
     flight.waiters.append(d)
-
-    def expired() -> None:
-        if d in flight.waiters:
-            flight.waiters.remove(d)
-            d.callback(_TIMEOUT)
-
-    def lost(_reason: Any) -> None:
-        if d in flight.waiters:
-            flight.waiters.remove(d)
-            d.callback(None)
-
-    # The connection's deadline bounds the wait: the server's sweep calls
-    # on_timeout, so a waiter costs no timer.
-    conn.deadline_kind = "backend"
-    conn.deadline = g.reactor.seconds() + g.settings.coalesce_timeout
-    conn.on_timeout = expired
-    conn.on_lost = lost
+    # The connection's deadline bounds the wait: the server's sweep finds it,
+    # so a waiter costs no timer.
+    conn.arm(g.reactor.seconds() + g.settings.coalesce_timeout, WORK)
     return d.addCallback(_woken, g, conn, req)
 
 
 def _woken(result: Any, g: Any, conn: Any, req: Any) -> str:
-    if result is None or result is _TIMEOUT or conn.closed or _varies(result):
+    if result is None or conn.closed or _varies(result):
         # RFC 9211: collapsed=?0, this request had to make its own.
         req.cache_status = (req.cache_status or b"afpa; fwd=bypass") + b"; collapsed=?0"
-        return "timeout" if result is _TIMEOUT else "released"
+        return "released"
     obj = result
     now = g.reactor.seconds()
     if conn.pending is not None:

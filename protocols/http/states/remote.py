@@ -5,9 +5,22 @@
 whose states are the ``backend_*`` functions below:
 
     backend_buffer_body -> backend_connect (-> backend_wait_turn) -> backend_send_request
-        -> backend_read_head -> backend_stream_body -> backend_finish -> @done (pool) / @close
+        -> backend_read_head -> backend_stream_body -> @done (pool) / @close
         -> backend_tunnel (after a 101 to a WebSocket upgrade) -> @close
-        -> backend_refresh (a 304 to a revalidation) -> backend_finish
+        -> backend_refresh (a 304 to a revalidation) -> @done
+
+The word that ends the backend machine is its result, handed back to the client
+machine as the outcome of ``derive_remote_response`` (``relayed``, ``close``,
+``answered``, ``refreshed``, ``upgraded``, or one of :data:`FAILURES`); the
+backend connection goes back to the pool after ``@done`` when it can carry
+another request (:meth:`BackendExchange.finish`).
+
+Events are outcomes of the backend table too: the client's ``peer_closed``
+(``backend_client_gone``: the backend connection is cut) and the deadlines the
+states arm on the client connection (``timeout``: ``backend_body_timeout`` 408,
+``backend_queue_timeout`` 503, ``backend_first_byte_timeout`` 504,
+``backend_body_stalled`` cuts both); the client's ``input`` runs the waiting
+state again (a body buffered, or streamed to the backend).
 
 Revalidation (RFC 9111 4.3): a stale stored response reaches this machine on
 the client request (``req.stale``, left by ``derive_cached_response``).  When it
@@ -70,7 +83,8 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 
 from afpa.cache.store import CacheObject, fragments_of
-from afpa.machine.modules import state
+from afpa.machine.modules import PEER_CLOSED, TIMEOUT, state
+from afpa.machine.scopes import WORK
 from afpa.machine.scopes import Connection, Request
 from afpa.net import verbs
 from protocols.http.policy import cachepolicy, forward, invalidation, ranges
@@ -82,6 +96,9 @@ from protocols.http.wire.responses import http_date, set_error
 from protocols.http.scopes import HttpRequest
 from protocols.http.states.client import _answer, answer_stale, settle_body
 
+FAILURES = ("failed", "aborted", "stale", "fallback")
+"""The backend machine's failure results (:meth:`BackendExchange.fail`): each
+ends it on ``@close`` and is an outcome of the client state that forwarded."""
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
 _SHORT_HEAD_FIELDS = frozenset({b"etag", b"last-modified", b"cache-control", b"expires",
@@ -98,9 +115,7 @@ class BackendExchange(Request):
     pool: Any = None
     proto: Any = None            # the backend connection (routing.pool.BackendProtocol)
     retried: bool = False
-    result: str = "failed"       # the word handed back to the client machine
     runner: Any = None           # the Exchange driving this scope
-    timed_out: bool = False
     client_gone: bool = False
     connecting: Any = None       # the Deferred of a connection being opened
     queued: bool = False         # waiting in the pool's queue
@@ -149,12 +164,17 @@ class BackendExchange(Request):
 
     # -- failure paths --------------------------------------------------------
 
-    def fail(self, status: int, detail: str, reason: str = "") -> None:
+    def fail(self, status: int, detail: str, reason: str = "") -> str:
         """Nothing usable came from the backend: answer the client ``status``
         if no byte of a response went to it yet, else cut the client.  A request
         body that turned out malformed is the client's fault: its 4xx wins.
         ``reason`` (one of routing.pool.FAILURE_REASONS) counts and logs it as the
-        backend's failure."""
+        backend's failure.  Returns the outcome (one of :data:`FAILURES`) the
+        state returns, which the backend table takes to ``@close`` and the
+        client machine's table maps: ``failed`` (an error answer is on the
+        client request), ``aborted`` (the client was cut), ``stale`` (answered
+        from the stale stored response) or ``fallback`` (a sibling gave no
+        answer: ask the origin)."""
         if reason:
             self.pool.failed(reason, detail if reason == "malformed_head" else "")
         if self.sibling is not None and not (self.relaying or self.creq.sent_head or self.client_gone):
@@ -162,14 +182,11 @@ class BackendExchange(Request):
             # instead (a busy owner is tried again next time, a gone one not for a while).
             self.sibling.failed(self.pool, self.g.reactor.seconds(),
                                 down=reason not in ("queue_full", "queue_timeout"))
-            self.result = "fallback"
-            return
+            return "fallback"
         if self.background:
-            self.result = "failed"  # nobody to answer; the stale copy stays as it was
-            return
+            return "failed"  # nobody to answer; the stale copy stays as it was
         if self.relaying or self.creq.sent_head:
-            self.abort_client()
-            return
+            return self.abort_client()
         if self.upload_error is not None:
             status, detail = self.upload_error.status, self.upload_error.detail
             self.creq.close = True
@@ -179,39 +196,35 @@ class BackendExchange(Request):
             # an answer, and the failure says "no timely answer" (RFC 9111 5.2.2.2).
             status = 504
         elif self.creq.stale is not None and _stale_if_error(self, b""):
-            return
+            return "stale"
         self.creq.close = self.creq.close or not self.upload_done
         settle_body(self.g, self.cconn, self.creq)
         self.creq.cache_status = (self.creq.cache_status or b"afpa; fwd=bypass") + b"; detail=backend-error"
         set_error(self.g, self.creq, status, detail)
-        self.result = "failed"
+        return "failed"
 
-    def abort_client(self) -> None:
-        """Cut the client connection: a response that started cannot end cleanly."""
+    def abort_client(self) -> str:
+        """Cut the client connection: a response that started cannot end
+        cleanly (``aborted``; a held response not yet relayed gets a 502 instead)."""
         if self.held and not self.client_gone:
             self.held = False  # nothing went to the client yet: it gets a 502 instead
             self.drop_store()
-            self.fail(502, "backend closed the connection without a complete response")
-            return
-        self.result = "aborted"
+            return self.fail(502, "backend closed the connection without a complete response")
         self.drop_store()
         if not self.cconn.closed:
             verbs.abort(self.cconn)
+        return "aborted"
 
-    def on_failure(self) -> None:
+    def on_failure(self) -> str:
         """A backend state raised: 502 or a cut client, and a dropped backend."""
-        self.fail(502, "internal error while forwarding", "internal")
+        return self.fail(502, "internal error while forwarding", "internal")
 
-    def timeout(self) -> None:
-        """A deadline passed (called by the server's sweep): the state the
-        machine waits in sees ``timed_out`` and answers with its outcome."""
-        self.timed_out = True
-        if self.proto is not None:
-            verbs.abort(self.runner.conn)  # the loss wakes the machine
-        elif self.connecting is not None:
-            self.connecting.cancel()  # the errback wakes the machine
-        else:
-            self.runner.poke()  # buffering a body or waiting in the queue
+    def drop_backend(self) -> None:
+        """Give up the backend connection (a deadline passed, or the client
+        left): it is cut and never reused."""
+        self.keep_alive = False
+        if self.proto is not None and not self.proto.closed:
+            verbs.abort(self.runner.conn)
 
     def turn(self, proto: Any) -> None:
         """The pool's queue reached this request: ``proto`` is a connection
@@ -223,15 +236,13 @@ class BackendExchange(Request):
     def disarm(self) -> None:
         """No deadline of ours until the next :meth:`arm` (the connect has its own)."""
         self.cconn.deadline = float("inf")
-        self.timed_out = False
 
     def arm(self, seconds: float) -> None:
         """(Re)start the deadline: the client connection carries it, so the
-        server's once-a-second sweep enforces it without a timer per request."""
-        cconn = self.cconn
-        cconn.deadline_kind = "backend"
-        cconn.deadline = self.g.reactor.seconds() + seconds
-        cconn.on_timeout = self.timeout
+        server's once-a-second sweep finds it without a timer per request, and
+        the client's driver delivers ``timeout`` to this exchange's machine
+        (the waiter on that connection), whose table maps it."""
+        self.cconn.arm(self.g.reactor.seconds() + seconds, WORK)
 
     def drop_store(self) -> None:
         """Stop collecting the response for the cache; give its bytes back."""
@@ -246,7 +257,6 @@ class BackendExchange(Request):
         if self.g.flights.inflight:
             coalesce.leader_ended(self.g, self.creq)  # coalesced waiters try for themselves
         cconn = self.cconn
-        cconn.on_timeout = None
         if self.queued:
             self.queued = False
             self.pool.leave(self.turn)
@@ -254,19 +264,18 @@ class BackendExchange(Request):
             # Handed over but never used (the machine ended first): pass it on.
             self.pool.decline(None if self.granted is True else self.granted, self.g.reactor.seconds())
             self.granted = None
-        if cconn.deadline_kind == "backend":
-            cconn.deadline_kind = "busy"
         if self.relaying and not cconn.closed:
             verbs.unpace(cconn)
-        cconn.sink = cconn.on_lost = None
         proto = self.proto
         if proto is None:
             return
         bconn = self.runner.conn  # attached to proto
         verbs.unpace(bconn)
         if not proto.closed:
-            verbs.resume_reading(bconn)
-        if close or not self.upload_done or self.result == "aborted":
+            verbs.resume_reading(bconn)  # reading may have been paused by the client
+        # Ended on @done: the pool takes the connection when it can carry
+        # another request (the response was read to its end, nothing extra came).
+        if close or not self.keep_alive or not self.upload_done or proto.closed or bconn.unread():
             proto.owner = None
             verbs.close(bconn)
         else:
@@ -276,7 +285,8 @@ class BackendExchange(Request):
     # -- request body upload --------------------------------------------------
 
     def pump_upload(self) -> None:
-        """Client input while forwarding: move request-body bytes to the backend."""
+        """Client input while forwarding (the states waiting for the response
+        run again on ``input``): move request-body bytes to the backend."""
         cconn = self.cconn
         if self.upload_done or self.proto is None:
             return
@@ -296,7 +306,6 @@ class BackendExchange(Request):
         if finished:
             self.upload_done = True
             cconn.pending = None
-            cconn.sink = None
             verbs.unpace(self.runner.conn)
             verbs.resume_reading(cconn)
 
@@ -330,17 +339,10 @@ def derive_remote_response(g: Any, conn: Any, req: Any) -> Any:
 
 
 def _start_exchange(g: Any, conn: Any, ex: BackendExchange) -> Any:
-    """Run the backend machine for ``ex``; a client that leaves meanwhile aborts
-    the backend connection and lets the machine know."""
-    exchange = ex.runner = verbs.exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend))
-
-    def client_lost(_reason: Any) -> None:
-        ex.client_gone = True
-        if ex.proto is not None:
-            verbs.abort(exchange.conn)
-        exchange.poke()
-
-    conn.on_lost = client_lost
+    """Run the backend machine for ``ex``.  It watches the client connection:
+    the client's input (a request body), its leaving (``peer_closed``) and the
+    deadlines the backend states arm on it (``timeout``) are its events."""
+    exchange = ex.runner = verbs.exchange(g, g.backend_machine, ex, peer=str(ex.pool.backend), watch=conn)
     return exchange.start()
 
 
@@ -367,8 +369,8 @@ def _stale_if_error(ex: BackendExchange, fwd_status: bytes) -> bool:
     while the request's stale stored response was being revalidated or fetched
     again: answer that response when its ``stale-if-error`` window allows
     (RFC 5861 4), never a ``must-revalidate``/``proxy-revalidate``/``no-cache``
-    one, nor for a request with its own Cache-Control.  Leaves ``result`` =
-    ``stale`` for the client machine."""
+    one, nor for a request with its own Cache-Control.  True: the state
+    returns ``stale`` (the client machine sends that answer)."""
     creq, g = ex.creq, ex.g
     obj = creq.stale
     meta = obj.meta
@@ -381,7 +383,6 @@ def _stale_if_error(ex: BackendExchange, fwd_status: bytes) -> bool:
     status = b"afpa; fwd=stale" + (b"; fwd-status=" + fwd_status if fwd_status else b"")
     creq.close = creq.close or not ex.upload_done
     answer_stale(g, ex.cconn, creq, obj, now, status, "if-error")
-    ex.result = "stale"
     return True
 
 
@@ -432,11 +433,8 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Read a small request body completely before taking a backend connection
     (a slow uploader then holds none); a larger one streams once connected.  A
     chunked body is checked as it arrives: a malformed one is refused before
-    anything reaches the backend."""
+    anything reaches the backend.  It runs again on the client's ``input``."""
     cconn, creq = ex.cconn, ex.creq
-    if ex.client_gone:
-        ex.result = "aborted"
-        return "failed"
     if cconn.pending is None or not (creq.chunked or creq.content_length > 0):
         return "ready"
     limit = g.settings.buffer_body
@@ -457,16 +455,10 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     if done:
         if ex.buffering:
             ex.buffering = False
-            cconn.sink = None
             ex.disarm()
         return "ready"
-    if ex.timed_out:
-        ex.buffering = False
-        set_error(g, creq, 408, "request body not received in time", close=True)
-        return "failed"
     if not ex.buffering:
         ex.buffering = True
-        cconn.sink = ex.runner.poke
         if creq.expect_continue:
             ex.sent_continue = True
             verbs.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
@@ -475,10 +467,55 @@ def backend_buffer_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     return "need_more"
 
 
-@state("connected", "queued", "failed", needs=(), provides={"connected": ("backend",)})
+@state("failed", needs=())
+def backend_body_timeout(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """The request body being read before forwarding stopped arriving: 408."""
+    ex.buffering = False
+    set_error(g, ex.creq, 408, "request body not received in time", close=True)
+    return "failed"
+
+
+@state("aborted", needs=())
+def backend_client_gone(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """The client closed while its request was being forwarded (``peer_closed``):
+    the backend connection is cut (never reused) and nothing is stored."""
+    ex.client_gone = True
+    ex.drop_store()
+    ex.drop_backend()
+    return "aborted"
+
+
+@state(*FAILURES, needs=())
+def backend_first_byte_timeout(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """No response head within ``timeouts.backend_first_byte`` (a retry's
+    connect counts too): 504, and the backend connection is cut."""
+    ex.drop_backend()
+    return ex.fail(504, "backend did not answer in time", "first_byte_timeout")
+
+
+@state(*FAILURES, needs=())
+def backend_queue_timeout(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """No connection came free within ``backends.queue_timeout``: 503."""
+    return ex.fail(503, "backend busy", "queue_timeout")
+
+
+@state(*FAILURES, needs=())
+def backend_body_stalled(g: Any, conn: Any, ex: BackendExchange) -> str:
+    """The response body stopped arriving for ``timeouts.backend_idle``: the
+    backend connection is cut, and so is the client (its response cannot end
+    cleanly; nothing is stored)."""
+    ex.pool.failed("idle_timeout")
+    ex.drop_backend()
+    return ex.abort_client()
+
+
+@state("connected", "queued", *FAILURES, needs=(), provides={"connected": ("backend",)},
+       events=(TIMEOUT, PEER_CLOSED))
 def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """Take a pooled keep-alive connection to the backend (at once) or open one;
-    when the backend has ``max_connections`` already, wait in its queue."""
+    when the backend has ``max_connections`` already, wait in its queue.  While
+    a connection is being opened, ``timeout`` (a retry keeps its first-byte
+    deadline) and ``peer_closed`` give the connect up."""
     pool = ex.pool
     granted, ex.granted = ex.granted, None
     if granted is not None and granted is not True:
@@ -488,8 +525,7 @@ def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
         return _connected(proto, conn, ex)
     if granted is None and not pool.may_open():
         if not pool.enqueue(ex.turn):
-            ex.fail(503, "backend busy", "queue_full")
-            return "failed"
+            return ex.fail(503, "backend busy", "queue_full")
         ex.queued = True
         ex.arm(g.settings.backend_queue_timeout)
         return "queued"
@@ -498,20 +534,14 @@ def backend_connect(g: Any, conn: Any, ex: BackendExchange) -> Any:
     return d
 
 
-@state("turn", "need_more", "expired", "failed", needs=())
+@state("turn", "need_more", needs=())
 def backend_wait_turn(g: Any, conn: Any, ex: BackendExchange) -> str:
-    """Queued for a connection: the pool hands one over (``turn``), or the wait
-    times out (503, ``expired``), or the client left."""
+    """Queued for a connection: the pool hands one over (``turn``); the table
+    maps the wait's ``timeout`` (503) and ``peer_closed``."""
     if ex.granted is not None:
         if not ex.retried:
             ex.disarm()  # a retry keeps its first-byte deadline
         return "turn"
-    if ex.client_gone:
-        ex.result = "aborted"
-        return "failed"
-    if ex.timed_out:
-        ex.fail(503, "backend busy", "queue_timeout")
-        return "expired"
     return "need_more"
 
 
@@ -520,30 +550,21 @@ def _connected(proto: Any, conn: Any, ex: BackendExchange) -> str:
     ex.proto = proto
     verbs.attach(conn, proto)
     conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
-    if ex.client_gone:
-        verbs.close(conn)
-        ex.proto = None
-        ex.result = "aborted"
-        return "failed"
     proto.owner = ex.runner
     return "connected"
 
 
 def _connect_failed(failure: Any, ex: BackendExchange) -> str:
     ex.connecting = None
-    if ex.client_gone:
-        ex.result = "aborted"
-    elif failure.check(CancelledError) and ex.timed_out:
-        ex.fail(504, "backend did not answer in time", "first_byte_timeout")
-    elif failure.check(ConnectTimeout):
-        ex.fail(504, "backend did not accept the connection in time", "connect_timeout")
-    elif failure.check(ConnectionRefusedError):
-        ex.fail(502, "cannot connect to the backend", "refused")
-    elif failure.check(DNSLookupError):
-        ex.fail(502, "cannot connect to the backend", "unresolvable")
-    else:
-        ex.fail(502, "cannot connect to the backend", "connect_error")
-    return "failed"
+    if failure.check(CancelledError):
+        return "failed"  # given up for an event (timeout, peer_closed): the table has it
+    if failure.check(ConnectTimeout):
+        return ex.fail(504, "backend did not accept the connection in time", "connect_timeout")
+    if failure.check(ConnectionRefusedError):
+        return ex.fail(502, "cannot connect to the backend", "refused")
+    if failure.check(DNSLookupError):
+        return ex.fail(502, "cannot connect to the backend", "unresolvable")
+    return ex.fail(502, "cannot connect to the backend", "connect_error")
 
 
 @state("sent", needs=("backend",), provides={"sent": ("forwarded",)})
@@ -573,7 +594,7 @@ def backend_send_request(g: Any, conn: Any, ex: BackendExchange) -> str:
         if creq.expect_continue and not ex.sent_continue:
             verbs.write(cconn, [b"HTTP/1.1 100 Continue\r\n\r\n"])
         verbs.pace(cconn, conn)  # the client is not read while the backend's buffer is full
-        cconn.sink = ex.pump_upload
+        # The states waiting for the response pump the rest on the client's input.
         # Reading may have been paused while the backend connection was being
         # made; from now on the backend's buffer decides (through the throttle).
         verbs.resume_reading(cconn)
@@ -596,7 +617,7 @@ def _validators(ex: BackendExchange, stale: CacheObject) -> bytes:
     return b""
 
 
-@state("head", "interim", "need_more", "retry", "failed", "switched", "not_modified",
+@state("head", "interim", "need_more", "retry", "switched", "not_modified", *FAILURES,
        needs=("backend", "forwarded"),
        provides={"head": ("relaying",), "switched": ("relaying",), "not_modified": ("validated",)},
        drops={"retry": ("backend", "forwarded")})
@@ -604,21 +625,17 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
     """Parse the response head strictly; relay it (and decide about storing).
     ``switched``: the backend agreed to the WebSocket upgrade the client asked
     for, and its 101 went to the client.  ``not_modified``: a 304 to afpa's own
-    conditional request; nothing is relayed, the stored response answers."""
-    if ex.client_gone:
-        ex.result = "aborted"
-        return "failed"
-    if conn.inpos >= len(conn.inbuf) and not conn.closed and not ex.timed_out:
+    conditional request; nothing is relayed, the stored response answers.
+    Runs again on the client's ``input`` too, moving request-body bytes on."""
+    if not ex.upload_done:
+        ex.pump_upload()
+    if conn.inpos >= len(conn.inbuf) and not conn.closed:
         return "need_more"  # entered straight after sending: nothing to read yet
     try:
         end = parse_response_head(conn.inbuf, conn.inpos, g.settings.max_header_block, ex)
     except HttpError as exc:
-        ex.fail(502, exc.detail, "malformed_head")
-        return "failed"
+        return ex.fail(502, exc.detail, "malformed_head")
     if end < 0:
-        if ex.timed_out:
-            ex.fail(504, "backend did not answer in time", "first_byte_timeout")
-            return "failed"
         if conn.closed:
             # Retried only as documented: idempotent and without a body (a body
             # already sent is gone from the client's input and cannot be resent).
@@ -632,19 +649,16 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
                 verbs.detach(conn)
                 conn.inbuf, conn.inpos, conn.closed, conn.reset = b"", 0, False, False
                 return "retry"
-            ex.fail(502, "backend closed the connection without a complete response",
-                    "closed_early" if ex.upload_error is None else "")
-            return "failed"
+            return ex.fail(502, "backend closed the connection without a complete response",
+                           "closed_early" if ex.upload_error is None else "")
         return "need_more"
     conn.inpos = end
     if ex.status < 200:
         if ex.status == 101:
             if ex.upgrade is None:
-                ex.fail(502, "backend switched protocols on a request that did not ask to")
-                return "failed"
+                return ex.fail(502, "backend switched protocols on a request that did not ask to")
             if not _switches_to(ex, ex.upgrade):
-                ex.fail(502, "backend switched to a protocol the client did not ask for")
-                return "failed"
+                return ex.fail(502, "backend switched to a protocol the client did not ask for")
             _relay_switch(g, conn, ex)
             return "switched"
         _relay_interim(g, ex)
@@ -653,12 +667,11 @@ def backend_read_head(g: Any, conn: Any, ex: BackendExchange) -> str:
         return "not_modified"
     if ex.status >= 500 and ex.creq.stale is not None and not ex.background and _stale_if_error(ex, b"%d" % ex.status):
         ex.keep_alive = False  # its body is not read: the connection is closed, not reused
-        return "failed"
+        return "stale"
     if ex.codings and ex.creq.version == 10 and not _bodiless(ex.creq, ex.status):
         # Transfer-Encoding cannot be sent to an HTTP/1.0 client (RFC 9112 6.1),
         # and the body means nothing without it.
-        ex.fail(502, "backend used a transfer coding an HTTP/1.0 client cannot receive")
-        return "failed"
+        return ex.fail(502, "backend used a transfer coding an HTTP/1.0 client cannot receive")
     ex.arm(g.settings.backend_idle_timeout)
     _relay_head(g, conn, ex)
     return "head"
@@ -715,7 +728,6 @@ def _relay_switch(g: Any, conn: Any, ex: BackendExchange) -> None:
     creq.sent_head = True
     creq.close = True
     ex.keep_alive = False
-    ex.result = "upgraded"
     verbs.write(ex.cconn, out)
 
 
@@ -900,28 +912,31 @@ def _invalidate(g: Any, ex: BackendExchange, status: int) -> None:
         g.cache.remove(key)
 
 
-@state("complete", "need_more", "truncated", needs=("backend", "relaying"))
+@state("relayed", "close", "answered", "need_more", *FAILURES, needs=("backend", "relaying"))
 def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
-    """Relay the response body as it arrives (storing it when cacheable)."""
-    if ex.client_gone:
-        ex.result = "aborted"
-        return "truncated"
+    """Relay the response body as it arrives (storing it when cacheable):
+    ``relayed`` (``close``: and the client connection closes after it);
+    ``answered``: a whole response fetched for a Range request was stored and
+    the ranges answered from it; ``aborted``: the backend died mid-body and
+    the client was cut.  Runs again on the client's ``input`` too (a request
+    body still streaming to the backend)."""
+    if not ex.upload_done:
+        ex.pump_upload()
     reader = ex.reader
     if reader is None:
         pieces, finished = [], True
     elif reader is UNTIL_CLOSE:
         pieces = [conn.inbuf[conn.inpos:]] if conn.unread() else []
         conn.inpos = len(conn.inbuf)
-        # Only a clean close ends such a body: a reset (or our own abort on a
-        # timeout) leaves it truncated, so the client is cut and nothing stored.
-        finished = conn.closed and not conn.reset and not ex.timed_out
+        # Only a clean close ends such a body: a reset leaves it truncated, so
+        # the client is cut and nothing stored.
+        finished = conn.closed and not conn.reset
     else:
         try:
             conn.inpos, pieces, finished = reader.read(conn.inbuf, conn.inpos)
         except HttpError:
             ex.pool.failed("malformed_body")
-            ex.abort_client()
-            return "truncated"
+            return ex.abort_client()
     if ex.part is not None:
         pieces, finished = _cut(ex, pieces, finished)
     out = ex.out or []
@@ -948,17 +963,13 @@ def backend_stream_body(g: Any, conn: Any, ex: BackendExchange) -> str:
     if finished:
         obj = _store(g, ex) if ex.store is not None else None
         if ex.background:
-            ex.result = "relayed"
-            return "complete"
+            return "relayed"
         if ex.held:
-            _answer_held(g, ex, obj)
-            return "complete"
-        ex.result = "close" if ex.client_close else "relayed"
-        return "complete"
-    if conn.closed or ex.timed_out:
-        ex.pool.failed("idle_timeout" if ex.timed_out else "reset")
-        ex.abort_client()
-        return "truncated"
+            return _answer_held(g, ex, obj)
+        return "close" if ex.client_close else "relayed"
+    if conn.closed:
+        ex.pool.failed("reset")
+        return ex.abort_client()
     return "need_more"
 
 
@@ -1059,18 +1070,17 @@ def _cut(ex: BackendExchange, pieces: list[bytes], finished: bool) -> tuple[list
     return out, finished
 
 
-def _answer_held(g: Any, ex: BackendExchange, obj: CacheObject | None) -> None:
+def _answer_held(g: Any, ex: BackendExchange, obj: CacheObject | None) -> str:
     """The whole response fetched for a Range request is complete: answer the
     client from it (206, 416 or 200, after its conditionals, as a hit would)."""
     if obj is None:
         ex.held = False
-        ex.fail(502, "backend response could not be kept")
-        return
+        return ex.fail(502, "backend response could not be kept")
     now = g.reactor.seconds()
     settle_body(g, ex.cconn, ex.creq)
     _answer(g, ex.creq, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
             int(now - obj.stored_at), obj.meta is not None)
-    ex.result = "answered"
+    return "answered"
 
 
 # Fields a 304 does not update in the stored response (RFC 9111 4.3.4): framing
@@ -1138,30 +1148,22 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
     settle_body(g, ex.cconn, creq)
     _answer(g, creq, obj.head, obj.short_head, obj.etag, obj.last_modified, obj, now,
             int(now - stored_at), True)
-    ex.result = "refreshed"
     return "refreshed"
 
 
-@state("closed", needs=("backend", "relaying"))
+@state("upgraded", needs=("backend", "relaying"))
 def backend_tunnel(g: Any, conn: Any, ex: BackendExchange) -> Any:
     """After a 101: splice the client with this backend connection (bytes both
-    ways, back-pressure, ``tunnel_idle_timeout``) until either side closes."""
+    ways, back-pressure, ``tunnel_idle_timeout``) until either side closes
+    (the splice takes the client connection's events meanwhile)."""
     tunnel = verbs.splice_to(g.reactor, ex.cconn, conn, g.settings.tunnel_idle_timeout)
     ex.proto.owner = tunnel  # the backend connection's events now go to the tunnel
     if conn.closed:
         tunnel.lost(None)  # the backend closed right after its 101
-    return tunnel.done.addCallback(lambda _: "closed")
-
-
-@state("reuse", "close", needs=("backend",))
-def backend_finish(g: Any, conn: Any, ex: BackendExchange) -> str:
-    """Back to the pool when the backend connection can carry another request."""
-    if (ex.keep_alive and ex.upload_done and not conn.closed and not conn.unread()
-            and ex.result != "aborted" and not ex.timed_out):
-        return "reuse"
-    return "close"
+    return tunnel.done.addCallback(lambda _: "upgraded")
 
 
 FUNCTIONS = (derive_remote_response, derive_sibling_response, refresh_stale, backend_buffer_body, backend_connect,
              backend_wait_turn, backend_send_request, backend_read_head, backend_refresh, backend_stream_body,
-             backend_tunnel, backend_finish)
+             backend_tunnel, backend_body_timeout, backend_client_gone,
+             backend_first_byte_timeout, backend_queue_timeout, backend_body_stalled)

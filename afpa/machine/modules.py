@@ -277,10 +277,12 @@ class StreamLimits:
     """What the runtime enforces on a module's stream connections, in the
     module's own terms (its ``stream_limits(module_settings)`` gives them).
 
-    ``message_timeout``: seconds from the first byte of a request to the module
-    having taken it whole (HTTP: ``timeouts.header``); ``max_unread``: bytes
-    received while a request is busy that are buffered before reading from the
-    connection pauses (HTTP: ``limits.header_block``)."""
+    ``message_timeout``: the shortest deadline the module's states arm on a
+    connection (``conn.arm``; HTTP: ``timeouts.header``): the server's sweep
+    looks for passed deadlines often enough for it (the ``timeout`` itself is an
+    outcome the module's table maps); ``max_unread``: bytes received while a
+    request is busy that are buffered before reading from the connection pauses
+    (HTTP: ``limits.header_block``)."""
 
     message_timeout: float = 10.0
     max_unread: int = 64 << 10
@@ -386,8 +388,8 @@ class ProtocolModule:
       None: nothing to add.
     - ``listeners(g) -> list[Listener]``: listeners besides the client ones
       (HTTP: the sibling listener); None: none.
-    - ``stream_limits(module_settings) -> StreamLimits``: the message timeout
-      and input buffer bound of its stream connections; None: the defaults.
+    - ``stream_limits(module_settings) -> StreamLimits``: its shortest timer
+      and the input buffer bound of its stream connections; None: the defaults.
     - ``peering``: how its workers share one cache (:class:`Peering`); None:
       workers do not peer.
     """

@@ -94,7 +94,7 @@ class DatagramDriver(Driver):
         self.endpoint = endpoint
         self.g = endpoint.server.g
         self.seconds = endpoint.seconds
-        self.parked = False
+        self.holding = False  # parked on a Deferred: this driver is the datagram's own
         self.conn = DatagramConnection(Reply(endpoint.transport, ("", 0)), None, None)
         self.conn.driver = self
         self.conn.listener = "datagram"
@@ -119,9 +119,9 @@ class DatagramDriver(Driver):
         self._end(conn.req)
 
     def suspended(self) -> None:
-        self.parked = True
+        self.holding = True
 
-    def finished(self, req: Any, close: bool) -> None:
+    def finished(self, req: Any, edge: Any) -> None:
         self._end(req)
         return None
 
@@ -132,7 +132,7 @@ class DatagramDriver(Driver):
             req = conn.req = self.new_request()
         if not req.sent_head:
             req.head, req.body, req.status = b"", None, 0
-            conn.machine.module.fail(self.g, conn, req, 500)
+            conn.machine.module.fail(self.g, conn, req, "failed")
             if req.head:
                 conn.transport.write(req.head)
                 req.sent_head = True
@@ -153,8 +153,8 @@ class DatagramDriver(Driver):
                 access_log.request(conn, req, now)
         conn.req = None
         conn.requests += 1
-        if self.parked:
-            self.parked = False
+        if self.holding:
+            self.holding = False
             endpoint.inflight -= 1
 
 
@@ -202,9 +202,9 @@ class DatagramEndpoint(DatagramProtocol):
                 d.run(machine.start, None)
         except Exception:  # the driver contains state failures; this is a last resort
             log.failure("datagram from {peer} broke the driver", peer=conn.peer_label)
-            d.parked = False
+            d.holding = False
             conn.req = None
-        if d.parked:
+        if d.holding:
             # The machine waits on a Deferred: this driver belongs to that datagram now.
             self.spare = None
             self.inflight += 1

@@ -384,12 +384,13 @@ def derive_failed_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
     return "servfail"
 
 
-def fail(g: DnsGlobal, conn: Any, req: DnsRequest, status: int) -> None:
-    """A state raised (or a TCP query never completed): SERVFAIL when the query
-    was understood, else nothing; waiters of its flight are let go."""
+def fail(g: DnsGlobal, conn: Any, req: DnsRequest, reason: str) -> None:
+    """A state raised (``failed``) or a TCP query never completed
+    (``timeout``): SERVFAIL when the query was understood and a state failed,
+    else nothing; waiters of its flight are let go."""
     _finish_flight(g, req, None)
     q = req.query
-    if q is None or status == 408:
+    if q is None or reason != "failed":
         return
     req.cache_status = "error"
     _answer(g, req, wire.error_reply(q, wire.SERVFAIL), wire.SERVFAIL)

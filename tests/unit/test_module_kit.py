@@ -53,7 +53,7 @@ on = { greet = "send", line = "echo" }
 
 [states.echo]
 run = "echo"
-on = { line = "send", need_more = "@wait" }
+on = { line = "send", need_more = "@wait", timeout = "@close", peer_closed = "@close" }
 
 [states.send]
 run = "afpa.send_engine"

@@ -133,7 +133,8 @@ class Rig(Driver):
     def suspended(self):
         self.events.append(("suspended", self.conn.state.name))
 
-    def finished(self, req, close):
+    def finished(self, req, edge):
+        close = edge.close
         self.events.append(("finished", req.n, close))
         self.conn.req = None
         if close:
@@ -206,10 +207,10 @@ def test_outcome_goes_where_the_table_says(path, name, outcome, how):
         assert rig.runs == [name]
         assert rig.events == [("waiting", name)]
         assert rig.conn.state is state
-        # The next event runs the same state again, for the same request.
+        # The next input runs the same state again, for the same request.
         req = rig.conn.req
         rig.events.clear()
-        rig.resume(rig.conn.state, None)
+        rig.deliver("input")
         assert rig.runs == [name, name]
         assert rig.conn.req is req and rig.made == 1
         assert machine.entries[state.index] == 2

@@ -271,14 +271,13 @@ class BackendExchange(Request):
             return
         bconn = self.runner.conn  # attached to proto
         verbs.unpace(bconn)
-        if not proto.closed:
-            verbs.resume_reading(bconn)  # reading may have been paused by the client
         # Ended on @done: the pool takes the connection when it can carry
         # another request (the response was read to its end, nothing extra came).
         if close or not self.keep_alive or not self.upload_done or proto.closed or bconn.unread():
             proto.owner = None
             verbs.close(bconn)
         else:
+            verbs.resume_reading(bconn)  # reading may have been paused by the client
             self.pool.release(proto, self.g.reactor.seconds())
         self.proto = None
 

@@ -11,7 +11,7 @@ import attrs
 
 from afpa.cache.store import CacheStore
 from afpa.config import COUNT, PATH, SECONDS, TEXT
-from afpa.machine.modules import ModuleSettings, Option, ProtocolModule, collect
+from afpa.machine.modules import ModuleSettings, Option, ProtocolModule, StreamLimits, collect
 from afpa.machine.scopes import Runtime
 from afpa_quotes import states
 
@@ -24,6 +24,7 @@ class QuoteSettings:
     ttl: float = 60.0           # seconds a quote read from a file is answered from the cache
     greeting: str = "quotes ready"
     max_line: int = 512         # longest command line, in bytes
+    line_timeout: float = 30.0  # seconds a begun line may take to arrive whole
 
 
 def check_settings(s: QuoteSettings) -> None:
@@ -44,6 +45,8 @@ SETTINGS = ModuleSettings(
                help="seconds a quote is answered from the cache (default: 60)"),
         Option(key="greeting", field="greeting", kind=TEXT, help="what the server says first"),
         Option(key="max_line", field="max_line", kind=COUNT, help="longest command line in bytes"),
+        Option(key="line_timeout", field="line_timeout", kind=SECONDS,
+               help="seconds a begun line may take to arrive whole"),
     ),
     check=check_settings,
 )
@@ -59,6 +62,7 @@ class QuotesGlobal:
     dir: Path
     ttl: float
     max_line: int
+    line_timeout: float
     greeting: bytes             # the whole greeting line, built once
     reads: int = 0              # quote files read (misses), for tests and curiosity
 
@@ -68,13 +72,14 @@ class QuotesGlobal:
         ``settings.module_settings`` (None when built from code: the defaults)."""
         own = settings.module_settings or QuoteSettings()
         return cls(runtime=runtime, cache=runtime.cache, dir=Path(own.dir), ttl=own.ttl,
-                   max_line=own.max_line, greeting=b"+OK " + own.greeting.encode() + b"\r\n")
+                   max_line=own.max_line, line_timeout=own.line_timeout, greeting=b"+OK " + own.greeting.encode() + b"\r\n")
 
 
-def fail(g: QuotesGlobal, conn: Any, req: states.QuoteRequest, status: int) -> None:
-    """The answer when a request cannot go on (a state raised, or the client
-    took too long over a line); the connection closes after it."""
-    req.head = b"-ERR timeout\r\n" if status == 408 else b"-ERR server error\r\n"
+def fail(g: QuotesGlobal, conn: Any, req: states.QuoteRequest, reason: str) -> None:
+    """The answer when a request cannot go on (``reason``: ``"failed"``, a
+    state raised); the connection closes after it.  A slow client is not a
+    failure: the table maps its ``timeout`` (see ``line_timeout``)."""
+    req.head = b"-ERR server error\r\n"
     req.status = 500
 
 
@@ -95,4 +100,6 @@ MODULE = ProtocolModule(
     speaks_first=True,
     settings=SETTINGS,
     describe=describe,
+    # The sweep looks for passed deadlines often enough for our shortest timer.
+    stream_limits=lambda own: StreamLimits(message_timeout=own.line_timeout, max_unread=4 * own.max_line),
 )

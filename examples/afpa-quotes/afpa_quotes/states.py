@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 
 from afpa.cache.store import CacheObject
 from afpa.machine.modules import state
-from afpa.machine.scopes import Request
+from afpa.machine.scopes import WAIT, Request
 
 KEY = re.compile(rb"[A-Za-z0-9_-]{1,64}")  # also keeps a key inside the quotes directory
 NAMESPACE = "quotes"  # first part of our cache keys
@@ -36,6 +36,7 @@ OK = b"+OK "
 BYE = b"+OK bye\r\n"
 BAD = b"-ERR bad command (GET <key> or QUIT)\r\n"
 TOO_LONG = b"-ERR line too long\r\n"
+TIMEOUT = b"-ERR timeout\r\n"
 
 
 @attrs.define(slots=True, eq=False)
@@ -80,6 +81,10 @@ def read_line(g: Any, conn: Any, req: QuoteRequest) -> str:
         if len(buf) - conn.inpos > g.max_line:
             _answer(req, TOO_LONG, 400, close=True)
             return "too_long"
+        if conn.scan <= conn.inpos < len(buf):
+            # The first bytes of a line: the rest must come within line_timeout
+            # (the runtime delivers ``timeout`` to this state; the table maps it).
+            conn.arm(g.runtime.reactor.seconds() + g.line_timeout, WAIT)
         conn.scan = len(buf)
         return "need_more"
     if end - conn.inpos > g.max_line:
@@ -88,6 +93,13 @@ def read_line(g: Any, conn: Any, req: QuoteRequest) -> str:
     req.line = buf[conn.inpos:end].rstrip(b"\r")
     conn.inpos = conn.scan = end + 1
     return "line"
+
+
+@state("told", provides={"told": ("response",)})
+def line_timeout(g: Any, conn: Any, req: QuoteRequest) -> str:
+    """A line begun but not finished in time: say so (the table closes after it)"""
+    _answer(req, TIMEOUT, 408, close=True)
+    return "told"
 
 
 @state("get", "quit", "bad", needs=("line",),
@@ -148,4 +160,4 @@ def _stored(text: bytes | None, g: Any, req: QuoteRequest) -> str:
     return "found"
 
 
-FUNCTIONS = [begin, greet, read_line, parse_command, lookup, read_quote]
+FUNCTIONS = [begin, greet, read_line, line_timeout, parse_command, lookup, read_quote]

@@ -115,5 +115,5 @@ def test_a_client_that_stalls_mid_line_is_told_and_closed(srv):
     c = srv.connect()
     c.received()
     c.send(b"GET wil")
-    srv.advance(srv.settings.header_timeout + 1)
+    srv.advance(srv.g.line_timeout + 1)
     assert c.received() == b"-ERR timeout\r\n" and c.closed

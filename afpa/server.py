@@ -227,12 +227,8 @@ class Server:
             elif getattr(addr, "type", "TCP") == "UDP":
                 lines.append(f"listening on udp {addr.host}:{addr.port}")
             else:
-                module = self.machine.module
-                if "datagram" in module.transports:
-                    lines.append(f"listening on tcp {addr.host}:{addr.port}")
-                    continue
-                scheme = "https" if port in self.tls_ports else "http"
-                lines.append(f"listening on {scheme}://{addr.host}:{addr.port}/")
+                label = self.machine.module.listener_label(addr.host, addr.port, port in self.tls_ports)
+                lines.append(f"listening on {label}")
         describe = self.machine.module.describe
         lines += describe(self.g) if describe is not None else []
         lines.append(f"table {self.machine.source}")

@@ -379,6 +379,10 @@ class ProtocolModule:
       sets it to a directory inside its package.
     - ``alpn``: the TLS application protocols it speaks, most preferred first
       (offered in the TLS handshake; empty: none offered).
+    - ``url_schemes``: ``(plain, tls)`` URL schemes of its stream listeners,
+      for the startup lines (HTTP: ``("http", "https")``, giving
+      ``http://127.0.0.1:8080/``); empty: listeners are shown as ``tcp`` /
+      ``tls`` addresses.
     - ``describe(g) -> list[str]``: lines for the startup log (listeners aside:
       where misses go, upstreams); None: nothing to add.
     - ``sweep(g, now)``: called once a second by the server (expire what the
@@ -413,6 +417,7 @@ class ProtocolModule:
     settings: ModuleSettings | None = None
     table_dir: str | None = None
     alpn: tuple[bytes, ...] = ()
+    url_schemes: tuple[str, str] | tuple[()] = ()
     describe: Callable[[Any], list[str]] | None = None
     sweep: Callable[[Any, float], None] | None = None
     metrics: Callable[[Any], Iterable[Any]] | None = None
@@ -427,6 +432,12 @@ class ProtocolModule:
         if settings.module_settings is not None:
             return settings.module_settings
         return self.settings.cls() if self.settings is not None else None
+
+    def listener_label(self, host: str, port: int, tls: bool) -> str:
+        """How the startup lines show one of its stream listeners."""
+        if self.url_schemes:
+            return f"{self.url_schemes[1 if tls else 0]}://{host}:{port}/"
+        return f"{'tls' if tls else 'tcp'} {host}:{port}"
 
     def limits(self, settings: Any) -> StreamLimits:
         """The :class:`StreamLimits` of its stream connections under ``settings``."""

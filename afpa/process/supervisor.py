@@ -548,8 +548,13 @@ def serve(settings: Settings, argv: list[str], reactor: Any, server: Any) -> int
             return 1
     for kind, sock in sockets:
         host, port = sock.getsockname()[:2]
-        scheme = "https" if kind == "https" else "http"
-        print(f"afpa: listening on {scheme}://{_bracket(host)}:{port}/ ({settings.workers} workers)",
+        module = server.machine.module
+        if "datagram" in module.transports and kind != "https":
+            # Each worker binds the UDP address itself (SO_REUSEPORT spreads datagrams).
+            print(f"afpa: listening on udp {_bracket(host)}:{port} ({settings.workers} workers)",
+                  file=sys.stderr, flush=True)
+        label = module.listener_label(_bracket(host), port, kind == "https")
+        print(f"afpa: listening on {label} ({settings.workers} workers)",
               file=sys.stderr, flush=True)
     if admin_port is not None:
         addr = admin_port.getHost()

@@ -37,6 +37,7 @@ MODULE = ProtocolModule(
     invalidation=invalidation,
     carry_over=carry_over,
     settings=SETTINGS,
+    url_schemes=("http", "https"),
     alpn=(b"http/1.1",),
     describe=HttpGlobal.describe,
     sweep=HttpGlobal.sweep,

@@ -387,20 +387,32 @@ def _skip_name(data: bytes, pos: int, known: dict[int, int] | None = None) -> tu
     Returns the offset just after the name as written and the length of the
     name once decompressed.  Every pointer must point strictly before the start
     of the label sequence it ends, and past the header, so following pointers
-    always ends (no loops, no forward pointers).  ``known`` maps offsets of
-    names already validated to their lengths: a pointer to one stops there.
+    always ends (no loops, no forward pointers).
+
+    ``known`` (responses) maps the offset of every label of the names validated
+    so far to the length of the name from there, and this name's labels are
+    added to it.  A pointer must then land on one of them: a pointer into other
+    bytes (a TTL, say) would decode differently once the cache rewrites those
+    bytes, so such a message is refused rather than stored.
     """
     n = len(data)
     end = -1
     total = 0
     limit = pos
+    labels: list[tuple[int, int]] = []  # (offset, length of the name before it) of literal labels
     while True:
         if pos >= n:
             raise Malformed(FORMERR, "name runs past the end")
         length = data[pos]
         if length == 0:
-            return (pos + 1 if end < 0 else end), total + 1
+            total += 1
+            if known is not None:
+                for at, before in labels:
+                    known[at] = total - before
+            return (pos + 1 if end < 0 else end), total
         if length <= MAX_LABEL:
+            if end < 0:
+                labels.append((pos, total))
             total += length + 1
             if total >= MAX_NAME:
                 raise Malformed(FORMERR, "name longer than 255 octets")
@@ -413,10 +425,15 @@ def _skip_name(data: bytes, pos: int, known: dict[int, int] | None = None) -> tu
                 end = pos + 2
             if target >= limit or target < 12:
                 raise Malformed(FORMERR, "compression pointer not pointing back into the message")
-            if known is not None and target in known:
-                total += known[target]
+            if known is not None:
+                rest = known.get(target)
+                if rest is None:
+                    raise Malformed(FORMERR, "compression pointer to something that is not a name")
+                total += rest
                 if total > MAX_NAME:
                     raise Malformed(FORMERR, "name longer than 255 octets")
+                for at, before in labels:
+                    known[at] = total - before
                 return end, total
             limit = pos = target
         else:
@@ -673,8 +690,6 @@ def parse_response(
             pos += 2
         else:
             pos, nlen = _skip_name(data, pos, known)
-            if data[start] < 0xC0:
-                known[start] = nlen
         if pos + 10 > n:
             raise Malformed(None, "truncated record")
         rtype, _rclass, ttl, rdlen = _RR.unpack_from(data, pos)

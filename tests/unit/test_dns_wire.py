@@ -503,3 +503,19 @@ def test_replies_from_the_cache_offer_recursion_whatever_the_upstream_said():
     stored = wire.parse_response(data[:2] + struct.pack(">H", flags) + data[4:], q, 4660, q.qname).answer
     for reply in (wire.reply_from_answer(stored, q, 0, tcp=False), wire.stale_reply(stored, q, tcp=False)):
         assert header(reply)[1] & wire.RA
+
+
+def test_compression_pointer_into_a_ttl_is_refused():
+    # A pointer that lands on a TTL rather than a name would decode differently
+    # once the cache lowers that TTL: the stored reply would be corrupt.
+    q = wire.parse_query(make_query(b"www.example.com", edns=False))
+    question = q.data[12:]
+    ans1 = b"\xc0\x0c" + struct.pack(">HHIH", dns.A, 1, 300, 4) + b"\x5d\xb8\xd8\x22"
+    ttl_at = 12 + len(question) + 2 + 4  # where the first answer's TTL starts
+    ans2 = struct.pack(">H", 0xC000 | ttl_at) + struct.pack(">HHIH", dns.TXT, 1, 300, 2) + b"\x01x"
+    head = struct.pack(">HHHHHH", 4660, 0x8180, 1, 2, 0, 0)
+    with pytest.raises(Malformed, match="not a name"):
+        wire.parse_response(head + question + ans1 + ans2, q, 4660, q.qname)
+    # The same pointer to the question's name is fine.
+    ok = struct.pack(">H", 0xC00C) + ans2[2:]
+    assert wire.parse_response(head + question + ans1 + ok, q, 4660, q.qname).answer is not None

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from afpa.config import BOOL, SECONDS
-from protocols.http.kinds import CACHE_QUERY, COOKIE_NAMES, FIELD_NAMES, SET_COOKIE
+from routing.kinds import CACHE_QUERY, COOKIE_NAMES, FIELD_NAMES, SET_COOKIE
 
 # [route.cache] key -> (CachePolicy attribute, kind, Settings field of its [cache] default)
 _KEYS: dict[str, tuple[str, Any, str]] = {

@@ -21,7 +21,7 @@ from afpa.config import (
     parse_hostport, read_token,
 )
 from afpa.machine.modules import ModuleSettings, Option, SettingError, StreamLimits
-from protocols.http.kinds import (
+from routing.kinds import (
     CACHE_QUERY, COOKIE_NAMES, DOT_NAMES, FIELD_NAME, FIELD_NAMES, MEMBERS, PROXIES, RANGE_MISS, SET_COOKIE, URL,
 )
 

@@ -1,6 +1,8 @@
-"""Kinds of values only HTTP's settings take (HTTP field names, http://
-URLs, proxy networks, sibling addresses, cache policy words), next to the
-runtime's general ones in :mod:`afpa.config`."""
+"""Kinds of values only HTTP's settings and routes take (HTTP field names,
+http:// URLs, proxy networks, sibling addresses, cache policy words), next to
+the runtime's general ones in :mod:`afpa.config`.  They live here, below both
+``routing`` (per-route cache policy) and ``protocols/http`` (its settings), so
+neither imports the other upward."""
 
 from __future__ import annotations
 

@@ -313,6 +313,11 @@ class Driver:
         if word == INPUT:
             self.resume(state, None)  # @wait: the same state runs again
         elif word in state.on:
+            if conn.req is None:
+                # Between requests (an idle connection timing out or closed):
+                # the event still ends a request, so the table's targets and
+                # the finished hook always have a request scope.
+                conn.req = self.new_request()
             self.resume(state, word)
         else:
             self.unmapped(word)

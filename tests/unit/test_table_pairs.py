@@ -264,3 +264,22 @@ def test_every_shipped_table_is_covered():
             if name:
                 assert Path(name).stem in {p.stem for p in covered}, (module.name, name)
     assert len(covered) >= 2
+
+
+EVENT_ENDS = [pytest.param(path, name, word, id=f"{path.stem}:{name}:{word}")
+              for path in table_paths() for name, state in tables.load(path, REG).states.items()
+              for word in ("timeout", "peer_closed")
+              if word in state.on and state.on[word].target.fn is None]
+
+
+@pytest.mark.parametrize(("path", "name", "word"), EVENT_ENDS)
+def test_an_event_between_requests_ends_a_request_of_its_own(path, name, word):
+    """An idle connection (no request scope yet) that times out or closes where
+    the table maps the event straight to an end: the driver still ends a request
+    (its hooks never get None)."""
+    machine, rig = fresh(path)
+    state = machine.states[name]
+    rig.conn.state = state
+    assert rig.conn.req is None
+    rig.deliver(word)
+    assert rig.events and rig.events[0][0] == "finished" and rig.events[0][1] == 1

@@ -598,6 +598,8 @@ def settings_from_args(args: argparse.Namespace, registry: Registry | None = Non
     for name in from_cli:
         kwargs[name] = given[name]
     module_name = kwargs.get("module", config.DEFAULT_MODULE)
+    if module_name in registry.broken:
+        raise ValueError(f"protocol module {module_name!r} cannot be loaded: {registry.broken[module_name]}")
     if module_name not in registry.modules:
         known = ", ".join(sorted(registry.modules)) or "none"
         raise ValueError(f"{'--module' if 'module' in from_cli else (path + ': module' if path else 'module')}: "
@@ -652,6 +654,8 @@ def _setting_where(field: str, from_cli: Any, path: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``afpa`` command; returns the exit status."""
     registry = default_registry()
+    for name, problem in sorted(registry.broken.items()):
+        print(f"afpa: warning: protocol module {name!r} not loaded: {problem}", file=sys.stderr)
     args = build_parser(registry).parse_args(argv)
     if args.command == "tables":
         return _tables(args, registry)

@@ -459,6 +459,7 @@ class Registry:
 
     modules: dict[str, ProtocolModule] = attrs.field(factory=dict)
     intrinsics: dict[str, StateFunction] = attrs.field(factory=dict)
+    broken: dict[str, str] = attrs.field(factory=dict)  # entry-point name -> why it was not loaded
 
     def register(self, module: ProtocolModule) -> None:
         """Add a module; a second module of the same name is a configuration error."""
@@ -479,9 +480,18 @@ class Registry:
         return module.functions.get(fn_name) if module else None
 
     def discover(self) -> None:
-        """Register every module advertised in the ``afpa.modules`` entry-point group."""
+        """Register every module advertised in the ``afpa.modules`` entry-point group.
+
+        A module that cannot be loaded (its import fails, or it is not a
+        :class:`ProtocolModule`) is left out and its problem kept, one line, in
+        :attr:`broken`: one broken package never stops afpa serving the others."""
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            module = ep.load()
+            try:
+                module = ep.load()
+            except Exception as exc:  # any error in someone else's package
+                self.broken[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}".splitlines()[0]
+                continue
             if not isinstance(module, ProtocolModule):
-                raise TypeError(f"entry point {ep.name!r} gave {module!r}, not a ProtocolModule")
+                self.broken[ep.name] = f"{ep.value} is {type(module).__name__}, not a ProtocolModule"
+                continue
             self.register(module)

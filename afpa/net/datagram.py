@@ -35,30 +35,55 @@ from twisted.logger import Logger
 
 from afpa.machine.driver import Driver
 from afpa.machine.scopes import Connection
+from afpa.net.twisted_private import datagram_socket
 
 log = Logger(namespace="afpa.net.datagram")
 
 
 class Reply:
     """What a datagram connection's ``transport`` is: writes go back to the peer
-    as one datagram (the Send Engine calls ``writeSequence``)."""
+    as one datagram.
 
-    __slots__ = ("udp", "addr")
+    It is also the connection's ``sock``: the Send Engine hands a reply to
+    :meth:`send` (one ``sendto``, no joining, no queue) the way it hands a
+    stream response straight to a TCP socket, since a datagram transport never
+    holds bytes back (the class attributes below say so to the engine's push).
+    """
 
-    def __init__(self, udp: Any, addr: tuple[str, int]):
-        self.udp = udp
+    __slots__ = ("sendto", "addr")
+
+    # What the Send Engine's direct push reads of a transport: nothing queued.
+    _tempDataLen = 0
+    dataBuffer = b""
+    connected = True
+    disconnecting = False
+
+    def __init__(self, sendto: Callable[[bytes, Any], Any], addr: tuple[str, int]):
+        self.sendto = sendto  # the port socket's sendto, or the port's write
         self.addr = addr
 
-    def write(self, data: bytes) -> None:
-        """Send ``data`` to the peer as one datagram (errors are the peer's loss)."""
+    def send(self, data: bytes) -> int:
+        """Send ``data`` to the peer as one datagram; returns its length (a
+        datagram is sent whole or lost: errors are the peer's loss)."""
         try:
-            self.udp.write(data, self.addr)
-        except OSError as exc:  # e.g. EMSGSIZE, ENOBUFS: nothing to retry on UDP
+            self.sendto(data, self.addr)
+        except OSError as exc:  # e.g. EMSGSIZE, ENOBUFS, EAGAIN: nothing to retry on UDP
             log.debug("datagram to {addr} not sent: {exc}", addr=self.addr, exc=exc)
+        except Exception as exc:  # noqa: BLE001 - Twisted's write: MessageLengthError and the like
+            log.debug("datagram to {addr} not sent: {exc}", addr=self.addr, exc=exc)
+        return len(data)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the peer as one datagram."""
+        self.send(data)
+
+    def sendmsg(self, data: list[bytes]) -> int:
+        """Send the pieces as one datagram."""
+        return self.send(b"".join(data))
 
     def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802 - the transport interface
         """Send the pieces as one datagram."""
-        self.write(data[0] if len(data) == 1 else b"".join(data))
+        self.send(data[0] if len(data) == 1 else b"".join(data))
 
     def getPeer(self) -> Any:  # noqa: N802
         """The peer (host, port), as a transport would give it."""
@@ -68,6 +93,13 @@ class Reply:
         """A datagram has no connection to close."""
 
     abortConnection = loseConnection  # noqa: N815
+
+
+def _sender(port: Any) -> Callable[[bytes, Any], Any]:
+    """How replies leave through listening ``port``: its socket's ``sendto`` when
+    the Twisted privates are in use, else the port's own ``write``."""
+    sock = datagram_socket(port)
+    return sock.sendto if sock is not None else port.write
 
 
 @attrs.define(slots=True, frozen=True)
@@ -95,7 +127,8 @@ class DatagramDriver(Driver):
         self.g = endpoint.server.g
         self.seconds = endpoint.seconds
         self.parked = False
-        self.conn = DatagramConnection(Reply(endpoint.transport, ("", 0)), None, None)
+        reply = Reply(_sender(endpoint.transport), ("", 0))
+        self.conn = DatagramConnection(reply, None, None, sock=reply)
         self.conn.driver = self
         self.conn.listener = "datagram"
         self.make_request: Any = None

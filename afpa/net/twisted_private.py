@@ -151,6 +151,17 @@ def queued(t: Any) -> int | None:
     return q._tempDataLen + len(q.dataBuffer) - q.offset
 
 
+def datagram_socket(port: Any) -> Any:
+    """The socket of a listening UDP ``port`` for direct ``sendto`` of replies, or
+    None (then replies go through ``port.write``).  ``port.write`` checks the
+    address's form three times per datagram; a reply goes to the address the
+    query came from, which the kernel gave us, so those checks are spared."""
+    if not ENABLED:
+        return None
+    sock = getattr(port, "socket", None)
+    return sock if sock is not None and hasattr(sock, "sendto") else None
+
+
 # -- the reactor ------------------------------------------------------------------
 
 def epoll_reactor_class() -> Any:

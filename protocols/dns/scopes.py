@@ -12,7 +12,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from afpa.machine.scopes import Request
-from afpa.net.datagram import open_datagram
+from afpa.net.datagram import BufferedSystemRandom, shared_pool
 from afpa.net.oneshot import open_stream
 from afpa.ops.metrics import DURATION_BUCKETS
 from protocols.dns import wire
@@ -91,7 +91,7 @@ class DnsGlobal:
     reactor: Any
     forwarding: Forwarding
     local: LocalRecords
-    rng: random.Random = attrs.field(factory=random.SystemRandom)  # IDs and 0x20 case: not guessable
+    rng: random.Random = attrs.field(factory=BufferedSystemRandom)  # IDs and 0x20 case: not guessable
     flights: dict = attrs.field(factory=dict)
     # Outbound verbs (tests hand in their own)
     open_datagram: Callable[..., Any] = None  # type: ignore[assignment]
@@ -119,8 +119,10 @@ class DnsGlobal:
         return cls(runtime=runtime, settings=settings, dns=dns, cache=runtime.cache, reactor=reactor,
                    forwarding=Forwarding(dns.upstreams, rules), local=local,
                    seconds=reactor.seconds if reactor is not None else time.time,  # afpa check: no reactor
-                   open_datagram=lambda host, port, on_data, on_error: open_datagram(
-                       reactor, host, port, on_data, on_error),
+                   # Upstream queries leave from pooled sockets on random ports
+                   # (afpa.net.datagram.DatagramPool: RFC 5452 without a socket per query).
+                   open_datagram=lambda host, port, on_data, on_error: shared_pool(reactor).open(
+                       host, port, on_data, on_error),
                    open_stream=lambda host, port, on_data, on_lost: open_stream(
                        reactor, host, port, on_data, on_lost, dns.tcp_timeout))
 

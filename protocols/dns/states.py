@@ -13,8 +13,9 @@ Every wait ends in an outcome word the table maps: an upstream's answer
 upstream, falling back to TCP, serving stale or SERVFAIL are the table's
 edges, not decisions taken in callbacks.
 
-Upstream exchanges follow RFC 5452: a random ID and a fresh connected UDP
-socket (a new random source port) per try, the question in random 0x20 case,
+Upstream exchanges follow RFC 5452: a random ID and a connected UDP socket
+on a random source port to itself per try (leased from the runtime's pool,
+:class:`afpa.net.datagram.DatagramPool`), the question in random 0x20 case,
 and only a datagram from that address and port with that ID and exactly that
 question is taken (:func:`wire.parse_response`); anything else is counted and
 ignored while the try goes on waiting.
@@ -304,7 +305,7 @@ class _Try:
 
 @state("answer", "truncated", "timeout", "failed", needs=("flight",), provides={"answer": ("upstream_answer",)})
 def derive_remote_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str | Deferred:
-    """Ask the next upstream over UDP (fresh ID, source port and 0x20 case);
+    """Ask the next upstream over UDP (fresh ID, random source port and 0x20 case);
     wait for its answer, ignoring datagrams that do not answer this question."""
     upstreams = req.upstreams
     upstream = req.upstream = upstreams[req.attempt % len(upstreams)]

@@ -70,16 +70,22 @@ class _UDP:
 
 
 class _Sock:
-    """An upstream socket whose peer answers as soon as the query is sent."""
+    """An upstream socket whose peer's answer arrives once the query has parked
+    (``answer()``, as the next reactor event would deliver it)."""
 
-    __slots__ = ("on_data",)
+    __slots__ = ("on_data", "reply")
+    sent: list = []
 
     def __init__(self, on_data):
         self.on_data = on_data
 
     def send(self, data: bytes) -> bool:
-        self.on_data(answer_to(data))
+        self.reply = answer_to(data)
+        _Sock.sent.append(self)
         return True
+
+    def answer(self) -> None:
+        self.on_data(self.reply)
 
     def close(self) -> None:
         pass
@@ -102,6 +108,8 @@ def build():
 def hit_loop(endpoint, n: int) -> None:
     q = query("www.bench.test")
     endpoint.datagramReceived(q, CLIENT)  # the miss that stores it
+    while _Sock.sent:
+        _Sock.sent.pop().answer()
     received = endpoint.datagramReceived
     for _ in range(n):
         received(q, CLIENT)
@@ -110,8 +118,11 @@ def hit_loop(endpoint, n: int) -> None:
 def miss_loop(endpoint, n: int, start: int) -> None:
     qs = [query(f"n{i}.bench.test") for i in range(start, start + n)]
     received = endpoint.datagramReceived
+    sent = _Sock.sent
     for q in qs:
         received(q, CLIENT)
+        while sent:
+            sent.pop().answer()
 
 
 def main() -> None:

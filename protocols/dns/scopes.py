@@ -93,6 +93,7 @@ class DnsGlobal:
     local: LocalRecords
     rng: random.Random = attrs.field(factory=BufferedSystemRandom)  # IDs and 0x20 case: not guessable
     flights: dict = attrs.field(factory=dict)
+    parsed: dict = attrs.field(factory=dict)  # wire.parse_query_memo's memory
     # Outbound verbs (tests hand in their own)
     open_datagram: Callable[..., Any] = None  # type: ignore[assignment]
     open_stream: Callable[..., Any] = None  # type: ignore[assignment]

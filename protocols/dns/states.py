@@ -71,7 +71,7 @@ def derive_request(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
         data = buf[pos + 2:end]
         conn.inpos = end
     try:
-        q = wire.parse_query(data)
+        q = wire.parse_query_memo(data, g.parsed)
     except wire.Malformed as exc:
         reply = wire.error_reply_raw(data, exc.rcode) if exc.rcode is not None else None
         if reply is None:

@@ -325,6 +325,26 @@ def parse_query(data: bytes) -> Query:
     return _parse_query_slow(data, qid, flags, qname, qend, ancount, nscount, arcount)
 
 
+QUERY_MEMO = 4096
+"""How many distinct queries :func:`parse_query_memo` remembers (then it starts over)."""
+
+
+def parse_query_memo(data: bytes, memo: dict) -> Query:
+    """:func:`parse_query` remembering what it found per query: the same bytes
+    after the ID always parse the same way, so a query seen before (what a busy
+    cache answers) skips the checks and the key building.  ``memo`` is the
+    caller's dict; at :data:`QUERY_MEMO` entries it is cleared (random names
+    cost one parse each, as without it).  Malformed queries are not remembered."""
+    fields = memo.get(data[2:])
+    if fields is not None:
+        return Query(data, (data[0] << 8) | data[1], *fields)
+    q = parse_query(data)
+    if len(memo) >= QUERY_MEMO:
+        memo.clear()
+    memo[data[2:]] = (q.flags, q.qname, q.qtype, q.qclass, q.key, q.question_end, q.edns, q.udp_size, q.do)
+    return q
+
+
 def _parse_query_slow(
     data: bytes, qid: int, flags: int, qname: bytes, qend: int, ancount: int, nscount: int, arcount: int
 ) -> Query:

@@ -519,12 +519,12 @@ def randomize_case(qname: bytes, rng: Any) -> bytes:
     ``rng`` is a ``random.Random`` (or anything with ``getrandbits``).  Length
     octets are at most 63, below every letter, so they are never touched.
     """
-    bits = rng.getrandbits(len(qname))
-    out = bytearray(qname)
-    for i, b in enumerate(out):
-        if 97 <= (b | 0x20) <= 122:  # a letter, either case
-            out[i] = (b & 0xDF) | (0x20 if (bits >> i) & 1 else 0)
-    return bytes(out)
+    # As integers: the bits where lower and upper case differ are the 0x20
+    # bits of the letters; flip a random subset of them in the upper-case name.
+    n = len(qname)
+    upper = int.from_bytes(qname.upper())
+    letters = upper ^ int.from_bytes(qname.lower())
+    return (upper ^ (rng.getrandbits(8 * n) & letters)).to_bytes(n)
 
 
 # --- names -----------------------------------------------------------------

@@ -280,12 +280,18 @@ class _Try:
         self.timer = None
         self.end("timeout")
 
+    def udp_message(self, data: bytes) -> None:
+        self.message(data, False)
+
     def end(self, word: str) -> None:
         if self.ended:
             return
         self.ended = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+        else:
+            self.g.deadlines.discard(self)
         if self.sock is not None:
             self.sock.close()
         g = self.g
@@ -312,11 +318,11 @@ def derive_remote_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str | De
     req.attempt += 1
     t = _Try(g, conn, req, upstream)
     try:
-        t.sock = g.open_datagram(upstream[0], upstream[1], lambda data: t.message(data, False), t.lost)
+        t.sock = g.open_datagram(upstream[0], upstream[1], t.udp_message, t.lost)
     except Exception:  # noqa: BLE001 - no socket (EMFILE...): this try failed, the table goes on
         t.end("failed")
         return t.done
-    t.timer = g.reactor.callLater(g.dns.timeout, t.expired)
+    g.deadlines.add(t, t.started + g.dns.timeout)  # one timer for every UDP try (they all wait as long)
     if not t.sock.send(t.query()):
         t.end("failed")
     return t.done

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from afpa.machine.driver import Driver
 from afpa.machine.scopes import Connection
-from afpa.net.twisted_private import datagram_socket
+from afpa.net.twisted_private import datagram_socket, listen_udp_one_read
 
 log = Logger(namespace="afpa.net.datagram")
 
@@ -406,7 +406,7 @@ class DatagramPool:
         else:
             sock = _Pooled(host, port)
             interface = "::" if ":" in host else ""
-            sock.listening = self.reactor.listenUDP(0, sock, interface=interface)
+            sock.listening = listen_udp_one_read(self.reactor, sock, interface)
             self.opened += 1
         sock.uses += 1
         lease = sock.lease = Lease(self, sock, on_datagram, on_error)

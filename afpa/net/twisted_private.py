@@ -162,6 +162,56 @@ def datagram_socket(port: Any) -> Any:
     return sock if sock is not None and hasattr(sock, "sendto") else None
 
 
+def listen_udp_one_read(reactor: Any, proto: Any, interface: str = "") -> Any:
+    """``reactor.listenUDP(0, proto, interface=...)`` whose port reads one datagram
+    per readiness event instead of reading until the socket says EAGAIN.
+
+    For an outbound exchange's socket, which expects one reply: Twisted's loop
+    pays a second ``recvfrom`` and an exception per reply to learn there is
+    nothing more; epoll is level-triggered, so a second datagram still wakes
+    the reactor.  Public path: Twisted's own port."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if not ENABLED or not isinstance(reactor, PosixReactorBase):  # the public path; a test's fake
+        return reactor.listenUDP(0, proto, interface=interface)
+    port = _one_read_port_class()(0, proto, interface, reactor=reactor)
+    port.startListening()
+    return port
+
+
+_ONE_READ_PORT: Any = None
+
+
+def _one_read_port_class() -> Any:
+    global _ONE_READ_PORT
+    if _ONE_READ_PORT is None:
+        from twisted.internet import udp
+        from twisted.logger import Logger
+        log = Logger(namespace="afpa.net.datagram")
+
+        class OneReadPort(udp.Port):
+            """A UDP port reading one datagram per readiness event."""
+
+            def doRead(self) -> None:  # noqa: N802 - Twisted's name
+                try:
+                    data, addr = self.socket.recvfrom(self.maxPacketSize)
+                except OSError as exc:
+                    no = exc.args[0]
+                    if no in udp._sockErrReadIgnore:
+                        return
+                    if no in udp._sockErrReadRefuse:
+                        if self._connectedAddr:
+                            self.protocol.connectionRefused()
+                        return
+                    raise
+                try:
+                    self.protocol.datagramReceived(data, addr[:2])
+                except Exception:
+                    log.failure("datagram handler raised")
+
+        _ONE_READ_PORT = OneReadPort
+    return _ONE_READ_PORT
+
+
 # -- the reactor ------------------------------------------------------------------
 
 def epoll_reactor_class() -> Any:

@@ -179,6 +179,54 @@ def listen_udp_one_read(reactor: Any, proto: Any, interface: str = "") -> Any:
 
 
 _ONE_READ_PORT: Any = None
+_LISTEN_PORT: Any = None
+READ_BATCH = 256  # datagrams a listening port reads per wakeup before the reactor looks elsewhere
+
+
+def listen_udp(reactor: Any, port: int, proto: Any, interface: str = "", max_packet: int = 65535) -> Any:
+    """``reactor.listenUDP`` for a busy listener: its read loop hands each
+    datagram to the protocol with the lookups done once per wakeup, not once
+    per datagram (Twisted's loop re-reads attributes and the address family
+    per datagram).  At most :data:`READ_BATCH` datagrams per wakeup, so other
+    sockets get their turn.  Public path: Twisted's own port."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if not ENABLED or not isinstance(reactor, PosixReactorBase):
+        return reactor.listenUDP(port, proto, interface=interface, maxPacketSize=max_packet)
+    global _LISTEN_PORT
+    if _LISTEN_PORT is None:
+        import socket as _socket
+
+        from twisted.internet import udp
+        from twisted.logger import Logger
+        log = Logger(namespace="afpa.net.datagram")
+        ignore, refuse = tuple(udp._sockErrReadIgnore), tuple(udp._sockErrReadRefuse)
+
+        class ListenPort(udp.Port):
+            """A UDP listening port with a lean read loop."""
+
+            def doRead(self) -> None:  # noqa: N802 - Twisted's name
+                recv = self.socket.recvfrom
+                size = self.maxPacketSize
+                received = self.protocol.datagramReceived
+                v6 = self.addressFamily == _socket.AF_INET6
+                for _ in range(READ_BATCH):
+                    try:
+                        data, addr = recv(size)
+                    except OSError as exc:
+                        if exc.args[0] in ignore or exc.args[0] in refuse:
+                            return
+                        raise
+                    if v6:
+                        addr = addr[:2]
+                    try:
+                        received(data, addr)
+                    except Exception:
+                        log.failure("datagram handler raised")
+
+        _LISTEN_PORT = ListenPort
+    p = _LISTEN_PORT(port, proto, interface, max_packet, reactor)
+    p.startListening()
+    return p
 
 
 def _one_read_port_class() -> Any:

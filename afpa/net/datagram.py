@@ -194,6 +194,10 @@ class DatagramDriver(Driver):
         if self.parked:
             self.parked = False
             endpoint.inflight -= 1
+            # Its datagram is answered: the next one to park can have it
+            # (nothing runs on this driver once finished() returns).
+            if len(endpoint.idle) < endpoint.IDLE_DRIVERS:
+                endpoint.idle.append(self)
 
 
 class DatagramEndpoint(DatagramProtocol):
@@ -201,11 +205,13 @@ class DatagramEndpoint(DatagramProtocol):
     machine (a reload's new machine takes over from the next datagram)."""
 
     noisy = False
+    IDLE_DRIVERS = 256  # drivers kept for reuse after a parked datagram (a miss) is answered
 
     def __init__(self, server: Any):
         self.server = server
         self.seconds = server.reactor.seconds
         self.spare: DatagramDriver | None = None
+        self.idle: list[DatagramDriver] = []  # drivers whose parked datagram is answered
         self.inflight = 0        # datagrams whose machine is parked
         self.received = 0
         self.trace_all = server.trace_all
@@ -221,7 +227,7 @@ class DatagramEndpoint(DatagramProtocol):
             self.stats = server.stats_for(machine)
         d = self.spare
         if d is None:
-            d = self.spare = DatagramDriver(self)
+            d = self.spare = self.idle.pop() if self.idle else DatagramDriver(self)
         conn = d.conn
         conn.transport.addr = conn.addr = addr
         conn.peer_label = ""  # made from addr when something asks (most datagrams never do)

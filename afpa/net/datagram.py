@@ -131,7 +131,7 @@ class DatagramDriver(Driver):
         self.endpoint = endpoint
         self.g = endpoint.server.g
         self.seconds = endpoint.seconds
-        self.parked = False
+        self.holding = False  # parked on a Deferred: this driver is the datagram's own
         reply = Reply(_sender(endpoint.transport), ("", 0))
         self.conn = DatagramConnection(reply, None, None, sock=reply)
         self.conn.driver = self
@@ -157,7 +157,7 @@ class DatagramDriver(Driver):
         self._end(conn.req)
 
     def suspended(self) -> None:
-        self.parked = True
+        self.holding = True
 
     def finished(self, req: Any, close: bool) -> None:
         self._end(req)
@@ -191,8 +191,8 @@ class DatagramDriver(Driver):
                 access_log.request(conn, req, now)
         conn.req = None
         conn.requests += 1
-        if self.parked:
-            self.parked = False
+        if self.holding:
+            self.holding = False
             endpoint.inflight -= 1
             # Its datagram is answered: the next one to park can have it
             # (nothing runs on this driver once finished() returns).
@@ -246,9 +246,9 @@ class DatagramEndpoint(DatagramProtocol):
                 d.run(machine.start, None)
         except Exception:  # the driver contains state failures; this is a last resort
             log.failure("datagram from {peer} broke the driver", peer=conn.peer_label)
-            d.parked = False
+            d.holding = False
             conn.req = None
-        if d.parked:
+        if d.holding:
             # The machine waits on a Deferred: this driver belongs to that datagram now.
             self.spare = None
             self.inflight += 1

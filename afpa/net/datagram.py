@@ -8,15 +8,17 @@ start state to ``@done``/``@close`` exactly as on a stream (the same
 :class:`~afpa.machine.driver.Driver`, counters, access log and traces).
 
 The answer goes back as one datagram through the ordinary verb: the Send Engine
-(``afpa.send_engine``) writes ``req.head`` to ``conn.transport``, which for a
-datagram is a :class:`Reply` bound to the peer's address, so a module's send
-state is the same for both transports and never sees a Twisted transport.
+(``afpa.send_engine``) hands ``req.head`` to the connection's socket, which for
+a datagram is a :class:`Reply` bound to the peer's address (one ``sendto`` on
+the listening socket), so a module's send state is the same for both
+transports and never sees a Twisted transport.
 
 Fast path: a datagram answered without parking (a cache hit) reuses the
 listener's one spare driver and connection scope: no Deferred, no timer, no
 allocation beyond the request scope.  A datagram whose machine parks on a
-Deferred (a miss) keeps its driver; the next datagram gets a new spare, so any
-number of datagrams are in flight at once, each with its own scopes.
+Deferred (a miss) keeps its driver; the next datagram gets another spare (one
+left by an answered miss, or a new one), so any number of datagrams are in
+flight at once, each with its own scopes.
 
 Outbound datagrams: a module that asks another server (DNS forwarding
 upstream) gets a connected UDP socket per exchange, so the kernel drops

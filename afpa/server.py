@@ -319,7 +319,7 @@ class Server:
                 # adopted as a duplicate: this one closes when the block ends
                 udp = self.reactor.adoptDatagramPort(sock.fileno(), family, endpoint, maxPacketSize=65535)
         else:
-            udp = self.reactor.listenUDP(port, endpoint, interface=host, maxPacketSize=65535)
+            udp = twisted_private.listen_udp(self.reactor, port, endpoint, host, 65535)
         self.datagram_endpoints.append(endpoint)
         self.ports.append(udp)
         return udp

@@ -151,6 +151,115 @@ def queued(t: Any) -> int | None:
     return q._tempDataLen + len(q.dataBuffer) - q.offset
 
 
+def datagram_socket(port: Any) -> Any:
+    """The socket of a listening UDP ``port`` for direct ``sendto`` of replies, or
+    None (then replies go through ``port.write``).  ``port.write`` checks the
+    address's form three times per datagram; a reply goes to the address the
+    query came from, which the kernel gave us, so those checks are spared."""
+    if not ENABLED:
+        return None
+    sock = getattr(port, "socket", None)
+    return sock if sock is not None and hasattr(sock, "sendto") else None
+
+
+def listen_udp_one_read(reactor: Any, proto: Any, interface: str = "") -> Any:
+    """``reactor.listenUDP(0, proto, interface=...)`` whose port reads one datagram
+    per readiness event instead of reading until the socket says EAGAIN.
+
+    For an outbound exchange's socket, which expects one reply: Twisted's loop
+    pays a second ``recvfrom`` and an exception per reply to learn there is
+    nothing more; epoll is level-triggered, so a second datagram still wakes
+    the reactor.  Public path: Twisted's own port."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if not ENABLED or not isinstance(reactor, PosixReactorBase):  # the public path; a test's fake
+        return reactor.listenUDP(0, proto, interface=interface)
+    port = _one_read_port_class()(0, proto, interface, reactor=reactor)
+    port.startListening()
+    return port
+
+
+_ONE_READ_PORT: Any = None
+_LISTEN_PORT: Any = None
+READ_BATCH = 256  # datagrams a listening port reads per wakeup before the reactor looks elsewhere
+
+
+def listen_udp(reactor: Any, port: int, proto: Any, interface: str = "", max_packet: int = 65535) -> Any:
+    """``reactor.listenUDP`` for a busy listener: its read loop hands each
+    datagram to the protocol with the lookups done once per wakeup, not once
+    per datagram (Twisted's loop re-reads attributes and the address family
+    per datagram).  At most :data:`READ_BATCH` datagrams per wakeup, so other
+    sockets get their turn.  Public path: Twisted's own port."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if not ENABLED or not isinstance(reactor, PosixReactorBase):
+        return reactor.listenUDP(port, proto, interface=interface, maxPacketSize=max_packet)
+    global _LISTEN_PORT
+    if _LISTEN_PORT is None:
+        import socket as _socket
+
+        from twisted.internet import udp
+        from twisted.logger import Logger
+        log = Logger(namespace="afpa.net.datagram")
+        ignore, refuse = tuple(udp._sockErrReadIgnore), tuple(udp._sockErrReadRefuse)
+
+        class ListenPort(udp.Port):
+            """A UDP listening port with a lean read loop."""
+
+            def doRead(self) -> None:  # noqa: N802 - Twisted's name
+                recv = self.socket.recvfrom
+                size = self.maxPacketSize
+                received = self.protocol.datagramReceived
+                v6 = self.addressFamily == _socket.AF_INET6
+                for _ in range(READ_BATCH):
+                    try:
+                        data, addr = recv(size)
+                    except OSError as exc:
+                        if exc.args[0] in ignore or exc.args[0] in refuse:
+                            return
+                        raise
+                    if v6:
+                        addr = addr[:2]
+                    try:
+                        received(data, addr)
+                    except Exception:
+                        log.failure("datagram handler raised")
+
+        _LISTEN_PORT = ListenPort
+    p = _LISTEN_PORT(port, proto, interface, max_packet, reactor)
+    p.startListening()
+    return p
+
+
+def _one_read_port_class() -> Any:
+    global _ONE_READ_PORT
+    if _ONE_READ_PORT is None:
+        from twisted.internet import udp
+        from twisted.logger import Logger
+        log = Logger(namespace="afpa.net.datagram")
+
+        class OneReadPort(udp.Port):
+            """A UDP port reading one datagram per readiness event."""
+
+            def doRead(self) -> None:  # noqa: N802 - Twisted's name
+                try:
+                    data, addr = self.socket.recvfrom(self.maxPacketSize)
+                except OSError as exc:
+                    no = exc.args[0]
+                    if no in udp._sockErrReadIgnore:
+                        return
+                    if no in udp._sockErrReadRefuse:
+                        if self._connectedAddr:
+                            self.protocol.connectionRefused()
+                        return
+                    raise
+                try:
+                    self.protocol.datagramReceived(data, addr[:2])
+                except Exception:
+                    log.failure("datagram handler raised")
+
+        _ONE_READ_PORT = OneReadPort
+    return _ONE_READ_PORT
+
+
 # -- the reactor ------------------------------------------------------------------
 
 def epoll_reactor_class() -> Any:

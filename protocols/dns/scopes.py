@@ -12,7 +12,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from afpa.machine.scopes import Request
-from afpa.net.datagram import open_datagram
+from afpa.net.datagram import BufferedSystemRandom, shared_pool
 from afpa.net.oneshot import open_stream
 from afpa.ops.metrics import DURATION_BUCKETS
 from protocols.dns import wire
@@ -62,6 +62,48 @@ class Flight:
     answer: wire.Answer | None = None   # set when it finished with an answer
 
 
+class Deadlines:
+    """Timeouts of one length sharing one reactor timer.
+
+    Every UDP try waits ``dns.timeout`` seconds, so the tries expire in the
+    order they started: they wait in an insertion-ordered dict, and one timer,
+    set for the oldest, expires what is due and is set again for the next.  A
+    try that ends takes itself out (a dict deletion) instead of creating and
+    cancelling a timer of its own."""
+
+    __slots__ = ("reactor", "seconds", "waiting", "timer")
+
+    def __init__(self, reactor: Any, seconds: Callable[[], float]):
+        self.reactor = reactor
+        self.seconds = seconds
+        self.waiting: dict[Any, float] = {}
+        self.timer: Any = None
+
+    def add(self, item: Any, deadline: float) -> None:
+        """Call ``item.expired()`` at ``deadline`` unless :meth:`discard` comes first
+        (deadlines must not come before those added earlier)."""
+        self.waiting[item] = deadline
+        if self.timer is None:
+            self.timer = self.reactor.callLater(max(0.0, deadline - self.seconds()), self._due)
+
+    def discard(self, item: Any) -> None:
+        """``item`` no longer waits (the timer, if it was for it, finds the next one)."""
+        self.waiting.pop(item, None)
+
+    def _due(self) -> None:
+        self.timer = None
+        waiting = self.waiting
+        now = self.seconds()
+        while waiting:
+            item = next(iter(waiting))
+            deadline = waiting[item]
+            if deadline > now:
+                self.timer = self.reactor.callLater(deadline - now, self._due)
+                return
+            del waiting[item]
+            item.expired()
+
+
 @attrs.define(slots=True, eq=False)
 class DnsRequest(Request):
     """One query: what was asked, where it went, what came back."""
@@ -91,8 +133,10 @@ class DnsGlobal:
     reactor: Any
     forwarding: Forwarding
     local: LocalRecords
-    rng: random.Random = attrs.field(factory=random.SystemRandom)  # IDs and 0x20 case: not guessable
+    rng: random.Random = attrs.field(factory=BufferedSystemRandom)  # IDs and 0x20 case: not guessable
     flights: dict = attrs.field(factory=dict)
+    parsed: dict = attrs.field(factory=dict)  # wire.parse_query_memo's memory
+    deadlines: Deadlines = None  # type: ignore[assignment]  # of the UDP tries (built from reactor)
     # Outbound verbs (tests hand in their own)
     open_datagram: Callable[..., Any] = None  # type: ignore[assignment]
     open_stream: Callable[..., Any] = None  # type: ignore[assignment]
@@ -119,10 +163,16 @@ class DnsGlobal:
         return cls(runtime=runtime, settings=settings, dns=dns, cache=runtime.cache, reactor=reactor,
                    forwarding=Forwarding(dns.upstreams, rules), local=local,
                    seconds=reactor.seconds if reactor is not None else time.time,  # afpa check: no reactor
-                   open_datagram=lambda host, port, on_data, on_error: open_datagram(
-                       reactor, host, port, on_data, on_error),
+                   # Upstream queries leave from pooled sockets on random ports
+                   # (afpa.net.datagram.DatagramPool: RFC 5452 without a socket per query).
+                   open_datagram=lambda host, port, on_data, on_error: shared_pool(reactor).open(
+                       host, port, on_data, on_error),
                    open_stream=lambda host, port, on_data, on_lost: open_stream(
                        reactor, host, port, on_data, on_lost, dns.tcp_timeout))
+
+    def __attrs_post_init__(self) -> None:
+        if self.deadlines is None:
+            self.deadlines = Deadlines(self.reactor, self.seconds)
 
     def count(self, qtype: int, rcode: int) -> None:
         """One reply sent."""

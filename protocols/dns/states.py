@@ -13,8 +13,9 @@ Every wait ends in an outcome word the table maps: an upstream's answer
 upstream, falling back to TCP, serving stale or SERVFAIL are the table's
 edges, not decisions taken in callbacks.
 
-Upstream exchanges follow RFC 5452: a random ID and a fresh connected UDP
-socket (a new random source port) per try, the question in random 0x20 case,
+Upstream exchanges follow RFC 5452: a random ID and a connected UDP socket
+on a random source port to itself per try (leased from the runtime's pool,
+:class:`afpa.net.datagram.DatagramPool`), the question in random 0x20 case,
 and only a datagram from that address and port with that ID and exactly that
 question is taken (:func:`wire.parse_response`); anything else is counted and
 ignored while the try goes on waiting.
@@ -70,7 +71,7 @@ def derive_request(g: DnsGlobal, conn: Any, req: DnsRequest) -> str:
         data = buf[pos + 2:end]
         conn.inpos = end
     try:
-        q = wire.parse_query(data)
+        q = wire.parse_query_memo(data, g.parsed)
     except wire.Malformed as exc:
         reply = wire.error_reply_raw(data, exc.rcode) if exc.rcode is not None else None
         if reply is None:
@@ -279,12 +280,18 @@ class _Try:
         self.timer = None
         self.end("timeout")
 
+    def udp_message(self, data: bytes) -> None:
+        self.message(data, False)
+
     def end(self, word: str) -> None:
         if self.ended:
             return
         self.ended = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+        else:
+            self.g.deadlines.discard(self)
         if self.sock is not None:
             self.sock.close()
         g = self.g
@@ -304,18 +311,18 @@ class _Try:
 
 @state("answer", "truncated", "timeout", "failed", needs=("flight",), provides={"answer": ("upstream_answer",)})
 def derive_remote_response(g: DnsGlobal, conn: Any, req: DnsRequest) -> str | Deferred:
-    """Ask the next upstream over UDP (fresh ID, source port and 0x20 case);
+    """Ask the next upstream over UDP (fresh ID, random source port and 0x20 case);
     wait for its answer, ignoring datagrams that do not answer this question."""
     upstreams = req.upstreams
     upstream = req.upstream = upstreams[req.attempt % len(upstreams)]
     req.attempt += 1
     t = _Try(g, conn, req, upstream)
     try:
-        t.sock = g.open_datagram(upstream[0], upstream[1], lambda data: t.message(data, False), t.lost)
+        t.sock = g.open_datagram(upstream[0], upstream[1], t.udp_message, t.lost)
     except Exception:  # noqa: BLE001 - no socket (EMFILE...): this try failed, the table goes on
         t.end("failed")
         return t.done
-    t.timer = g.reactor.callLater(g.dns.timeout, t.expired)
+    g.deadlines.add(t, t.started + g.dns.timeout)  # one timer for every UDP try (they all wait as long)
     if not t.sock.send(t.query()):
         t.end("failed")
     return t.done

@@ -325,6 +325,26 @@ def parse_query(data: bytes) -> Query:
     return _parse_query_slow(data, qid, flags, qname, qend, ancount, nscount, arcount)
 
 
+QUERY_MEMO = 4096
+"""How many distinct queries :func:`parse_query_memo` remembers (then it starts over)."""
+
+
+def parse_query_memo(data: bytes, memo: dict) -> Query:
+    """:func:`parse_query` remembering what it found per query: the same bytes
+    after the ID always parse the same way, so a query seen before (what a busy
+    cache answers) skips the checks and the key building.  ``memo`` is the
+    caller's dict; at :data:`QUERY_MEMO` entries it is cleared (random names
+    cost one parse each, as without it).  Malformed queries are not remembered."""
+    fields = memo.get(data[2:])
+    if fields is not None:
+        return Query(data, (data[0] << 8) | data[1], *fields)
+    q = parse_query(data)
+    if len(memo) >= QUERY_MEMO:
+        memo.clear()
+    memo[data[2:]] = (q.flags, q.qname, q.qtype, q.qclass, q.key, q.question_end, q.edns, q.udp_size, q.do)
+    return q
+
+
 def _parse_query_slow(
     data: bytes, qid: int, flags: int, qname: bytes, qend: int, ancount: int, nscount: int, arcount: int
 ) -> Query:
@@ -516,12 +536,12 @@ def randomize_case(qname: bytes, rng: Any) -> bytes:
     ``rng`` is a ``random.Random`` (or anything with ``getrandbits``).  Length
     octets are at most 63, below every letter, so they are never touched.
     """
-    bits = rng.getrandbits(len(qname))
-    out = bytearray(qname)
-    for i, b in enumerate(out):
-        if 97 <= (b | 0x20) <= 122:  # a letter, either case
-            out[i] = (b & 0xDF) | (0x20 if (bits >> i) & 1 else 0)
-    return bytes(out)
+    # As integers: the bits where lower and upper case differ are the 0x20
+    # bits of the letters; flip a random subset of them in the upper-case name.
+    n = len(qname)
+    upper = int.from_bytes(qname.upper())
+    letters = upper ^ int.from_bytes(qname.lower())
+    return (upper ^ (rng.getrandbits(8 * n) & letters)).to_bytes(n)
 
 
 # --- names -----------------------------------------------------------------

@@ -456,3 +456,44 @@ def test_waiters_ask_themselves_when_the_asking_tcp_client_left_and_its_try_fail
     box.answer_last(a_answer(b"gone.example.com"))
     [r] = box.replies()
     assert m.parse(r).id == 2
+
+
+def test_tries_share_one_timer_and_each_expires_at_its_own_deadline():
+    from protocols.dns.scopes import Deadlines
+
+    clock = Clock()
+    expired = []
+
+    class Item:
+        def __init__(self, name):
+            self.name = name
+
+        def expired(self):
+            expired.append((self.name, clock.seconds()))
+
+    d = Deadlines(clock, clock.seconds)
+    a, b, c = Item("a"), Item("b"), Item("c")
+    d.add(a, 2.0)
+    clock.advance(0.5)
+    d.add(b, 2.5)
+    clock.advance(0.5)
+    d.add(c, 3.0)
+    assert len(clock.getDelayedCalls()) == 1
+    d.discard(a)  # answered: never expires
+    clock.advance(1.0)
+    assert expired == []
+    clock.advance(0.5)
+    assert expired == [("b", 2.5)]
+    clock.advance(0.5)
+    assert expired == [("b", 2.5), ("c", 3.0)] and clock.getDelayedCalls() == []
+
+
+def test_drivers_of_answered_misses_are_reused(box):
+    for i in range(5):
+        box.ask(m.query(f"r{i}.example.com", qid=i))
+        box.answer_last(a_answer(f"r{i}.example.com".encode()))
+    assert len(box.replies()) == 5 and box.endpoint.inflight == 0
+    drivers = {id(d) for d in box.endpoint.idle} | {id(box.endpoint.spare)}
+    assert len(drivers) <= 2  # one spare, one reused after each answer
+    box.ask(m.query("r1.example.com", qid=99))  # a hit on a reused driver
+    assert m.parse(box.replies()[-1]).id == 99

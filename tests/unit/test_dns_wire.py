@@ -89,6 +89,23 @@ def test_parse_plain_query_and_udp_size_clamps():
     assert wire.parse_query(make_query(size=65000)).udp_size == wire.MAX_UDP_SIZE
 
 
+def test_remembered_parse_gives_each_query_its_own_id_and_refuses_what_parse_refuses():
+    memo: dict = {}
+    first = make_query(b"WwW.Example.COM", dns.AAAA, do=True, size=1400)
+    again = struct.pack(">H", 99) + first[2:]  # the same question under another ID
+    for data in (first, again, again):
+        assert wire.parse_query_memo(data, memo) == wire.parse_query(data)
+    assert wire.parse_query_memo(again, memo).id == 99 and len(memo) == 1
+    bad = first[:-3]
+    for _ in range(2):  # malformed every time: never remembered
+        with pytest.raises(Malformed):
+            wire.parse_query_memo(bad, memo)
+    assert len(memo) == 1
+    for i in range(wire.QUERY_MEMO + 5):  # bounded: starts over when full
+        wire.parse_query_memo(make_query(f"n{i}.example".encode()), memo)
+    assert len(memo) <= wire.QUERY_MEMO
+
+
 def test_query_with_edns_option_and_authority_record_takes_the_walk():
     cookie = (10, b"\x01" * 8)
     q = wire.parse_query(make_query(options=[cookie], do=True))

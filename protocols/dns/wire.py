@@ -327,6 +327,8 @@ def parse_query(data: bytes) -> Query:
 
 QUERY_MEMO = 4096
 """How many distinct queries :func:`parse_query_memo` remembers (then it starts over)."""
+MEMO_MAX_QUERY = 512
+"""Only queries up to this size are remembered: at most 2 MiB of memo."""
 
 
 def parse_query_memo(data: bytes, memo: dict) -> Query:
@@ -339,6 +341,8 @@ def parse_query_memo(data: bytes, memo: dict) -> Query:
     if fields is not None:
         return Query(data, (data[0] << 8) | data[1], *fields)
     q = parse_query(data)
+    if len(data) > MEMO_MAX_QUERY:
+        return q  # a long query (TCP allows 64 KiB) is parsed each time: the memo stays small
     if len(memo) >= QUERY_MEMO:
         memo.clear()
     memo[data[2:]] = (q.flags, q.qname, q.qtype, q.qclass, q.key, q.question_end, q.edns, q.udp_size, q.do)

@@ -536,3 +536,17 @@ def test_compression_pointer_into_a_ttl_is_refused():
     # The same pointer to the question's name is fine.
     ok = struct.pack(">H", 0xC00C) + ans2[2:]
     assert wire.parse_response(head + question + ans1 + ok, q, 4660, q.qname).answer is not None
+
+
+def test_query_memo_keeps_only_short_queries():
+    memo = {}
+    short = make_query(b"www.example.com", edns=False)
+    wire.parse_query_memo(short, memo)
+    assert len(memo) == 1
+    # The same question with 600 octets of EDNS padding (option 12): parsed, not kept.
+    padding = struct.pack(">HH", 12, 600) + bytes(600)
+    opt = b"\x00" + struct.pack(">HHIH", wire.OPT, 1232, 0, len(padding)) + padding
+    long = short[:10] + struct.pack(">H", 1) + short[12:] + opt
+    assert len(long) > wire.MEMO_MAX_QUERY
+    assert wire.parse_query_memo(long, memo).edns
+    assert len(memo) == 1

@@ -219,3 +219,22 @@ def test_malformed_input_never_stops_it(forwarder, upstream):
     assert good.id == 78
     assert afpa.proc.poll() is None
     assert "Traceback" not in afpa.stop()
+
+
+def test_workers_answer_udp_and_tcp(forwarder, upstream):
+    """With --workers 2 the supervisor shares the TCP listener and each worker
+    binds the UDP address itself; every query is answered, over both."""
+    afpa = forwarder("--workers", "2")
+    answered = None
+    for attempt in range(100):  # the workers bind UDP once they have started
+        try:
+            answered = m.parse(ask_udp(afpa.port, m.query("www.ok.test", qid=attempt), timeout=0.2))
+            break
+        except OSError:
+            continue
+    assert answered is not None and answered.answers[0].payload.dottedQuad() == "192.0.2.1"
+    for qid in range(200, 230):  # each from a new source port: the kernel spreads them
+        reply = m.parse(ask_udp(afpa.port, m.query("www.ok.test", qid=qid)))
+        assert reply.id == qid and reply.answers[0].payload.dottedQuad() == "192.0.2.1"
+    assert m.parse(ask_tcp(afpa.port, m.query("www.ok.test", qid=7))).id == 7
+    assert "Traceback" not in afpa.stop()

@@ -106,26 +106,36 @@ def connection(sock):
     return conn, t
 
 
-def test_file_sender_never_waits_for_a_read_it_did_not_start(tmp_path):
-    """A read completing while the transport still held bytes, then a socket that
-    takes everything at once, once left the sender waiting forever."""
-    data = os.urandom(3 * FILE_CHUNK + 123)
+def send_file(tmp_path, data, sock, rounds, direct=True):
+    """Send ``data`` from a file after the head ``HEAD`` to ``sock``, completing
+    helper reads and draining the transport up to ``rounds`` times; the
+    outcomes so far and the transport.  ``direct=False``: no direct socket
+    writes (the public send path)."""
     path = tmp_path / "f"
     path.write_bytes(data)
     helpers = ManualHelpers()
     g = G(helpers)
-    sock = ScriptedSocket(10, 0)  # head partly taken, then the socket is full
     conn, t = connection(sock)
+    if not direct:
+        conn.sock = None
     fd = os.open(path, os.O_RDONLY)
-    done = send_engine(g, conn, Req(b"HEAD", FileBody(fd, len(data))))
     outcomes = []
-    done.addCallback(outcomes.append)
-    for _ in range(100):
+    send_engine(g, conn, Req(b"HEAD", FileBody(fd, len(data)))).addCallback(outcomes.append)
+    for _ in range(rounds):
         if outcomes:
             break
         while helpers.calls:
-            helpers.fire_next()  # reads complete while the transport is still busy
+            helpers.fire_next()
         t.drain()
+    return outcomes, t
+
+
+def test_file_sender_never_waits_for_a_read_it_did_not_start(tmp_path):
+    """A read completing while the transport still held bytes, then a socket that
+    takes everything at once, once left the sender waiting forever."""
+    data = os.urandom(3 * FILE_CHUNK + 123)
+    sock = ScriptedSocket(10, 0)  # head partly taken, then the socket is full
+    outcomes, t = send_file(tmp_path, data, sock, rounds=100)  # reads complete while the transport is busy
     assert outcomes == ["sent"]
     assert bytes(sock.data) == b"HEAD" + data
     assert t.producer is None
@@ -205,22 +215,7 @@ def test_file_sender_reads_at_most_one_chunk_ahead(tmp_path):
     transport), a read finishing while the previous chunk still waited to be
     sent once replaced that chunk: the client got a body with a hole in it."""
     data = os.urandom(5 * FILE_CHUNK + 7)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    helpers = ManualHelpers()
-    g = G(helpers)
     sock = ScriptedSocket()
-    conn, t = connection(sock)
-    conn.sock = None
-    fd = os.open(path, os.O_RDONLY)
-    done = send_engine(g, conn, Req(b"HEAD", FileBody(fd, len(data))))
-    outcomes = []
-    done.addCallback(outcomes.append)
-    for _ in range(1000):
-        if outcomes:
-            break
-        while helpers.calls:
-            helpers.fire_next()  # the disk is faster than the client
-        t.drain()
+    outcomes, t = send_file(tmp_path, data, sock, rounds=1000, direct=False)  # the disk outruns the client
     assert outcomes == ["sent"]
     assert bytes(sock.data) == b"HEAD" + data

@@ -15,7 +15,6 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone, Connection
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from afpa.config import Settings
 from tests.httpclient import parse_responses
 from tests.unit import test_remote_machine
 from tests.unit.test_remote_machine import GET

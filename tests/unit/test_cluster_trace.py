@@ -8,7 +8,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from afpa.ops import clustertrace
-from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 from afpa.machine.trace import TraceFilter

@@ -29,7 +29,7 @@ def look(g, conn, req):
 
 MODULE = ProtocolModule(name="enginetest", functions=collect([park, look]), table="",
                         make_global=lambda s, r: None, make_request=lambda conn: Request(),
-                        fail=lambda g, conn, req, status: None)
+                        fail=lambda g, conn, req, reason: None)
 TABLE = """
 [machine]
 name = "enginetest"

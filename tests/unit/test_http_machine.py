@@ -11,7 +11,6 @@ from twisted.internet.testing import StringTransport
 from prometheus_client import CollectorRegistry, generate_latest
 
 from afpa.machine import tables
-from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.ops.metrics import Collector
 from afpa.net.intrinsics import default_registry

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from afpa.machine import tables
-from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.net.intrinsics import default_registry
 from afpa.ops.machineview import machine_view, merge_views

@@ -135,7 +135,7 @@ def entry(start):
 
 def line_module(**hooks):
     return ProtocolModule(name="line", functions=collect([read_line]), table="", make_global=lambda s, r: Tempting(r),
-                          make_request=lambda conn: Request(), fail=lambda g, conn, req, status: None, **hooks)
+                          make_request=lambda conn: Request(), fail=lambda g, conn, req, reason: None, **hooks)
 
 
 @pytest.fixture

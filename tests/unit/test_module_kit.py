@@ -68,7 +68,7 @@ def module(tmp_path):
     (d / "kittest.toml").write_text(TABLE)
     return ProtocolModule(name="kittest", functions=collect([begin, echo]), table="kittest.toml",
                           make_global=lambda s, r: Global(r), make_request=lambda conn: Request(),
-                          fail=lambda g, conn, req, status: None, speaks_first=True, table_dir=str(d))
+                          fail=lambda g, conn, req, reason: None, speaks_first=True, table_dir=str(d))
 
 
 def test_a_speaks_first_module_greets_before_any_input(module):

@@ -13,7 +13,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from afpa.machine import tables
 from afpa.cli import main
-from afpa.config import Settings
 from afpa.net.helpers import InlineHelpers
 from afpa.reload import ConfigSource, config_problem, format_problem
 from afpa.server import Server

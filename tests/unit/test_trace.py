@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from afpa.ops import admin
 from afpa.ops.accesslog import FormatError, compile_format
-from afpa.config import SettingError, Settings
+from afpa.config import SettingError
 from afpa.net.helpers import InlineHelpers
 from afpa.server import Server
 from afpa.machine.trace import FilterError, TraceFilter, TraceHub, format_event

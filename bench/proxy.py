@@ -59,7 +59,6 @@ import os
 import pwd
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,31 +69,14 @@ from pathlib import Path
 # bench/ on sys.path, this also covers ``python -m`` and imports from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402
-    CLK_TCK, HOST, NGINX, START_TIMEOUT, choose_cpus, comparisons, cpu_note, efficiency, fmt_cpu, fmt_err,
-    fmt_rate, free_port, make_files, medians, parse_size, pin, print_markdown, print_problems, rate_ratio, rounds,
-    run_wrk, start, stop, tail, wait_listening,
+    CLK_TCK, HOST, NGINX, bench_one, choose_cpus, comparisons, cpu_note, efficiency, fmt_cpu, fmt_err, fmt_rate,
+    free_port, make_files, medians, parse_size, pin, print_markdown, print_problems, rate_ratio, rounds, start,
+    stop_all, tail, wait_listening,
 )
 
 PROXIES = ("afpa", "nginx", "varnish")
 VARNISHD = "varnishd"
 MODES = ("keep-alive", "close")
-
-
-# ---------------------------------------------------------------- processes
-
-def stop_all(proc: subprocess.Popen | None) -> None:
-    """stop() the process, then SIGKILL whatever is left of its process group.
-
-    Each server was started in its own session (start()), so its group holds
-    exactly its own children: nginx workers, the Varnish child, shims.
-    """
-    if proc is None:
-        return
-    stop(proc)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ---------------------------------------------------------------- configs
@@ -147,6 +129,17 @@ http {{
 }}
 """)
     return conf, t / "error.log"
+
+
+def start_origin(tmp: Path, root: Path) -> tuple[subprocess.Popen, int, Path]:
+    """Start the origin nginx, unpinned, in a session of its own (so its CPU is
+    never counted in a proxy's); returns (process, port, error log).  The
+    caller waits for it to listen and stops it with stop_all()."""
+    port = free_port()
+    conf, err = origin_conf(tmp, root, port)
+    cmd = [NGINX, "-p", str(conf.parent), "-c", str(conf), "-e", str(err)]
+    print(f"== origin (unpinned): {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return start(cmd, tmp / "origin.log"), port, err
 
 
 def nginx_proxy_conf(tmp: Path, port: int, origin_port: int) -> tuple[Path, Path]:
@@ -266,34 +259,11 @@ def bench_proxy(name: str, args: argparse.Namespace, tmp: Path, origin: subproce
     Each run measures the CPU of the proxy's process tree (cpu_*) and, apart,
     of the origin's (origin_cpu_*)."""
     port = free_port()
-    log = tmp / f"{name}.log"
     cmd, extra_log = proxy_cmd(name, args, tmp, port, origin_port)
-    cmd = pin(cpus[0]) + cmd
-    print(f"== {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    results: dict = {}
-    proc = None
-    try:
-        proc = start(cmd, log)
-        if not wait_listening(proc, port):
-            status = proc.poll()
-            why = (f"exited with status {status} before listening" if status is not None
-                   else f"not listening within {START_TIMEOUT:.0f}s")
-            extra = tail(extra_log) if extra_log else ""
-            return results, f"{name} on {HOST}:{port}: {why}\n--- output ---\n{tail(log)}\n{extra}".rstrip()
-        urls = {path: (files[path.rsplit("/", 1)[1]], not path.startswith("/pass/"))
-                for _, _, path in cases(files)}
-        problems = warm_up(name, port, urls)
-        if problems:
-            return results, f"{name} warm-up failed:\n  " + "\n  ".join(problems)
-        for label, mode, path in cases(files):
-            print(f"   wrk {label} {mode} ...", file=sys.stderr, flush=True)
-            results[(label, mode)] = run_wrk(f"http://{HOST}:{port}{path}", mode == "close", args, cpus[1],
-                                             cpu_of={"": proc.pid, "origin_": origin.pid})
-            if proc.poll() is not None:
-                return results, f"{name} exited during the run (status {proc.returncode})\n{tail(log)}"
-        return results, None
-    finally:
-        stop_all(proc)
+    urls = {path: (files[path.rsplit("/", 1)[1]], not path.startswith("/pass/")) for _, _, path in cases(files)}
+    runs = [((label, mode), path, mode == "close") for label, mode, path in cases(files)]
+    return bench_one(name, pin(cpus[0]) + cmd, port, tmp / f"{name}.log", lambda port: warm_up(name, port, urls),
+                     runs, args, cpus[1], also_cpu={"origin_": origin.pid}, extra_log=extra_log)
 
 
 # ---------------------------------------------------------------- report
@@ -402,11 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.chmod(0o755)
         root, files = make_files(tmp, sizes)
 
-        origin_port = free_port()
-        conf, err = origin_conf(tmp, root, origin_port)
-        cmd = [NGINX, "-p", str(conf.parent), "-c", str(conf), "-e", str(err)]
-        print(f"== origin (unpinned): {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        origin = start(cmd, tmp / "origin.log")
+        origin, origin_port, err = start_origin(tmp, root)
         if not wait_listening(origin, origin_port):
             print(f"origin nginx failed to start:\n{tail(tmp / 'origin.log')}\n{tail(err)}", file=sys.stderr)
             return 1

@@ -118,6 +118,21 @@ def stop(proc: subprocess.Popen | None) -> None:
             continue
 
 
+def stop_all(proc: subprocess.Popen | None) -> None:
+    """stop() the process, then SIGKILL whatever is left of its process group.
+
+    Each server was started in its own session (start()), so its group holds
+    exactly its own children: nginx workers, the Varnish child, shims.
+    """
+    if proc is None:
+        return
+    stop(proc)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float = START_TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -315,12 +330,19 @@ def server_cmd(name: str, args: argparse.Namespace, tmp: Path, root: Path, port:
     return [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx" / "error.log")]
 
 
-def bench_server(name: str, args: argparse.Namespace, tmp: Path, root: Path, files: dict[str, int],
-                 cpus: tuple[int | None, int | None]) -> tuple[dict, str | None]:
-    """Start one server, warm up, run every wrk case, stop.  Returns (results, failure)."""
-    port = free_port()
-    log = tmp / f"{name}.log"
-    cmd = pin(cpus[0]) + server_cmd(name, args, tmp, root, port)
+def bench_one(name: str, cmd: list[str], port: int, log: Path, warm, runs: list[tuple[tuple, str, bool]],
+              args: argparse.Namespace, wrk_cpu: int | None, also_cpu: dict[str, int] | None = None,
+              extra_log: Path | None = None) -> tuple[dict, str | None]:
+    """Start one server, warm up, run wrk for each case, stop.  Returns
+    ({case key: wrk result}, failure or None).
+
+    cmd is the full command (pinned already) and must listen on port;
+    warm(port) does the warm-up and returns a list of problems; runs holds
+    (case key, URL path, Connection: close?) in run order.  Every result has
+    the CPU of the server's process tree (cpu_*) and, for each PREFIX: pid of
+    also_cpu, that process tree's (PREFIXcpu_*), e.g. a proxy's origin.  The
+    server is stopped on every way out, Ctrl-C included.
+    """
     print(f"== {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     results: dict = {}
     proc = None
@@ -328,24 +350,32 @@ def bench_server(name: str, args: argparse.Namespace, tmp: Path, root: Path, fil
         proc = start(cmd, log)
         if not wait_listening(proc, port):
             status = proc.poll()
-            extra = tail(tmp / "nginx" / "error.log") if name == "nginx" else ""
             why = (f"exited with status {status} before listening" if status is not None
                    else f"not listening within {START_TIMEOUT:.0f}s")
-            return results, (f"{name} on {HOST}:{port}: {why}\n--- output ---\n{tail(log)}\n{extra}").rstrip()
-        problems = warm_up(port, files)
+            extra = tail(extra_log) if extra_log else ""
+            return results, f"{name} on {HOST}:{port}: {why}\n--- output ---\n{tail(log)}\n{extra}".rstrip()
+        problems = warm(port)
         if problems:
             return results, f"{name} warm-up failed:\n  " + "\n  ".join(problems)
-        for fname in files:
-            for mode in ("keep-alive", "close"):
-                url = f"http://{HOST}:{port}/{fname}"
-                print(f"   wrk {fname} {mode} ...", file=sys.stderr, flush=True)
-                r = run_wrk(url, mode == "close", args, cpus[1], cpu_of={"": proc.pid})
-                results[(fname, mode)] = r
-                if proc.poll() is not None:
-                    return results, f"{name} exited during the run (status {proc.returncode})\n{tail(log)}"
+        for key, path, close in runs:
+            print(f"   wrk {' '.join(key)} ...", file=sys.stderr, flush=True)
+            results[key] = run_wrk(f"http://{HOST}:{port}{path}", close, args, wrk_cpu,
+                                   cpu_of={"": proc.pid, **(also_cpu or {})})
+            if proc.poll() is not None:
+                return results, f"{name} exited during the run (status {proc.returncode})\n{tail(log)}"
         return results, None
     finally:
-        stop(proc)
+        stop_all(proc)
+
+
+def bench_server(name: str, args: argparse.Namespace, tmp: Path, root: Path, files: dict[str, int],
+                 cpus: tuple[int | None, int | None]) -> tuple[dict, str | None]:
+    """Start one server, warm up, run every wrk case, stop.  Returns (results, failure)."""
+    port = free_port()
+    cmd = pin(cpus[0]) + server_cmd(name, args, tmp, root, port)
+    runs = [((fname, mode), "/" + fname, mode == "close") for fname in files for mode in ("keep-alive", "close")]
+    return bench_one(name, cmd, port, tmp / f"{name}.log", lambda port: warm_up(port, files), runs, args,
+                     cpus[1], extra_log=tmp / "nginx" / "error.log" if name == "nginx" else None)
 
 
 # ---------------------------------------------------------------- report

@@ -243,7 +243,8 @@ class Decision:
     field names to leave out of the stored head (``no-cache="f"``,
     ``private="f"``) and ``hide``: fields never shown to clients (targeted
     cache-control fields).  ``vary``: the selecting field names (None: no Vary;
-    ``(b"*",)``: never reusable).
+    ``(b"*",)``: never reusable).  ``date``/``age_value`` (the response's
+    ``Date`` and ``Age``) are read only for a response that may be stored.
     """
 
     store: bool = False
@@ -324,8 +325,6 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
         cc, explicit_source = {}, True  # operator's word: no directive, no Expires
     elif cc is None:
         cc = parse_directives(fields.get(b"cache-control", ()))
-    d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
-    d.age_value = age_value(fields.get(b"age"))
     vary = fields.get(b"vary")
     if vary is not None:
         names = tuple(sorted({n.strip(b" \t").lower() for v in vary for n in v.split(b",")
@@ -372,6 +371,11 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
         d.no_cache = True
     if strip_cookie:
         d.strip |= {b"set-cookie"}  # set_cookie = "strip": shared without it
+
+    # Date and Age only matter to a response that may be stored: parsed after
+    # the refusals (a no-store pass-through answer skips the date parsing).
+    d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
+    d.age_value = age_value(fields.get(b"age"))
 
     # Freshness lifetime (RFC 9111 4.2.1): s-maxage, max-age, Expires - Date.
     date = d.date if d.date is not None else now

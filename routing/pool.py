@@ -47,7 +47,7 @@ FAILURE_REASONS = {
 }
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per forwarded request (pool and turn lookups)
 class Backend:
     """A plain-HTTP server afpa forwards to or defers connections to."""
 
@@ -263,6 +263,8 @@ class Pools:
     def pick(self, route: Any) -> BackendPool:
         """The next backend of ``route``, in turn."""
         backends = route.backends
+        if len(backends) == 1:
+            return self.get(backends[0])  # no turn to keep
         i = self._turn.get(route, 0)
         self._turn[route] = i + 1
         return self.get(backends[i % len(backends)])

@@ -65,11 +65,15 @@ def connection_tokens(msg: Any) -> set[bytes]:
     """Field names listed in a message's Connection field (lower-case)."""
     out: set[bytes] = set()
     lnames = msg.lnames
-    if b"connection" not in lnames:
-        return out  # most requests: one scan in C instead of a loop
-    for lname, (_, value) in zip(lnames, msg.headers):
-        if lname == b"connection":
-            out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
+    n = lnames.count(b"connection")  # scans in C: most messages have none or one
+    if n == 0:
+        return out
+    if n == 1:
+        values = [msg.headers[lnames.index(b"connection")][1]]
+    else:
+        values = [value for lname, (_, value) in zip(lnames, msg.headers) if lname == b"connection"]
+    for value in values:
+        out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
     return out
 
 

@@ -32,7 +32,7 @@ COOKIE_PREFIX = b"cookie="
 """Selector names of key cookies: ``cookie=<name>`` can never be a field name."""
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per forwarded request (pool and turn lookups)
 class CachePolicy:
     """What the operator says about caching on one route.
 

@@ -47,7 +47,7 @@ FAILURE_REASONS = {
 }
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per forwarded request (pool and turn lookups)
 class Backend:
     """A plain-HTTP server afpa forwards to or defers connections to."""
 
@@ -106,7 +106,7 @@ class BackendProtocol(Protocol):
 class BackendPool:
     """Keep-alive connections to one backend."""
 
-    def __init__(self, reactor: Any, backend: Backend, *, max_idle: int = 32,
+    def __init__(self, reactor: Any, backend: Backend, *, max_idle: int = 256,
                  connect_timeout: float = 5.0, idle_timeout: float = 30.0,
                  max_connections: int = 256, max_queue: int = 1024):
         self.reactor = reactor
@@ -235,7 +235,7 @@ class BackendPool:
 class Pools:
     """One pool per backend, and round-robin over a route's backends."""
 
-    def __init__(self, reactor: Any, *, max_idle: int = 32, connect_timeout: float = 5.0,
+    def __init__(self, reactor: Any, *, max_idle: int = 256, connect_timeout: float = 5.0,
                  idle_timeout: float = 30.0, max_connections: int = 256, max_queue: int = 1024):
         self.reactor = reactor
         self.options = dict(max_idle=max_idle, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
@@ -263,6 +263,8 @@ class Pools:
     def pick(self, route: Any) -> BackendPool:
         """The next backend of ``route``, in turn."""
         backends = route.backends
+        if len(backends) == 1:
+            return self.get(backends[0])  # no turn to keep
         i = self._turn.get(route, 0)
         self._turn[route] = i + 1
         return self.get(backends[i % len(backends)])

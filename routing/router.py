@@ -24,7 +24,7 @@ KINDS = ("docroot", "remote", "deferred")
 _RULE_KEYS = {"to", "host", "prefix", "root", "backend", "backends", "cache"}
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per forwarded request (pool and turn lookups)
 class Route:
     """A destination for missed requests, optionally limited to a host and path prefix."""
 

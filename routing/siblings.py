@@ -52,7 +52,7 @@ class Siblings:
     to each other member, and which are skipped after a failure."""
 
     def __init__(self, reactor: Any, members: tuple[str, ...], me: int, token: bytes, *,
-                 connect_timeout: float = 1.0, retry_after: float = 2.0, max_idle: int = 32,
+                 connect_timeout: float = 1.0, retry_after: float = 2.0, max_idle: int = 256,
                  idle_timeout: float = 30.0, max_connections: int = 256, max_queue: int = 1024,
                  replica_after: int = 0):
         self.reactor = reactor

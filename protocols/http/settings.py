@@ -97,7 +97,12 @@ class HttpSettings:
     tunnel_idle_timeout: float = 3600.0  # a deferred (spliced) connection with no traffic
 
     # Backend pools
-    backend_max_idle: int = 32          # pooled keep-alive connections per backend
+    # Pooled keep-alive connections per backend.  As many as may be open: with
+    # fewer, a burst of more concurrent requests than this closes the surplus
+    # when they end and opens new ones for the next burst (a connect, an
+    # accept and a close per surplus request, on afpa and on the origin).
+    # Idle ones still expire after backend_pool_idle_timeout.
+    backend_max_idle: int = 256
     backend_pool_idle_timeout: float = 30.0
     # Connections per backend (open, opening or idle).  256 is what a default
     # Apache (MaxRequestWorkers) serves at once; more would only queue in its

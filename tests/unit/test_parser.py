@@ -308,3 +308,39 @@ def test_good_request_whatever_the_pieces(data):
         assert outcome(lambda d: parse_split(d, cut), data) == whole, cut
     for n in range(whole[1]):
         assert outcome(parse_whole, data[:n]) == ("more",), n
+
+
+# -- response heads: the fields are exactly the request grammar's ----------------
+
+FIELD_PIECES = [b"X", b"Name", b"a-b", b":", b" ", b"\t", b"v", b"w x", b"\xff", b"\x7f", b"\x00", b"\r", b"\n",
+                b"\r\n", b"(", b"::", b"Content-Length: 3\r\n", b"Vary: *\r\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(FIELD_PIECES), max_size=16).map(b"".join))
+def test_response_fields_follow_the_field_grammar(block):
+    """A response head's field section is accepted exactly when it is a run of
+    field lines (name, colon, value, optional whitespace), and its fields are
+    what the field-line grammar extracts (values without their outer whitespace)."""
+    from protocols.http.wire.parser import FIELD_BLOCK, FIELDS
+    raw = b"HTTP/1.1 200 OK\r\n" + block + b"\r\n"
+    if b"\r\n\r\n" in raw[:-2] or raw.find(b"\r\n\r\n") != len(raw) - 4:
+        return  # the head would end elsewhere
+    resp = BackendExchange()
+    valid = FIELD_BLOCK.fullmatch(block) is not None
+    try:
+        parse_response_head(raw, 0, 65536, resp)
+    except HttpError:
+        assert not valid or b"content-length" in block.lower()
+        return
+    assert valid
+    assert resp.headers == FIELDS.findall(block)
+    assert resp.lnames == [name.lower() for name, _ in resp.headers]
+
+
+def test_response_field_values_lose_only_outer_whitespace():
+    resp = _response(b"HTTP/1.1 200 OK\r\nX: \t a \t b \t\r\nY:\r\nZ:c:d\r\n\r\n")
+    assert resp.headers == [(b"X", b"a \t b"), (b"Y", b""), (b"Z", b"c:d")]
+    for bad in (b"X : a\r\n", b" X: a\r\n", b"X: a\r\n b\r\n", b"X: a\rb\r\n", b"X: a\nb\r\n", b"X\r\n"):
+        with pytest.raises(HttpError):
+            _response(b"HTTP/1.1 200 OK\r\n" + bad + b"\r\n")

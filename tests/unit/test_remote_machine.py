@@ -232,3 +232,48 @@ def test_interim_flood_is_bounded(docroot):
     backend.dataReceived(EARLY_HINTS * 50 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     statuses = [r[0] for r in parse_responses(ct.value())]
     assert statuses == [103] * 10 + [200]
+
+
+NO_STORE = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: no-store\r\n\r\nhello")
+
+
+def test_pass_through_bursts_reuse_every_backend_connection(docroot):
+    # 40 clients at once (more than the old default of 32 idle connections):
+    # each pass-through burst after the first is served on the connections
+    # the first one opened; none is closed and reopened.  Coalescing off: each
+    # request of a burst needs a connection at once.
+    rig = Rig(docroot, coalesce_max_waiters=0)
+    clients = [rig.client() for _ in range(40)]
+    backends = []
+    for burst in range(3):
+        for c, t in clients:
+            t.clear()
+            c.dataReceived(GET)
+        if burst == 0:
+            backends = [rig.accept() for _ in clients]
+        assert rig.pending() == 0
+        for b, bt in backends:
+            assert bt.value().startswith(b"GET /x HTTP/1.1")
+            bt.clear()
+            b.dataReceived(NO_STORE)
+        for _, t in clients:
+            [(status, _, body)] = parse_responses(t.value())
+            assert (status, body) == (200, b"hello")
+    assert len(rig.reactor.tcpClients) == 40
+    assert not any(bt.disconnecting for _, bt in backends)
+    pool = next(iter(rig.server.g.pools.pools.values()))
+    assert (pool.opened, pool.reused, len(pool.idle)) == (40, 80, 40)
+
+
+def test_sequential_pass_through_requests_share_one_backend_connection(docroot):
+    rig = Rig(docroot)
+    client, ct = rig.client()
+    client.dataReceived(GET)
+    backend, bt = rig.accept()
+    for _ in range(5):
+        assert bt.value().startswith(b"GET /x HTTP/1.1")
+        bt.clear()
+        backend.dataReceived(NO_STORE)
+        client.dataReceived(GET)
+    assert rig.pending() == 0 and len(rig.reactor.tcpClients) == 1 and not bt.disconnecting
+    assert [r[2] for r in parse_responses(ct.value())] == [b"hello"] * 5

@@ -243,7 +243,9 @@ class Decision:
     field names to leave out of the stored head (``no-cache="f"``,
     ``private="f"``) and ``hide``: fields never shown to clients (targeted
     cache-control fields).  ``vary``: the selecting field names (None: no Vary;
-    ``(b"*",)``: never reusable).
+    ``(b"*",)``: never reusable).  A response refused for its method, status
+    or ``no-store`` carries only ``store``, ``reason`` and ``hide``; ``date``
+    and ``age_value`` are read only for a response that may be stored.
     """
 
     store: bool = False
@@ -324,20 +326,6 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
         cc, explicit_source = {}, True  # operator's word: no directive, no Expires
     elif cc is None:
         cc = parse_directives(fields.get(b"cache-control", ()))
-    d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
-    d.age_value = age_value(fields.get(b"age"))
-    vary = fields.get(b"vary")
-    if vary is not None:
-        names = tuple(sorted({n.strip(b" \t").lower() for v in vary for n in v.split(b",")
-                              if n.strip(b" \t")}))
-        d.vary = (b"*",) if b"*" in names else names
-    d.must_revalidate = (b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc)
-    d.immutable = b"immutable" in cc
-    for attr, directive in (("stale_while_revalidate", b"stale-while-revalidate"),
-                            ("stale_if_error", b"stale-if-error")):
-        n = delta_seconds(cc.get(directive))
-        if n is not None:
-            setattr(d, attr, float(n))
 
     def refuse(reason: str) -> Decision:
         d.store = False
@@ -353,6 +341,21 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
             return refuse("must-understand")
     elif b"no-store" in cc:
         return refuse("no-store")
+
+    # What a response that may be stored says about its reuse.
+    vary = fields.get(b"vary")
+    if vary is not None:
+        names = tuple(sorted({n.strip(b" \t").lower() for v in vary for n in v.split(b",")
+                              if n.strip(b" \t")}))
+        d.vary = (b"*",) if b"*" in names else names
+    d.must_revalidate = (b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc)
+    d.immutable = b"immutable" in cc
+    for attr, directive in (("stale_while_revalidate", b"stale-while-revalidate"),
+                            ("stale_if_error", b"stale-if-error")):
+        n = delta_seconds(cc.get(directive))
+        if n is not None:
+            setattr(d, attr, float(n))
+
     if b"cache-control" in req_lnames and b"no-store" in parse_directives(
             [v for n, (_, v) in zip(req_lnames, req_headers) if n == b"cache-control"]):
         return refuse("request-no-store")
@@ -372,6 +375,11 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
         d.no_cache = True
     if strip_cookie:
         d.strip |= {b"set-cookie"}  # set_cookie = "strip": shared without it
+
+    # Date and Age only matter to a response that may be stored: parsed after
+    # the refusals (a no-store pass-through answer skips the date parsing).
+    d.date = parse_http_date(fields[b"date"][0], now) if len(fields.get(b"date", ())) == 1 else None
+    d.age_value = age_value(fields.get(b"age"))
 
     # Freshness lifetime (RFC 9111 4.2.1): s-maxage, max-age, Expires - Date.
     date = d.date if d.date is not None else now

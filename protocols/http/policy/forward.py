@@ -64,22 +64,41 @@ def frame(pieces: list[bytes], chunked: bool, last: bool = False) -> list[bytes]
 def connection_tokens(msg: Any) -> set[bytes]:
     """Field names listed in a message's Connection field (lower-case)."""
     out: set[bytes] = set()
-    for lname, (_, value) in zip(msg.lnames, msg.headers):
-        if lname == b"connection":
-            out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
+    lnames = msg.lnames
+    n = lnames.count(b"connection")  # scans in C: most messages have none or one
+    if n == 0:
+        return out
+    if n == 1:
+        values = [msg.headers[lnames.index(b"connection")][1]]
+    else:
+        values = [value for lname, (_, value) in zip(lnames, msg.headers) if lname == b"connection"]
+    for value in values:
+        out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
     return out
+
+
+_WITH_HOP_BY_HOP: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
 def _end_to_end(msg: Any, also_drop: frozenset[bytes],
                 drop_prefixes: tuple[bytes, ...] = (b"proxy-",)) -> tuple[list[bytes], list[bytes]]:
     """(header lines of ``msg`` to forward, its existing Via values)."""
     named = connection_tokens(msg)
+    drop = _WITH_HOP_BY_HOP.get(also_drop)
+    if drop is None:
+        drop = also_drop | HOP_BY_HOP
+        if len(_WITH_HOP_BY_HOP) < 64:  # the callers' few constant sets (a frozenset keeps its hash)
+            _WITH_HOP_BY_HOP[also_drop] = drop
+    if named:
+        drop = drop | named
     lines, via = [], []
     for lname, (name, value) in zip(msg.lnames, msg.headers):
+        if lname in drop or lname.startswith(drop_prefixes):
+            if lname == b"via":
+                via.append(value)
+            continue
         if lname == b"via":
             via.append(value)
-        if lname in also_drop or lname in named or lname in HOP_BY_HOP or lname.startswith(drop_prefixes):
-            continue
         lines.append(name + b": " + value + b"\r\n")
     return lines, via
 

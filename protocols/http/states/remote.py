@@ -101,6 +101,7 @@ FAILURES = ("failed", "aborted", "stale", "fallback")
 ends it on ``@close`` and is an outcome of the client state that forwarded."""
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNTIL_CLOSE = "until-close"
+_NOTHING: frozenset = frozenset()
 _SHORT_HEAD_FIELDS = frozenset({b"etag", b"last-modified", b"cache-control", b"expires",
                                 b"content-location", b"vary", b"via", b"date"})
 
@@ -746,7 +747,12 @@ def _relay_head(g: Any, conn: Any, ex: BackendExchange) -> None:
     now = g.reactor.seconds()
     # Targeted cache-control fields (RFC 9213) are for afpa: never relayed.
     targeted = _targeted(g.settings)
-    hide = frozenset(t for t in targeted if t in ex.lnames)
+    lnames = ex.lnames
+    hide = _NOTHING
+    for t in targeted:
+        if t in lnames:  # rare: the set is built only then
+            hide = frozenset(t for t in targeted if t in lnames)
+            break
     if ex.sibling is not None and not ex.replica:
         _relay_sibling_head(g, conn, ex, forward.response_lines(ex, hide, via=False))
         return

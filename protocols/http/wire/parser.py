@@ -414,6 +414,12 @@ class ChunkedBody:
 
 
 STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-9][0-9]{2}) ([\t \x21-\x7e\x80-\xff]*)")
+# The same language as FIELD_BLOCK (a field value with its optional whitespace
+# is any run of SP, HTAB and field-vchars) without the value's word structure,
+# which makes the regex engine work per word: about a third of the time.
+# Valid lines are then split in Python (the name ends at the first colon).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_RESPONSE_BLOCK = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t " + _VCHAR + rb"]*\r\n)*")
 
 
 def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
@@ -445,20 +451,29 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
     if m is None:
         raise HttpError(502, "invalid status line from backend")
     block_start, block_end = line_end + 2, end + 2
-    fields = []
+    fields: list = []
+    lnames: list = []
+    framing = []  # (lname, value) of the fields that frame the message, in order
     if block_end > block_start:
-        if FIELD_BLOCK.fullmatch(buf, block_start, block_end) is None:
+        if _RESPONSE_BLOCK.fullmatch(buf, block_start, block_end) is None:
             raise HttpError(502, "invalid header section from backend")
-        fields = FIELDS.findall(buf, block_start, block_end)
+        for line in buf[block_start:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            lname = name.lower()
+            value = value.strip(b" \t")
+            fields.append((name, value))
+            lnames.append(lname)
+            if lname in _FRAMING:
+                framing.append((lname, value))
     resp.version = 10 if m.group(1) == b"0" else 11
     resp.status = int(m.group(2))
     resp.reason = m.group(3)
     resp.headers = fields
-    resp.lnames = lnames = [name.lower() for name, _ in fields]
+    resp.lnames = lnames
     content_length = -1
     te = None
     keep_alive = resp.version == 11
-    for lname, (_, value) in zip(lnames, fields):
+    for lname, value in framing:
         if lname == b"content-length":
             if DIGITS.fullmatch(value) is None:
                 raise HttpError(502, "invalid Content-Length from backend")

@@ -1,6 +1,6 @@
 """Every use of Twisted's private internals, in this one module.
 
-The fast path leans on three things Twisted does not promise:
+The fast path leans on things Twisted does not promise:
 
 - a TCP transport's send buffer (``_tempDataLen``, ``dataBuffer``, ``offset``,
   ``connected``, ``disconnecting``) and its ``socket``: :func:`push` hands bytes
@@ -8,7 +8,15 @@ The fast path leans on three things Twisted does not promise:
   reactor round trip), and :func:`queued` says how much a client has not taken
   yet (the Send Engine's output bound);
 - the epoll reactor's ``_poller``, ``_selectables`` and ``_doReadOrWrite``:
-  :func:`epoll_reactor_class` drops the logging context Twisted builds per event.
+  :func:`epoll_reactor_class` drops the logging context Twisted builds per event;
+- a TCP transport's ``connectionLost`` called directly: :func:`close_now`
+  closes a connection with nothing queued at once instead of a reactor turn later;
+- ``tcp.Port``/``tcp.Server`` internals (``numberAccepts``, ``sessionno``,
+  ``_fromListeningDescriptor``, the reactor's ``_disconnectSelectable``) and the
+  listening socket: :func:`listen_tcp` and :func:`adopt_stream_port` accept with
+  a lean loop that reads a new connection's request at once (one connection per
+  request: answered and closed without ever entering the poller), and
+  :func:`nodelay_listener` sets TCP_NODELAY once on the listening socket.
 
 They are used only on the Twisted versions they were verified on
 (:data:`VERIFIED`) and unless the environment sets ``AFPA_NO_TWISTED_PRIVATES=1``
@@ -16,7 +24,8 @@ They are used only on the Twisted versions they were verified on
 read).  Otherwise the public path is used: no connection gets a socket for
 direct writes, so every byte goes through ``transport.write``; the output bound
 waits, through a pull producer, for the transport to drain after a response it
-did not send at once; Twisted's own epoll reactor runs.  :func:`describe` is the
+did not send at once; Twisted's own epoll reactor, listening ports and
+``loseConnection`` run, and each connection sets TCP_NODELAY.  :func:`describe` is the
 startup log line saying which path is in use.
 
 A direct write must never overtake bytes the transport still holds: :func:`push`
@@ -392,8 +401,24 @@ def _lean_port_class() -> Any:
             self.client = client
             self.sessionno = sessionno
             self.hostname = client[0]
-            self.startReading()
             self.connected = 1
+            # Not registered with the poller yet: the accept loop reads first
+            # (see LeanPort.doRead) and registers only a connection that stays
+            # open; until then start/stopReading only note what is wanted.
+            self.read_later = True
+            self.want_read = True
+
+        def startReading(self) -> None:  # noqa: N802 - Twisted's name
+            if self.read_later:
+                self.want_read = True
+            else:
+                FileDescriptor.startReading(self)
+
+        def stopReading(self) -> None:  # noqa: N802 - Twisted's name
+            if self.read_later:
+                self.want_read = False
+            else:
+                FileDescriptor.stopReading(self)
 
         @property
         def logstr(self) -> str:  # type: ignore[override]
@@ -440,7 +465,25 @@ def _lean_port_class() -> Any:
                         continue
                     s = self.sessionno
                     self.sessionno = s + 1
-                    protocol.makeConnection(make(skt, protocol, addr, self, s, reactor))
+                    transport = make(skt, protocol, addr, self, s, reactor)
+                    protocol.makeConnection(transport)
+                    # The request is usually in already (the client sends it
+                    # as soon as its connect returns, while the connection
+                    # waits in the backlog): read it now, not after a poll.
+                    # A connection answered and closed right here never
+                    # enters the poller at all.
+                    why = None
+                    if transport.connected and not transport.disconnecting and transport.want_read:
+                        try:
+                            why = transport.doRead()
+                        except Exception as exc:
+                            log.failure("reading a new connection failed")
+                            why = exc
+                    transport.read_later = False
+                    if why:
+                        reactor._disconnectSelectable(transport, why, True)
+                    elif transport.want_read and transport.connected and not transport.disconnecting:
+                        FileDescriptor.startReading(transport)
             except Exception:
                 log.failure("accepting a connection failed")
             # Twisted's scaling of the accept batch.

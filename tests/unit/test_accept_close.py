@@ -371,3 +371,62 @@ def test_lean_transport_describes_itself(docroot, privates, epoll_reactor):
         client.close()
         port.stopListening()
         epoll_reactor.iterate(0)
+
+
+def test_request_waiting_at_accept_is_answered_without_the_poller(docroot, privates, epoll_reactor):
+    # Clients that sent their request before the server accepted them (as
+    # under load): each is read, answered and closed in the accept event; its
+    # socket is never handed to the poller.
+    privates(True)
+    mem = MemoryServer(str(docroot))
+    factory = mem.server.factory()
+    port = twisted_private.listen_tcp(epoll_reactor, 0, factory, 50, "127.0.0.1")
+    watched = []
+    real_add = epoll_reactor.addReader
+
+    def add(reader):
+        watched.append(reader)
+        real_add(reader)
+
+    epoll_reactor.addReader = add
+    clients = [socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) for _ in range(4)]
+    try:
+        for c in clients:
+            c.sendall(REQUEST)
+        # The requests are in the server's socket buffers before it accepts.
+        for _ in range(50):
+            epoll_reactor.iterate(0.02)
+            if mem.server.connections_total == 4:
+                break
+        for c in clients:
+            c.settimeout(2)
+            raw = b""
+            while chunk := c.recv(65536):
+                raw += chunk
+            assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"hello world\n")
+        assert watched == [] and not mem.server.live and _open_gauge(mem.server) == 0
+    finally:
+        for c in clients:
+            c.close()
+        port.stopListening()
+        epoll_reactor.iterate(0)
+
+
+def test_client_gone_before_accept_is_tidied_up(docroot, privates, epoll_reactor):
+    privates(True)
+    mem = MemoryServer(str(docroot))
+    port = twisted_private.listen_tcp(epoll_reactor, 0, mem.server.factory(), 50, "127.0.0.1")
+    lost = []
+    real_lost = mem.server.connection_lost
+    mem.server.connection_lost = lambda proto: (lost.append(proto), real_lost(proto))
+    try:
+        socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5).close()
+        for _ in range(50):
+            epoll_reactor.iterate(0.02)
+            if lost:
+                break
+        assert len(lost) == 1 and mem.server.connections_total == 1
+        assert not mem.server.connections and not mem.server.live
+    finally:
+        port.stopListening()
+        epoll_reactor.iterate(0)

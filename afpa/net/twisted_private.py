@@ -337,6 +337,11 @@ def _one_read_port_class() -> Any:
 # -- the accept loop ----------------------------------------------------------------
 
 _LEAN_PORT: Any = None
+# Connections one accept wakeup takes at most.  Each is read and often answered
+# there and then, so an unbounded batch (Twisted's grows by 20 whenever it is
+# filled) would keep every open connection waiting; the listener stays ready
+# (level-triggered), so the rest are accepted on the next turn.
+ACCEPT_BATCH = 32
 
 
 def listen_tcp(reactor: Any, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
@@ -442,7 +447,7 @@ def _lean_port_class() -> Any:
             make = self.transport
             reactor = self.reactor
             accepted = 0
-            limit = self.numberAccepts
+            limit = min(self.numberAccepts, ACCEPT_BATCH)
             try:
                 for _ in range(limit):
                     try:
@@ -486,8 +491,8 @@ def _lean_port_class() -> Any:
                         FileDescriptor.startReading(transport)
             except Exception:
                 log.failure("accepting a connection failed")
-            # Twisted's scaling of the accept batch.
-            self.numberAccepts = limit + 20 if accepted == limit else max(1, accepted)
+            # Twisted's scaling of the accept batch, within ACCEPT_BATCH.
+            self.numberAccepts = min(limit + 20, ACCEPT_BATCH) if accepted == limit else max(1, accepted)
 
     _LEAN_PORT = LeanPort
     return LeanPort

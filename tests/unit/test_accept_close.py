@@ -430,3 +430,31 @@ def test_client_gone_before_accept_is_tidied_up(docroot, privates, epoll_reactor
     finally:
         port.stopListening()
         epoll_reactor.iterate(0)
+
+
+def test_one_accept_wakeup_takes_a_bounded_batch(docroot, privates, epoll_reactor):
+    # Each accepted connection may be answered in the accept event itself: a
+    # burst of them must not keep the reactor from everything else for long.
+    privates(True)
+    mem = MemoryServer(str(docroot))
+    port = twisted_private.listen_tcp(epoll_reactor, 0, mem.server.factory(), 200, "127.0.0.1")
+    n = twisted_private.ACCEPT_BATCH + 8
+    clients = [socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) for _ in range(n)]
+    try:
+        for c in clients:
+            c.sendall(REQUEST)
+        port.doRead()  # one wakeup of the listener
+        assert mem.server.connections_total == twisted_private.ACCEPT_BATCH
+        port.doRead()
+        assert mem.server.connections_total == n
+        for c in clients:
+            c.settimeout(2)
+            raw = b""
+            while chunk := c.recv(65536):
+                raw += chunk
+            assert raw.endswith(b"hello world\n")
+    finally:
+        for c in clients:
+            c.close()
+        port.stopListening()
+        epoll_reactor.iterate(0)

@@ -50,6 +50,10 @@ class MachineFactory(ServerFactory):
     noisy = False
     tls = False
     listener = ""  # the kind of listener (Connection.listener); "" for clients
+    # Whether accepted sockets get TCP_NODELAY from the listening one: False,
+    # set it per connection; None, to be checked on the next one; True, yes
+    # (see Server.listening_on and twisted_private.set_nodelay).
+    nodelay_inherited: bool | None = False
 
     def __init__(self, server: Server):
         self.server = server
@@ -187,7 +191,10 @@ class Server:
         self.trace_all = on
         for proto in self.live:
             proto.trace_all = on
-            proto.step = proto.run_traced if on else proto.run
+            if on:
+                proto.step = proto.run_traced
+            else:
+                vars(proto).pop("step", None)  # back to the class's run
         for endpoint in self.datagram_endpoints:
             endpoint.trace_all = on
 
@@ -262,15 +269,21 @@ class Server:
                     listener = own.pop(kind, None)
                     if listener is None:
                         raise ValueError(f"protocol module {self.machine.module.name!r} has no {kind} listener")
-                    port = self.reactor.adoptStreamPort(fd, family, EntryFactory(self, kind, listener.entry))
+                    entry = EntryFactory(self, kind, listener.entry)
+                    port = self.listening_on(twisted_private.adopt_stream_port(self.reactor, fd, family, entry),
+                                             entry)
                     self.extra_ports[port] = listener
                     self.ports.append(port)
                     continue
-                factory: Any = self.factory(tls=kind == "https")
+                machine_factory = self.factory(tls=kind == "https")
+                factory: Any = machine_factory
                 if kind == "https":
                     from twisted.protocols.tls import TLSMemoryBIOFactory
                     factory = TLSMemoryBIOFactory(self.tls_context, False, factory)  # as listenSSL does
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                    port = self.reactor.adoptStreamPort(fd, family, factory)
+                else:
+                    port = twisted_private.adopt_stream_port(self.reactor, fd, family, factory)
+                self.ports.append(self.listening_on(port, machine_factory))
                 if kind == "https":
                     self.tls_ports.append(self.ports[-1])
         else:
@@ -279,8 +292,9 @@ class Server:
                 self.add_listener((kind, addr), self.open_listener(kind, addr, tls=self.tls_context))
         for listener in own.values():  # not adopted: bound here
             host, port_number = listener.address
-            port = self.reactor.listenTCP(port_number, EntryFactory(self, listener.kind, listener.entry),
-                                          backlog=1024, interface=host)
+            entry = EntryFactory(self, listener.kind, listener.entry)
+            port = self.listening_on(
+                twisted_private.listen_tcp(self.reactor, port_number, entry, backlog=1024, interface=host), entry)
             self.extra_ports[port] = listener
             self.ports.append(port)
         self.runtime.helpers.start()
@@ -300,9 +314,20 @@ class Server:
                 from afpa.ops.admin import admin_site
                 self._admin_site = admin_site(self)
             return self.reactor.listenTCP(port, self._admin_site, interface=host)
+        factory = self.factory(tls=kind == "https")
         if kind == "https":
-            return self.reactor.listenSSL(port, self.factory(tls=True), tls, backlog=1024, interface=host)
-        return self.reactor.listenTCP(port, self.factory(), backlog=1024, interface=host)
+            return self.listening_on(
+                self.reactor.listenSSL(port, factory, tls, backlog=1024, interface=host), factory)
+        return self.listening_on(
+            twisted_private.listen_tcp(self.reactor, port, factory, backlog=1024, interface=host), factory)
+
+    def listening_on(self, port: Any, factory: MachineFactory) -> Any:
+        """``port`` now accepts into ``factory``: give its socket TCP_NODELAY
+        once, for every connection it accepts (twisted_private.nodelay_listener);
+        returns ``port``."""
+        if twisted_private.nodelay_listener(port):
+            factory.nodelay_inherited = None  # the first connection checks it
+        return port
 
     def open_datagram_listener(self, addr: tuple[str, int], shared: bool = False) -> Any:
         """Receive datagrams on ``addr`` (UDP, beside the stream listener on the

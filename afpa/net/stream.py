@@ -48,20 +48,25 @@ class MachineProtocol(Protocol, Driver):
     """
 
     answer_fn = staticmethod(sendengine.send_engine)
+    # The loop data arrival runs: run, or run_traced (set on the instance) while
+    # every request is traced (Server.set_trace_all); chosen once, not tested
+    # per request.  Not a bound method kept on every instance: that would make
+    # each connection a reference cycle, left for the garbage collector.
+    step = Driver.run
 
     def __init__(self, server: Any):
         self.server = server
         self.g = server.g
         self.conn: Connection | None = None
         self.reading_paused = False
+        self.in_read = False  # inside this connection's own read event (dataReceived)
         self.seconds = server.reactor.seconds
         self.stats: Any = None
         self.make_request: Any = None
         self._next: Any = None  # (machine, g) a reload hands over after this request
-        # The loop data arrival runs: run, or run_traced while every request is
-        # traced (Server.set_trace_all); chosen here, not tested per request.
         self.trace_all = server.trace_all
-        self.step = self.run_traced if self.trace_all else self.run
+        if self.trace_all:
+            self.step = self.run_traced
 
     # -- events ---------------------------------------------------------------
 
@@ -80,7 +85,12 @@ class MachineProtocol(Protocol, Driver):
         # Direct socket writes only for plain TCP; TLS goes through its transport.
         if not conn.tls:
             conn.sock = twisted_private.direct_socket(t)
-        if hasattr(t, "setTcpNoDelay"):
+        # TCP_NODELAY: nothing to do once accepted sockets are known to
+        # inherit it from the listening one (twisted_private.set_nodelay).
+        inherited = getattr(self.factory, "nodelay_inherited", False)
+        if inherited is None:
+            twisted_private.set_nodelay(self.factory, t)
+        elif not inherited and hasattr(t, "setTcpNoDelay"):
             t.setTcpNoDelay(True)
         if conn.tls:
             # Until the handshake completes (handshakeCompleted) only its own,
@@ -116,7 +126,11 @@ class MachineProtocol(Protocol, Driver):
             if conn.busy and conn.unread() > self.server.limits.max_unread and not self.reading_paused:
                 self.pause_reading()  # nobody is consuming it: stop reading
             return
-        self.step(conn.state, None)
+        self.in_read = True
+        try:
+            self.step(conn.state, None)
+        finally:
+            self.in_read = False
 
     def connectionLost(self, reason: Failure = None) -> None:
         conn = self.conn
@@ -128,6 +142,11 @@ class MachineProtocol(Protocol, Driver):
             self.server.connection_closed(self)
         # Also after our own close: a drain waits until the last byte is out.
         self.server.connection_lost(self)
+        if conn is not None and not conn.busy and conn.req is None and self.waiter is None:
+            # Nothing is parked on the connection: nothing will look for its
+            # driver again.  Dropping the back reference lets the connection
+            # be freed now instead of by the garbage collector's next pass.
+            conn.driver = None
 
     def pause_reading(self) -> None:
         """Stop reading from the client (its input is not being consumed)."""
@@ -268,9 +287,13 @@ class MachineProtocol(Protocol, Driver):
         # transport keeps flushing what was written) and drop unread input.
         conn.inbuf, conn.inpos, conn.pending = b"", 0, None
         self.reading_paused = True
+        self.server.connection_closed(self)
+        # With nothing left to send, inside this connection's own read event,
+        # close now instead of a reactor turn later (twisted_private.close_now).
+        if self.in_read and twisted_private.close_now(conn):
+            return
         self.transport.pauseProducing()
         self.transport.loseConnection()
-        self.server.connection_closed(self)
 
     def abort_request(self, reason: str) -> None:
         """End the current request with the protocol's error answer for

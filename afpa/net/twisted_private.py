@@ -1,6 +1,6 @@
 """Every use of Twisted's private internals, in this one module.
 
-The fast path leans on three things Twisted does not promise:
+The fast path leans on things Twisted does not promise:
 
 - a TCP transport's send buffer (``_tempDataLen``, ``dataBuffer``, ``offset``,
   ``connected``, ``disconnecting``) and its ``socket``: :func:`push` hands bytes
@@ -8,7 +8,15 @@ The fast path leans on three things Twisted does not promise:
   reactor round trip), and :func:`queued` says how much a client has not taken
   yet (the Send Engine's output bound);
 - the epoll reactor's ``_poller``, ``_selectables`` and ``_doReadOrWrite``:
-  :func:`epoll_reactor_class` drops the logging context Twisted builds per event.
+  :func:`epoll_reactor_class` drops the logging context Twisted builds per event;
+- a TCP transport's ``connectionLost`` called directly: :func:`close_now`
+  closes a connection with nothing queued at once instead of a reactor turn later;
+- ``tcp.Port``/``tcp.Server`` internals (``numberAccepts``, ``sessionno``,
+  ``_fromListeningDescriptor``, the reactor's ``_disconnectSelectable``) and the
+  listening socket: :func:`listen_tcp` and :func:`adopt_stream_port` accept with
+  a lean loop that reads a new connection's request at once (one connection per
+  request: answered and closed without ever entering the poller), and
+  :func:`nodelay_listener` sets TCP_NODELAY once on the listening socket.
 
 They are used only on the Twisted versions they were verified on
 (:data:`VERIFIED`) and unless the environment sets ``AFPA_NO_TWISTED_PRIVATES=1``
@@ -16,7 +24,8 @@ They are used only on the Twisted versions they were verified on
 read).  Otherwise the public path is used: no connection gets a socket for
 direct writes, so every byte goes through ``transport.write``; the output bound
 waits, through a pull producer, for the transport to drain after a response it
-did not send at once; Twisted's own epoll reactor runs.  :func:`describe` is the
+did not send at once; Twisted's own epoll reactor, listening ports and
+``loseConnection`` run, and each connection sets TCP_NODELAY.  :func:`describe` is the
 startup log line saying which path is in use.
 
 A direct write must never overtake bytes the transport still holds: :func:`push`
@@ -27,16 +36,22 @@ writes only when the transport's buffers are empty, which
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import twisted
+from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
+from twisted.python.failure import Failure
 
 #: Twisted versions (year, month) the private path was verified on: [from, below).
 #: Verified with the test suite on Twisted 26.10.0; widen it only after running
 #: tests/unit and tests/integration/test_write_order.py on the new version.
 VERIFIED = ((26, 0), (27, 0))
 OFF_SWITCH = "AFPA_NO_TWISTED_PRIVATES"
+# The reason every orderly close gives, made once (Twisted's loseConnection
+# shares one the same way).
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -122,6 +137,65 @@ def push(conn: Any, bufs: list) -> list:
     if n:
         rest[0] = rest[0][n:]
     return rest
+
+
+def close_now(conn: Any) -> bool:
+    """Close ``conn``'s plain TCP transport at once if it holds no bytes, and say
+    whether it did (False: the caller uses ``loseConnection``).
+
+    ``loseConnection`` with nothing queued still costs a reactor turn: it
+    re-registers the socket for writing, waits for the write event, writes
+    nothing and only then closes.  Here the transport's own ``connectionLost``
+    runs now: the socket leaves the poller, is shut down and closed (every byte
+    already handed to the kernel still goes out, then the FIN, as with
+    Twisted's orderly close) and the protocol's ``connectionLost`` is called,
+    once (Twisted's guards it).  The caller must be inside this connection's
+    own read event: a descriptor number closed during another one's event
+    could be reused by an accept before a stale event for it in the same
+    poll is handled."""
+    if conn.sock is None:
+        return False  # the public path, or TLS
+    t = conn.transport
+    if t._tempDataLen or t.dataBuffer or t.producer is not None or not t.connected or t.disconnecting:
+        return False
+    t.disconnecting = 1
+    t.connectionLost(_CONNECTION_DONE)
+    return True
+
+
+def nodelay_listener(port: Any) -> bool:
+    """Set TCP_NODELAY on listening ``port``'s socket, so that (on Linux) every
+    accepted socket has it without a ``setsockopt`` of its own; True if set.
+    Whether it was really passed on is checked on the first accepted socket
+    (:func:`set_nodelay`).  Public path: False (each connection sets it)."""
+    sock = getattr(port, "socket", None) if ENABLED else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
+
+
+def set_nodelay(factory: Any, transport: Any) -> None:
+    """TCP_NODELAY for a connection ``factory`` accepted.
+
+    ``factory.nodelay_inherited``: False, set it on each connection; None, the
+    listener has it (:func:`nodelay_listener`) and this connection tells whether
+    accepted sockets inherit it (then True: nothing to do from now on; else
+    False)."""
+    if factory.nodelay_inherited is None:
+        sock = getattr(queue_of(transport), "socket", None)
+        try:
+            inherited = sock is not None and bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except OSError:
+            inherited = False
+        factory.nodelay_inherited = inherited
+        if inherited:
+            return
+    if hasattr(transport, "setTcpNoDelay"):
+        transport.setTcpNoDelay(True)
 
 
 def queue_of(t: Any) -> Any:
@@ -258,6 +332,170 @@ def _one_read_port_class() -> Any:
 
         _ONE_READ_PORT = OneReadPort
     return _ONE_READ_PORT
+
+
+# -- the accept loop ----------------------------------------------------------------
+
+_LEAN_PORT: Any = None
+# Connections one accept wakeup takes at most.  Each is read and often answered
+# there and then, so an unbounded batch (Twisted's grows by 20 whenever it is
+# filled) would keep every open connection waiting; the listener stays ready
+# (level-triggered), so the rest are accepted on the next turn.
+ACCEPT_BATCH = 32
+
+
+def listen_tcp(reactor: Any, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+    """``reactor.listenTCP`` with a lean accept loop (:func:`_lean_port_class`),
+    for afpa's own factories only: they ignore the address ``buildProtocol`` is
+    given (a connection looks its peer up from the transport when it needs it).
+    Public path (or a test's fake reactor): Twisted's own port."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if not ENABLED or not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    p = _lean_port_class()(port, factory, backlog, interface, reactor)
+    p.startListening()
+    return p
+
+
+def adopt_stream_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """``reactor.adoptStreamPort`` (a TCP listener bound elsewhere, e.g. by a
+    worker's supervisor) with the lean accept loop; as :func:`listen_tcp`."""
+    from twisted.internet.posixbase import PosixReactorBase
+    if (not ENABLED or not isinstance(reactor, PosixReactorBase)
+            or family not in (socket.AF_INET, socket.AF_INET6)):
+        return reactor.adoptStreamPort(fd, family, factory)
+    p = _lean_port_class()._fromListeningDescriptor(reactor, fd, family, factory)
+    p.startListening()
+    return p
+
+
+def _lean_port_class() -> Any:
+    """A ``tcp.Port`` whose accept loop does per connection only what afpa needs.
+
+    Twisted's loop buffers log events in a context per wakeup, accepts through a
+    generator and ``socket.accept`` (which converts the family and type to enums
+    per call), builds an address object for ``buildProtocol``, and its transport
+    formats a log prefix and a repr per connection.  Here: ``_accept`` and a
+    socket made with the listener's family; no address object (afpa's factories
+    ignore it); the log prefix and repr are made if asked for.  Any accept error
+    but "nothing more" is left to Twisted's own loop (it knows EMFILE recovery
+    and what to log)."""
+    global _LEAN_PORT
+    if _LEAN_PORT is not None:
+        return _LEAN_PORT
+    from errno import EAGAIN, EPERM, EWOULDBLOCK
+
+    from twisted.internet import tcp
+    from twisted.logger import Logger
+    log = Logger(namespace="afpa.net.accept")
+    again = (EAGAIN, EWOULDBLOCK)
+
+    class LeanServer(tcp.Server):
+        """``tcp.Server`` without per-connection strings (made when asked for)."""
+
+        def __init__(self, skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+                     reactor: Any) -> None:
+            FileDescriptor.__init__(self, reactor)
+            self.socket = skt
+            skt.setblocking(False)
+            self.fileno = skt.fileno
+            self.protocol = protocol
+            if len(client) != 2:
+                self._addressType = tcp.address.IPv6Address
+            self.server = server
+            self.client = client
+            self.sessionno = sessionno
+            self.hostname = client[0]
+            self.connected = 1
+            # Not registered with the poller yet: the accept loop reads first
+            # (see LeanPort.doRead) and registers only a connection that stays
+            # open; until then start/stopReading only note what is wanted.
+            self.read_later = True
+            self.want_read = True
+
+        def startReading(self) -> None:  # noqa: N802 - Twisted's name
+            if self.read_later:
+                self.want_read = True
+            else:
+                FileDescriptor.startReading(self)
+
+        def stopReading(self) -> None:  # noqa: N802 - Twisted's name
+            if self.read_later:
+                self.want_read = False
+            else:
+                FileDescriptor.stopReading(self)
+
+        @property
+        def logstr(self) -> str:  # type: ignore[override]
+            proto = getattr(self, "protocol", None)
+            prefix = self._getLogPrefix(proto) if proto is not None else "-"
+            return f"{prefix},{self.sessionno},{self.hostname}"
+
+        def __repr__(self) -> str:
+            proto = getattr(self, "protocol", None)
+            return f"<{type(proto).__name__} #{self.sessionno} on {self.server._realPortNumber}>"
+
+    class LeanPort(tcp.Port):
+        """A TCP listening port with a lean accept loop."""
+
+        transport = LeanServer
+
+        def doRead(self) -> None:  # noqa: N802 - Twisted's name
+            accept = self.socket._accept
+            family = int(self.addressFamily)
+            build = self.factory.buildProtocol
+            make = self.transport
+            reactor = self.reactor
+            accepted = 0
+            limit = min(self.numberAccepts, ACCEPT_BATCH)
+            try:
+                for _ in range(limit):
+                    try:
+                        fd, addr = accept()
+                    except OSError as exc:
+                        if exc.args[0] in again:
+                            break
+                        if exc.args[0] == EPERM:  # netfilter refused it: try the next one
+                            continue
+                        tcp.Port.doRead(self)  # EMFILE and the rest: Twisted's loop handles them
+                        return
+                    accepted += 1
+                    skt = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                    if len(addr) == 4:  # IPv6: the scope id as Twisted gives it
+                        host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                        addr = (host[0], *addr[1:])
+                    protocol = build(None)
+                    if protocol is None:
+                        skt.close()
+                        continue
+                    s = self.sessionno
+                    self.sessionno = s + 1
+                    transport = make(skt, protocol, addr, self, s, reactor)
+                    protocol.makeConnection(transport)
+                    # The request is usually in already (the client sends it
+                    # as soon as its connect returns, while the connection
+                    # waits in the backlog): read it now, not after a poll.
+                    # A connection answered and closed right here never
+                    # enters the poller at all.
+                    why = None
+                    if transport.connected and not transport.disconnecting and transport.want_read:
+                        try:
+                            why = transport.doRead()
+                        except Exception as exc:
+                            log.failure("reading a new connection failed")
+                            why = exc
+                    transport.read_later = False
+                    if why:
+                        reactor._disconnectSelectable(transport, why, True)
+                    elif transport.want_read and transport.connected and not transport.disconnecting:
+                        FileDescriptor.startReading(transport)
+            except Exception:
+                log.failure("accepting a connection failed")
+            # Twisted's scaling of the accept batch, within ACCEPT_BATCH.
+            self.numberAccepts = min(limit + 20, ACCEPT_BATCH) if accepted == limit else max(1, accepted)
+
+    _LEAN_PORT = LeanPort
+    return LeanPort
 
 
 # -- the reactor ------------------------------------------------------------------

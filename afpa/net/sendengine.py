@@ -42,6 +42,10 @@ from afpa.net.twisted_private import push, push_file, queue_of, queued
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
+# Bytes of a memory-file body put into the transport when the socket is full:
+# enough to be called back once the socket has room (the kernel reports it
+# writable only when a good part of its send buffer is free), little to copy.
+PIECE = 16 * 1024
 
 
 @attrs.define(slots=True, eq=False)
@@ -290,10 +294,17 @@ class _MemorySender(_Sender):
                     return False
                 if n:
                     self.bufs = skip(self.bufs, n)
-                # The socket is full (or failing, or not ours): one fragment into
-                # the transport, which calls us back once it has drained.
-                self.conn.transport.write(owned(self.bufs[:1])[0])
-                self.bufs = self.bufs[1:]
+                # The socket is full (or failing, or not ours): a piece into the
+                # transport, which calls us back once it has drained.  Only a
+                # piece: its bytes are copied, and once the socket has room
+                # again sendfile sends the rest without copying.
+                first = self.bufs[0]
+                if len(first) > PIECE:
+                    self.conn.transport.write(bytes(memoryview(first)[:PIECE]))
+                    self.bufs[0] = memoryview(first)[PIECE:]
+                else:
+                    self.conn.transport.write(owned(self.bufs[:1])[0])
+                    self.bufs = self.bufs[1:]
                 return True
         return super()._drain()
 

@@ -13,7 +13,7 @@ from afpa.cache.store import FRAGMENT, CacheObject, CacheStore, fragments_of
 from afpa.config import Settings
 from afpa.machine.scopes import Connection, Runtime
 from afpa.net import twisted_private
-from afpa.net.sendengine import FILE_CHUNK, FileBody, Pieces, send_engine
+from afpa.net.sendengine import FILE_CHUNK, PIECE, FileBody, Pieces, send_engine
 
 SOCKETS: dict[int, ScriptedSocket] = {}
 
@@ -298,8 +298,8 @@ def test_memory_file_partial_sends_keep_order_and_queue_one_fragment_at_most():
         assert obj.refs == 0 and t.producer is None
 
 
-def test_memory_file_stalled_client_holds_one_fragment_and_keeps_the_work_deadline():
-    """A client that stops reading: one fragment waits in the transport, nothing
+def test_memory_file_stalled_client_holds_one_piece_and_keeps_the_work_deadline():
+    """A client that stops reading: one piece waits in the transport, nothing
     more is read from the object, and the send deadline (WORK) stays armed, so
     the connection's timer cuts the stalled send."""
     from afpa.machine.scopes import WORK
@@ -310,7 +310,7 @@ def test_memory_file_stalled_client_holds_one_fragment_and_keeps_the_work_deadli
     conn, t = connection(sock)
     outcomes = _send(g, conn, b"HEAD", obj)  # the transport is never drained
     assert outcomes == [] and obj.refs == 1
-    assert t._tempDataLen == len(t.pending[0]) <= FRAGMENT and len(t.pending) == 1
+    assert t._tempDataLen == len(t.pending[0]) <= PIECE and len(t.pending) == 1
     assert len(sock.data) + t._tempDataLen < len(body)
     assert conn.timer == WORK
 

@@ -11,9 +11,13 @@ Small bodies go out inside the call that asked for them.  When the transport has
 nothing queued, bytes are handed straight to the socket with one ``sendmsg``
 (head and fragments as a scatter/gather list, no joining), which spares the
 reactor a write-readiness round trip; whatever the socket does not take goes
-through the transport as usual.  Those direct writes need Twisted's private
-buffer state, so they live in :mod:`afpa.net.twisted_private` (on its public
-path every byte goes through the transport).  Bodies that do not fit the socket at once are
+through the transport as usual.  A cached body the store keeps in a memory file
+(objects of more than one fragment) goes with ``sendfile`` instead, after the
+head: the kernel takes references to the file's pages rather than copying the
+bytes, which was most of the server's work on a large hit.  Those direct
+writes need Twisted's private buffer state, so they live in
+:mod:`afpa.net.twisted_private` (on its public path every byte goes through
+the transport).  Bodies that do not fit the socket at once are
 sent by a pull producer, at most 64 KiB at a time into the transport, so Twisted's
 producer/consumer flow control paces us to the client and a large body is never
 buffered whole.  Files too large to cache are read by helper threads
@@ -34,10 +38,14 @@ from afpa.cache.store import FRAGMENT, CacheObject
 from afpa.machine.modules import UnmetNeed
 from afpa.machine.scopes import WORK
 # Imported by name: the hit path calls push with no attribute lookup.
-from afpa.net.twisted_private import push, queue_of, queued
+from afpa.net.twisted_private import push, push_file, queue_of, queued
 
 BATCH = 64              # buffers per sendmsg (well under IOV_MAX)
 FILE_CHUNK = 256 * 1024  # bytes a helper thread reads per trip
+# Bytes of a memory-file body put into the transport when the socket is full:
+# enough to be called back once the socket has room (the kernel reports it
+# writable only when a good part of its send buffer is free), little to copy.
+PIECE = 16 * 1024
 
 
 @attrs.define(slots=True, eq=False)
@@ -81,6 +89,20 @@ def owned(bufs: list) -> list[bytes]:
     return [b if b.__class__ is bytes else bytes(b) for b in bufs]
 
 
+def skip(bufs: list, n: int) -> list:
+    """``bufs`` without their first ``n`` bytes (a cut buffer becomes a view: no copy)."""
+    i = 0
+    for b in bufs:
+        if n < len(b):
+            break
+        n -= len(b)
+        i += 1
+    rest = bufs[i:]
+    if n:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest
+
+
 def write(conn: Any, bufs: list[bytes]) -> None:
     """Write ``bufs`` in order: straight to the socket if possible, the rest queued."""
     rest = push(conn, bufs)
@@ -114,11 +136,22 @@ def send_engine(g: Any, conn: Any, req: Any) -> str | Deferred:
                 conn.transport.writeSequence(owned(rest))
                 return _backlogged(g, conn, done)
             return done
-        rest = push(conn, [req.head, *frags[:BATCH]])
-        if not rest and len(frags) <= BATCH:
-            return done
-        sender = _MemorySender(g.runtime, conn, rest + list(frags[BATCH:]), done,
-                               body if cls is CacheObject else body.obj)
+        if cls is CacheObject and body.file is not None:
+            # Head, then the body straight from its memory file's pages.
+            n = push_file(conn, req.head, body.file.fd, 0, body.size)
+            if n == len(req.head) + body.size:
+                return done
+            rest = skip([req.head, *frags], n)
+        else:
+            rest = push(conn, [req.head, *frags[:BATCH]])
+            if not rest and len(frags) <= BATCH:
+                return done
+            rest += frags[BATCH:]
+        if cls is CacheObject:
+            sender = _MemorySender(g.runtime, conn, rest, done, body)
+            sender.file = body.file
+        else:
+            sender = _MemorySender(g.runtime, conn, rest, done, body.obj)
     elif cls is FileBody:
         sender = _FileSender(g.runtime, conn, [req.head], done, body)
     else:
@@ -235,11 +268,45 @@ class _Drain(_Sender):
 
 
 class _MemorySender(_Sender):
-    """Sends the fragments of a cache object, pinned for the duration."""
+    """Sends the fragments of a cache object, pinned for the duration.  Once
+    only body bytes are left and the object has a memory file, each round
+    hands the rest to the socket with ``sendfile`` (no copy); what the socket
+    does not take goes through the transport a fragment at a time as before,
+    so a client that stops reading holds at most one fragment here."""
+
+    file: Any = None  # the object's MemFile when its whole body is being sent
 
     def start(self) -> Deferred:
         self.runtime.cache.pin(self.body)
         return super().start()
+
+    def _drain(self) -> bool:
+        file = self.file
+        if file is not None:
+            left = 0
+            for b in self.bufs:
+                left += len(b)
+            size = self.body.size
+            if left <= size:  # the head is out: the rest is the body's tail
+                n = push_file(self.conn, b"", file.fd, size - left, left)
+                if n == left:
+                    self.bufs = []
+                    return False
+                if n:
+                    self.bufs = skip(self.bufs, n)
+                # The socket is full (or failing, or not ours): a piece into the
+                # transport, which calls us back once it has drained.  Only a
+                # piece: its bytes are copied, and once the socket has room
+                # again sendfile sends the rest without copying.
+                first = self.bufs[0]
+                if len(first) > PIECE:
+                    self.conn.transport.write(bytes(memoryview(first)[:PIECE]))
+                    self.bufs[0] = memoryview(first)[PIECE:]
+                else:
+                    self.conn.transport.write(owned(self.bufs[:1])[0])
+                    self.bufs = self.bufs[1:]
+                return True
+        return super()._drain()
 
     def resumeProducing(self) -> None:
         if self.over:

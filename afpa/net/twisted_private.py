@@ -5,7 +5,8 @@ The fast path leans on things Twisted does not promise:
 - a TCP transport's send buffer (``_tempDataLen``, ``dataBuffer``, ``offset``,
   ``connected``, ``disconnecting``) and its ``socket``: :func:`push` hands bytes
   straight to the socket when the transport holds nothing (one ``sendmsg``, no
-  reactor round trip), and :func:`queued` says how much a client has not taken
+  reactor round trip), :func:`push_file` does the same for a memory file's
+  bytes with ``sendfile`` (no copy), and :func:`queued` says how much a client has not taken
   yet (the Send Engine's output bound);
 - the epoll reactor's ``_poller``, ``_selectables`` and ``_doReadOrWrite``:
   :func:`epoll_reactor_class` drops the logging context Twisted builds per event;
@@ -196,6 +197,35 @@ def set_nodelay(factory: Any, transport: Any) -> None:
             return
     if hasattr(transport, "setTcpNoDelay"):
         transport.setTcpNoDelay(True)
+
+sendfile = os.sendfile  # a module global: tests put a scripted one in its place
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
+
+
+def push_file(conn: Any, head: bytes, fd: int, offset: int, count: int) -> int:
+    """Hand ``head`` then ``count`` bytes of file ``fd`` from ``offset`` to
+    ``conn``'s socket now (``sendfile``: the kernel takes the file's pages, no
+    copy) if its transport holds nothing.  Returns the bytes taken, head
+    included: 0 when a direct write is not possible (see :func:`push`), less
+    than the whole when the socket filled up (the head possibly cut, then no
+    file bytes were sent)."""
+    sock = conn.sock
+    t = conn.transport
+    if sock is None or t._tempDataLen or t.dataBuffer or not t.connected or t.disconnecting:
+        return 0
+    sent = 0
+    try:
+        if head:
+            # MSG_MORE: the head waits to share a segment with the body's first bytes.
+            sent = sock.send(head, MSG_MORE)
+            if sent < len(head):
+                return sent
+        # One call: a short count means the socket is full, and asking again
+        # would only meet EAGAIN.
+        sent += sendfile(sock.fileno(), fd, offset, count)
+    except OSError:
+        pass  # full (EAGAIN), or an error the transport meets and reports
+    return sent
 
 
 def queue_of(t: Any) -> Any:

@@ -84,3 +84,53 @@ def test_a_rejected_new_version_drops_the_old_one():
     c.put(obj("a", 500))
     assert not c.put(obj("a", 5000))
     assert "a" not in c and c.bytes == 0
+
+
+def test_objects_over_one_fragment_are_stored_in_a_memory_file():
+    """Stored, a multi-fragment payload moves to a sealed memory file (what the
+    Send Engine's sendfile reads); the fragments become read-only views of it
+    holding the same bytes, and the descriptor closes once the object is gone."""
+    import gc
+    import os
+
+    from afpa.cache.store import MemFile
+
+    store = CacheStore(1 << 30, 1 << 30)
+    body = os.urandom(3 * FRAGMENT + 5)
+    small = CacheObject("s", b"H", fragments_of(b"x" * FRAGMENT), FRAGMENT, 0, 1)
+    big = CacheObject("b", b"H", fragments_of(body), len(body), 0, 1)
+    gc.collect()  # memory files of earlier tests' objects
+    before = MemFile.open
+    store.put(small)
+    store.put(big)
+    assert small.file is None and small.fragments == (b"x" * FRAGMENT,)  # one fragment: plain bytes
+    assert big.file is not None and MemFile.open == before + 1
+    assert [len(f) for f in big.fragments] == [FRAGMENT, FRAGMENT, FRAGMENT, 5]
+    assert b"".join(big.fragments) == body
+    assert os.pread(big.file.fd, len(body) + 1, 0) == body
+    assert big.fragments[0].readonly
+    try:
+        os.pwrite(big.file.fd, b"!", 0)
+        written = True
+    except OSError:
+        written = False
+    assert not written  # sealed: no one changes the bytes under a reader
+    store.remove("b")
+    del big
+    gc.collect()
+    assert MemFile.open == before
+
+
+def test_without_a_memory_file_an_object_keeps_its_bytes(monkeypatch):
+    """Past the descriptor share (or without memfd), objects are stored as they came."""
+    import os
+
+    from afpa.cache.store import MemFile
+
+    monkeypatch.setattr(MemFile, "limit", MemFile.open)
+    store = CacheStore(1 << 30, 1 << 30)
+    body = os.urandom(2 * FRAGMENT + 1)
+    obj = CacheObject("b", b"H", fragments_of(body), len(body), 0, 1)
+    assert store.put(obj)
+    assert obj.file is None and b"".join(obj.fragments) == body
+    assert all(f.__class__ is bytes for f in obj.fragments)

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import os
+import socket
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from afpa.cache.store import CacheObject, CacheStore, fragments_of
+from afpa.cache.store import FRAGMENT, CacheObject, CacheStore, fragments_of
 from afpa.config import Settings
 from afpa.machine.scopes import Connection, Runtime
-from afpa.net.sendengine import FILE_CHUNK, FileBody, Pieces, send_engine
+from afpa.net import twisted_private
+from afpa.net.sendengine import FILE_CHUNK, PIECE, FileBody, Pieces, send_engine
+
+SOCKETS: dict[int, ScriptedSocket] = {}
+
+
+@pytest.fixture(autouse=True)
+def scripted_sendfile(monkeypatch):
+    """``sendfile`` to a scripted socket reads the file and offers the bytes to
+    the socket, which takes its next budget of them."""
+    def sendfile(out_fd, in_fd, offset, count):
+        return SOCKETS[out_fd]._take(os.pread(in_fd, count, offset))
+    monkeypatch.setattr(twisted_private, "sendfile", sendfile)
+    yield
+    SOCKETS.clear()
 
 
 class ScriptedSocket:
@@ -19,8 +35,15 @@ class ScriptedSocket:
     def __init__(self, *budgets):
         self.budgets = list(budgets)
         self.data = bytearray()
+        self.calls = 0
+        self.fd = -1000 - len(SOCKETS)
+        SOCKETS[self.fd] = self
+
+    def fileno(self):
+        return self.fd
 
     def _take(self, data: bytes) -> int:
+        self.calls += 1
         n = self.budgets.pop(0) if self.budgets else len(data)
         n = min(n, len(data))
         self.data += data[:n]
@@ -28,7 +51,7 @@ class ScriptedSocket:
             raise BlockingIOError
         return n
 
-    def send(self, data):
+    def send(self, data, flags=0):
         return self._take(bytes(data))
 
     def sendmsg(self, bufs):
@@ -146,7 +169,7 @@ def test_memory_sender_pins_until_done():
     g = G(ManualHelpers())
     obj = CacheObject("k", b"", fragments_of(body), len(body), 0, 1)
     g.runtime.cache.put(obj)
-    sock = ScriptedSocket(1000, 0)
+    sock = ScriptedSocket(1000, 0, 0)  # head and a little (or the head, then nothing), then full
     conn, t = connection(sock)
     done = send_engine(g, conn, Req(b"H", obj))
     outcomes = []
@@ -219,3 +242,144 @@ def test_file_sender_reads_at_most_one_chunk_ahead(tmp_path):
     outcomes, t = send_file(tmp_path, data, sock, rounds=1000, direct=False)  # the disk outruns the client
     assert outcomes == ["sent"]
     assert bytes(sock.data) == b"HEAD" + data
+
+
+def _stored(g, size):
+    body = os.urandom(size)
+    obj = CacheObject("k", b"", fragments_of(body), len(body), 0, 1)
+    g.runtime.cache.put(obj)
+    assert obj.file is not None  # the store moved it to a memory file
+    return body, obj
+
+
+def _send(g, conn, head, obj):
+    outcomes = []
+    done = send_engine(g, conn, Req(head, obj))
+    if isinstance(done, str):
+        outcomes.append(done)
+    else:
+        done.addCallback(outcomes.append)
+    return outcomes
+
+
+def test_memory_file_body_goes_by_sendfile_in_one_call_each():
+    """A socket that takes everything: the head (one send) and the whole body
+    (one sendfile), nothing through the transport."""
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 300 * 1024)
+    sock = ScriptedSocket()
+    conn, t = connection(sock)
+    assert _send(g, conn, b"HEAD", obj) == ["sent"]
+    assert bytes(sock.data) == b"HEAD" + body and sock.calls == 2 and not t.pending
+    assert obj.refs == 0
+
+
+def test_memory_file_partial_sends_keep_order_and_queue_one_fragment_at_most():
+    """Whatever the socket takes per call (the head cut, the body cut inside and
+    at fragment boundaries), the client gets head and body whole, in order; the
+    transport holds at most one fragment (as bytes) at a time, the object stays
+    pinned until the last byte."""
+    size = 300 * 1024
+    for budgets in [(2, 0, 0), (4, 0, 0), (4, 1000, 0, 70000, 0, 0), (4, FRAGMENT, 0, FRAGMENT + 3, 0),
+                    (4, 0, 100, 0, 5, 0, 0, 0)]:
+        g = G(ManualHelpers())
+        body, obj = _stored(g, size)
+        sock = ScriptedSocket(*budgets)
+        conn, t = connection(sock)
+        outcomes = _send(g, conn, b"HEAD", obj)
+        for _ in range(100):
+            if outcomes:
+                break
+            assert obj.refs == 1
+            assert t._tempDataLen <= FRAGMENT and all(d.__class__ is bytes for d in t.pending)
+            t.drain()
+        assert outcomes == ["sent"], budgets
+        assert bytes(sock.data) == b"HEAD" + body, budgets
+        assert obj.refs == 0 and t.producer is None
+
+
+def test_memory_file_stalled_client_holds_one_piece_and_keeps_the_work_deadline():
+    """A client that stops reading: one piece waits in the transport, nothing
+    more is read from the object, and the send deadline (WORK) stays armed, so
+    the connection's timer cuts the stalled send."""
+    from afpa.machine.scopes import WORK
+
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 1024 * 1024)
+    sock = ScriptedSocket(100000, *([0] * 50))
+    conn, t = connection(sock)
+    outcomes = _send(g, conn, b"HEAD", obj)  # the transport is never drained
+    assert outcomes == [] and obj.refs == 1
+    assert t._tempDataLen == len(t.pending[0]) <= PIECE and len(t.pending) == 1
+    assert len(sock.data) + t._tempDataLen < len(body)
+    assert conn.timer == WORK
+
+
+def test_memory_file_client_leaving_mid_body_is_aborted_and_released():
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 1024 * 1024)
+    sock = ScriptedSocket(5000, 0, 0, 7000, 0)
+    conn, t = connection(sock)
+    outcomes = _send(g, conn, b"HEAD", obj)
+    t.drain()  # one round more, then the client goes
+    assert outcomes == []
+    t.producer.stopProducing()  # what Twisted does when the connection is lost
+    assert outcomes == ["aborted"] and obj.refs == 0
+    assert g.runtime.cache.pinned_bytes == 0
+
+
+def test_memory_file_public_path_sends_every_byte_through_the_transport():
+    """No direct socket (the public path, TLS): the same object goes through the
+    transport, one fragment per drain, as bytes."""
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 200 * 1024 + 7)
+    sock = ScriptedSocket()
+    conn, t = connection(sock)
+    conn.sock = None
+    outcomes = _send(g, conn, b"HEAD", obj)
+    for _ in range(20):
+        if outcomes:
+            break
+        assert all(d.__class__ is bytes for d in t.pending)
+        t.drain()
+    assert outcomes == ["sent"] and bytes(sock.data) == b"HEAD" + body
+    assert sock.calls == 0
+
+
+def test_memory_file_ranges_are_sent_from_the_views(monkeypatch):
+    """A range of a memory-file object (Pieces) goes out as views (sendmsg), not
+    as the whole file."""
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 300 * 1024)
+    monkeypatch.setattr(twisted_private, "sendfile", None)  # never called for pieces
+    sock = ScriptedSocket(1000, 0)
+    conn, t = connection(sock)
+    frags = obj.fragments
+    pieces = [frags[0][100:], frags[1], frags[2][:5]]
+    outcomes = []
+    done = send_engine(g, conn, Req(b"H", Pieces(obj, pieces)))
+    done.addCallback(outcomes.append)
+    for _ in range(20):
+        if outcomes:
+            break
+        t.drain()
+    assert outcomes == ["sent"] and bytes(sock.data) == b"H" + body[100:2 * FRAGMENT + 5]
+
+
+def test_push_file_with_the_real_sendfile(monkeypatch):
+    """push_file over a real (in-memory, AF_UNIX) socket with the kernel's
+    sendfile: head and file bytes arrive in order."""
+    monkeypatch.setattr(twisted_private, "sendfile", os.sendfile)
+    monkeypatch.setattr(twisted_private, "MSG_MORE", 0)  # not for AF_UNIX sockets
+    g = G(ManualHelpers())
+    body, obj = _stored(g, 100 * 1024)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        conn, t = connection(a)
+        n = twisted_private.push_file(conn, b"HEAD", obj.file.fd, 0, len(body))
+        assert n > 4
+        got = bytearray()
+        while len(got) < n:
+            got += b.recv(1 << 20)
+        assert bytes(got) == (b"HEAD" + body)[:n]

@@ -1144,7 +1144,8 @@ def backend_refresh(g: Any, conn: Any, ex: BackendExchange) -> str:
     stored_at = cachepolicy.born(meta)
     obj = CacheObject(stale.key, head, stale.fragments, stale.size, stored_at, cachepolicy.fresh_until(meta),
                       short_head, named.get(b"etag"), int(lm) if lm is not None else stale.last_modified,
-                      stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary)
+                      stale.identity, meta=meta, tags=stale.tags, secondary=stale.secondary,
+                      file=stale.file)  # the same payload: its views and memory file are shared
     g.cache.discard(stale)
     # A Set-Cookie in the 304 is for this client only: answered, never shared.
     if creq.key is not None and b"set-cookie" not in update:

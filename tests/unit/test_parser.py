@@ -375,3 +375,16 @@ def test_malformed_line_is_400_whatever_the_fields_before_it(data):
 def test_first_refused_field_gives_the_answer():
     data = b"GET / HTTP/1.1\r\nHost: a\r\nExpect: nothing\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"
     assert outcome(parse_whole, data) == ("error", 417)
+
+
+def test_a_head_parses_the_same_every_time():
+    """Targets and Host values seen before (remembered once checked) come out
+    as they did the first time: normalised, lower-cased, refused alike."""
+    data = b"GET /a/../b%41?q=%41 HTTP/1.1\r\nHost: EXAMPLE.com\r\n\r\n"
+    bad = b"GET /a%2Fb HTTP/1.1\r\nHost: EXAMPLE.com\r\n\r\n"
+    for _ in range(3):
+        req, _ = parse_whole(data)
+        assert (req.target, req.path, req.query, req.host) == (b"/bA?q=%41", b"/bA", b"q=%41", b"example.com")
+        assert outcome(parse_whole, bad) == ("error", 400)
+        req, _ = parse_whole(b"GET http://Other.EXAMPLE/b%41 HTTP/1.1\r\nHost: EXAMPLE.com\r\n\r\n")
+        assert (req.target, req.host) == (b"/bA", b"other.example")

@@ -141,8 +141,10 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     if len(parts) != 3:
         raise HttpError(400, _diagnose_request_line(buf[pos:line_end]))
     method, target, version = parts
+    # An origin-form target seen before: its bytes were checked, its path normalised.
+    known = _TARGETS.get(target)
     if ((method not in KNOWN_METHODS and TOKEN.fullmatch(method) is None)
-            or not target or 0 in target.translate(_TARGET_MAP)):
+            or (known is None and (not target or 0 in target.translate(_TARGET_MAP)))):
         raise HttpError(400, _diagnose_request_line(buf[pos:line_end]))
     if version == b"HTTP/1.1":
         version = 11
@@ -255,13 +257,17 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         raise HttpError(400, "more than one Host")
     if hosts == 0 and version == 11:
         raise HttpError(400, "HTTP/1.1 request without Host")
-    if host is not None and host not in _GOOD_HOSTS:
-        if HOST.fullmatch(host) is None:
-            raise HttpError(400, "invalid Host")
-        if len(host) > MAX_HOST:
-            raise HttpError(400, "Host too long")
-        if len(_GOOD_HOSTS) < 1024:  # the same few Host values arrive again and again
-            _GOOD_HOSTS.add(host)
+    lhost = b""
+    if host is not None:
+        lhost = _GOOD_HOSTS.get(host)
+        if lhost is None:
+            if HOST.fullmatch(host) is None:
+                raise HttpError(400, "invalid Host")
+            if len(host) > MAX_HOST:
+                raise HttpError(400, "Host too long")
+            lhost = host.lower()
+            if len(_GOOD_HOSTS) < 1024:  # the same few Host values arrive again and again
+                _GOOD_HOSTS[host] = lhost
 
     chunked = False
     if te is not None:
@@ -281,16 +287,23 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         chunked = True
 
     # Request target (RFC 9112 3.2).
-    if target[0] == 47:  # "/"; REQUEST_LINE already allowed only visible ASCII
+    if known is not None:
+        target, path, query = known
+    elif target[0] == 47:  # "/"; the request line allowed only visible ASCII
         if b"#" in target:
             raise HttpError(400, "fragment in request target")
+        sent = target
         path, sep, query = target.partition(b"?")
         if _UNNORMAL(path) is not None:
             # One canonical path for routing, files, redirects, the cache key
             # and the backend (protocols/http/wire/paths.py); the query is kept as
-            # sent.  A plain path (every hit) pays one regex search, no call.
+            # sent.
             path = paths.normalise(path)
             target = path + sep + query
+        if len(sent) <= 512:
+            if len(_TARGETS) >= 4096:
+                _TARGETS.clear()  # the ones asked for again come back soon
+            _TARGETS[sent] = (target, path, query)
     elif target == b"*":
         if method != b"OPTIONS":
             raise HttpError(400, "asterisk-form target is for OPTIONS only")
@@ -310,6 +323,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             raise HttpError(400, "Host too long")
         # RFC 9112 3.2.2: the target's authority overrides Host.
         host = authority
+        lhost = authority.lower()
         rest = rest or b"/"
         if rest[0] == 63:  # "?"
             rest = b"/" + rest
@@ -325,7 +339,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     req.version = version
     req.headers = fields
     req.lnames = lnames
-    req.host = host.lower() if host else b""
+    req.host = lhost
     req.keep_alive = keep_alive
     req.content_length = content_length
     req.chunked = chunked
@@ -333,7 +347,10 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     return end + 4
 
 
-_GOOD_HOSTS: set[bytes] = set()
+# Host values found valid, each with its lower-case form (the cache key's).
+_GOOD_HOSTS: dict[bytes, bytes] = {}
+# Origin-form targets as sent -> (target, path, query) as parsed and normalised.
+_TARGETS: dict[bytes, tuple[bytes, bytes, bytes]] = {}
 # Tables for ``translate`` that turn every byte a request target (visible ASCII)
 # or a field line (field-vchar, SP, HT) may not hold into NUL (itself never
 # allowed): one C loop checks every byte.

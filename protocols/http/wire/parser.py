@@ -11,9 +11,18 @@ RFC names, and the connection is closed afterwards.
 previous look stopped (a head arriving one byte at a time is not rescanned).
 Before the end is found it still rejects early what can never become valid
 (bare LF or CR, a request line or head over its limit), so a client cannot make
-us wait for garbage.  When the head is complete it is validated with two
-compiled regular expressions (request line, field lines) and its semantics
-checked: Host, Content-Length, Transfer-Encoding, Connection, Expect.
+us wait for garbage.  When the head is complete it is validated and split in
+one pass: the request line is split at its two spaces and each part checked
+(method and version against the few every client sends, else their grammar;
+the target's bytes with one ``translate``); every byte of the field block is
+checked at once by one ``translate`` (field-vchar, SP, HT, and CR LF only
+where lines end), then each line is cut at its first colon, its name checked
+to be a token (once per distinct spelling: names repeat, values do not) and
+its value stripped of OWS.  That is the grammar of RFC 9112 5 exactly; the
+unit tests hold the parser to it, as regular expressions, on mutated heads.
+Then its semantics are checked: Host, Content-Length, Transfer-Encoding,
+Connection, Expect -- only once every line is well-formed, so a malformed
+head is a 400 whatever its fields say.
 
 House rules, with the RFC text they implement:
 
@@ -52,6 +61,7 @@ from protocols.http.wire.errors import HttpError
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _VCHAR = rb"\x21-\x7e\x80-\xff"  # field-vchar: VCHAR / obs-text
 
+VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 FIELD_LINE = rb"([" + _TCHAR + rb"]+):[ \t]*((?:[" + _VCHAR + rb"]+(?:[ \t]+[" + _VCHAR + rb"]+)*)?)[ \t]*\r\n"
 FIELDS = re.compile(FIELD_LINE)
@@ -126,23 +136,27 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     if end + 2 - block_start > limits.max_header_block:
         raise HttpError(431, "request header block too large")
 
-    m = REQUEST_LINE.fullmatch(buf, pos, line_end)
-    if m is None:
+    # Request line: method SP target SP version, split rather than matched.
+    parts = buf[pos:line_end].split(b" ")
+    if len(parts) != 3:
         raise HttpError(400, _diagnose_request_line(buf[pos:line_end]))
-    method, target, major, minor = m.groups()
-    if major != b"1":
-        raise HttpError(505, "only HTTP/1.x is served")
-    version = 10 if minor == b"0" else 11
-
-    block_end = end + 2
-    if block_end > block_start:
-        if FIELD_BLOCK.fullmatch(buf, block_start, block_end) is None:
-            raise HttpError(400, _diagnose_fields(buf[block_start:block_end]))
-        fields = FIELDS.findall(buf, block_start, block_end)
-        if len(fields) > limits.max_headers:
-            raise HttpError(431, "too many header fields")
+    method, target, version = parts
+    # An origin-form target seen before: its bytes were checked, its path normalised.
+    known = _TARGETS.get(target)
+    if ((method not in KNOWN_METHODS and TOKEN.fullmatch(method) is None)
+            or (known is None and (not target or 0 in target.translate(_TARGET_MAP)))):
+        raise HttpError(400, _diagnose_request_line(buf[pos:line_end]))
+    if version == b"HTTP/1.1":
+        version = 11
+    elif version == b"HTTP/1.0":
+        version = 10
     else:
-        fields = []
+        m = VERSION.fullmatch(version)
+        if m is None:
+            raise HttpError(400, _diagnose_request_line(buf[pos:line_end]))
+        if m.group(1) != b"1":
+            raise HttpError(505, "only HTTP/1.x is served")
+        version = 10 if m.group(2) == b"0" else 11
 
     host = None
     hosts = 0
@@ -151,9 +165,37 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     keep_alive = version == 11
     expect = False
     pragma = None
+    fields = []
     lnames = []
-    for name, value in fields:
-        lname = name.lower()
+    if end > line_end:
+        # Field lines, in one pass: one C-speed check of every byte of the
+        # block (field-vchar, SP, HT, and CR LF only as the line ends), then
+        # per line its name (a token, checked once per distinct spelling) and
+        # its value (the rest, OWS stripped).
+        block = buf[block_start:end]
+        lines = block.split(b"\r\n")
+        if block.translate(_FIELD_MAP).count(0) != 2 * len(lines) - 2:  # only the CR LF between lines
+            raise HttpError(400, _diagnose_fields(block + b"\r\n"))
+        if len(lines) > limits.max_headers:
+            if FIELD_BLOCK.fullmatch(buf, block_start, end + 2) is None:  # a bad name is the 400 it was
+                raise HttpError(400, _diagnose_fields(block + b"\r\n"))
+            raise HttpError(431, "too many header fields")
+    else:
+        lines = ()
+    # A refusal for a field's meaning waits until every line has been found
+    # well-formed: a malformed head is a 400 whatever else it says.
+    refuse = None
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        lname = _NAMES.get(name)
+        if lname is None or not colon:
+            if not colon or TOKEN.fullmatch(name) is None:
+                raise HttpError(400, _diagnose_fields(block + b"\r\n"))
+            lname = name.lower()
+            if len(_NAMES) < 1024 and len(name) <= 64:  # the same few names arrive again and again
+                _NAMES[name] = lname
+        value = value.strip(b" \t")
+        fields.append((name, value))
         lnames.append(lname)
         if lname not in _SPECIAL:
             continue
@@ -161,11 +203,14 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             hosts += 1
             host = value
         elif lname == b"content-length":
-            if content_length >= 0:
-                raise HttpError(400, "more than one Content-Length")
-            if DIGITS.fullmatch(value) is None:
-                raise HttpError(400, "invalid Content-Length")
-            content_length = int(value)
+            if refuse is not None:
+                pass  # the first refusal is the answer
+            elif content_length >= 0:
+                refuse = HttpError(400, "more than one Content-Length")
+            elif DIGITS.fullmatch(value) is None:
+                refuse = HttpError(400, "invalid Content-Length")
+            else:
+                content_length = int(value)
         elif lname == b"transfer-encoding":
             te = value if te is None else te + b"," + value
         elif lname == b"connection":
@@ -177,8 +222,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
                 if token == b"keep-alive" and version == 10:
                     keep_alive = True
         elif lname == b"expect":
-            if value.lower() != b"100-continue":
-                raise HttpError(417, "unsupported expectation")
+            if value.lower() != b"100-continue" and refuse is None:
+                refuse = HttpError(417, "unsupported expectation")
             expect = True
         elif lname == b"if-none-match":
             req.if_none_match = value if req.if_none_match is None else req.if_none_match + b", " + value
@@ -202,6 +247,8 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             req.if_range = value if req.if_range is None else req.if_range + b", " + value
         elif lname == b"afpa-trace":
             req.trace_asked = value == b"1"
+    if refuse is not None:
+        raise refuse
 
     if pragma is not None and req.cache_control is None and b"no-cache" in pragma.lower():
         # RFC 9111 5.4: Pragma: no-cache counts only without Cache-Control.
@@ -210,13 +257,17 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         raise HttpError(400, "more than one Host")
     if hosts == 0 and version == 11:
         raise HttpError(400, "HTTP/1.1 request without Host")
-    if host is not None and host not in _GOOD_HOSTS:
-        if HOST.fullmatch(host) is None:
-            raise HttpError(400, "invalid Host")
-        if len(host) > MAX_HOST:
-            raise HttpError(400, "Host too long")
-        if len(_GOOD_HOSTS) < 1024:  # the same few Host values arrive again and again
-            _GOOD_HOSTS.add(host)
+    lhost = b""
+    if host is not None:
+        lhost = _GOOD_HOSTS.get(host)
+        if lhost is None:
+            if HOST.fullmatch(host) is None:
+                raise HttpError(400, "invalid Host")
+            if len(host) > MAX_HOST:
+                raise HttpError(400, "Host too long")
+            lhost = host.lower()
+            if len(_GOOD_HOSTS) < 1024:  # the same few Host values arrive again and again
+                _GOOD_HOSTS[host] = lhost
 
     chunked = False
     if te is not None:
@@ -236,16 +287,23 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
         chunked = True
 
     # Request target (RFC 9112 3.2).
-    if target[0] == 47:  # "/"; REQUEST_LINE already allowed only visible ASCII
+    if known is not None:
+        target, path, query = known
+    elif target[0] == 47:  # "/"; the request line allowed only visible ASCII
         if b"#" in target:
             raise HttpError(400, "fragment in request target")
+        sent = target
         path, sep, query = target.partition(b"?")
         if _UNNORMAL(path) is not None:
             # One canonical path for routing, files, redirects, the cache key
             # and the backend (protocols/http/wire/paths.py); the query is kept as
-            # sent.  A plain path (every hit) pays one regex search, no call.
+            # sent.
             path = paths.normalise(path)
             target = path + sep + query
+        if len(sent) <= 512:
+            if len(_TARGETS) >= 4096:
+                _TARGETS.clear()  # the ones asked for again come back soon
+            _TARGETS[sent] = (target, path, query)
     elif target == b"*":
         if method != b"OPTIONS":
             raise HttpError(400, "asterisk-form target is for OPTIONS only")
@@ -265,6 +323,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
             raise HttpError(400, "Host too long")
         # RFC 9112 3.2.2: the target's authority overrides Host.
         host = authority
+        lhost = authority.lower()
         rest = rest or b"/"
         if rest[0] == 63:  # "?"
             rest = b"/" + rest
@@ -280,7 +339,7 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     req.version = version
     req.headers = fields
     req.lnames = lnames
-    req.host = host.lower() if host else b""
+    req.host = lhost
     req.keep_alive = keep_alive
     req.content_length = content_length
     req.chunked = chunked
@@ -288,7 +347,25 @@ def parse_head(buf: bytes, pos: int, scan: int, limits: Any, req: Any) -> int:
     return end + 4
 
 
-_GOOD_HOSTS: set[bytes] = set()
+# Host values found valid, each with its lower-case form (the cache key's).
+_GOOD_HOSTS: dict[bytes, bytes] = {}
+# Origin-form targets as sent -> (target, path, query) as parsed and normalised.
+_TARGETS: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+# Tables for ``translate`` that turn every byte a request target (visible ASCII)
+# or a field line (field-vchar, SP, HT) may not hold into NUL (itself never
+# allowed): one C loop checks every byte.
+_TARGET_MAP = bytes(c if 0x21 <= c <= 0x7e else 0 for c in range(256))
+_FIELD_MAP = bytes(c if c in (9, 32) or 0x21 <= c <= 0x7e or c >= 0x80 else 0 for c in range(256))
+# Field names found to be tokens, each with its lower-case form (bounded, as
+# _GOOD_HOSTS); the common ones from the start.
+_NAMES: dict[bytes, bytes] = {}
+for _name in (b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Accept-Language", b"Connection",
+              b"Cache-Control", b"Pragma", b"Referer", b"Cookie", b"Authorization", b"Content-Length",
+              b"Content-Type", b"Transfer-Encoding", b"If-None-Match", b"If-Modified-Since", b"Range",
+              b"Upgrade-Insecure-Requests", b"Sec-Fetch-Site", b"Sec-Fetch-Mode", b"Sec-Fetch-Dest",
+              b"Sec-Fetch-User", b"DNT", b"Origin", b"X-Forwarded-For", b"X-Requested-With"):
+    for _spelling in (_name, _name.lower()):
+        _NAMES[_spelling] = _name.lower()
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
                       b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
                       b"upgrade", b"cache-control", b"pragma", b"range", b"if-range", b"afpa-trace"})

@@ -251,9 +251,9 @@ class Pools:
         return pool
 
     def close_idle(self) -> None:
-        """Close every idle connection (a pool no longer routed to)."""
-        while self.idle:
-            self.idle.pop().transport.loseConnection()
+        """Close every idle connection of every pool (e.g. on shutdown)."""
+        for pool in self.pools.values():
+            pool.close_idle()
 
     def sweep(self, now: float) -> None:
         """Expire idle connections of every pool."""

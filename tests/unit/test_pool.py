@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from routing.pool import Backend, BackendPool, BackendProtocol
+from routing.pool import Backend, BackendPool, BackendProtocol, Pools
 
 
 def connected(pool):
@@ -32,6 +32,17 @@ def test_idle_connections_expire_and_closed_ones_are_forgotten():
     assert old.transport.disconnecting and pool.idle == [new]
     new.connectionLost(None)
     assert pool.idle == [] and pool.take_idle() is None
+
+
+def test_pools_close_the_idle_connections_of_every_backend():
+    pools = Pools(Clock())
+    a, b = pools.get(Backend("127.0.0.1", 9)), pools.get(Backend("127.0.0.1", 10))
+    pa, pb = connected(a), connected(b)
+    a.release(pa, now=0.0)
+    b.release(pb, now=0.0)
+    pools.close_idle()
+    assert pa.transport.disconnecting and pb.transport.disconnecting
+    assert a.idle == [] and b.idle == []
 
 
 def test_backend_url_parsing():

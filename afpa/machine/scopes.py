@@ -11,6 +11,8 @@ Nothing else is shared between state functions.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
@@ -127,6 +129,36 @@ class Request:
     close: bool = False
     sent_head: bool = False
     trace: Any = None  # afpa.machine.trace.Trace while the request is traced
+
+
+# Defaults a generated factory may write as literals (immutable, with an exact repr).
+_LITERAL_TYPES = (bytes, str, int, float, bool, type(None))
+
+
+def request_factory(cls: type) -> Callable[[Any], Any]:
+    """A ``make_request`` for the attrs request scope ``cls``: ``make(conn)``
+    returns what ``cls()`` would, every field at its default.
+
+    One request scope is made per request; ``cls()`` goes through the type's
+    call and a generic ``__init__`` taking every field as an argument, which
+    for a scope of thirty-odd fields costs more than storing the defaults.
+    The factory is one function that allocates and stores them as constants.
+    Every field must have a plain literal default (else ValueError: use
+    ``lambda conn: cls()``)."""
+    lines = ["def make(conn):", "    self = new(cls)"]
+    for field in attrs.fields(cls):
+        default = field.default
+        if (default is attrs.NOTHING or isinstance(default, attrs.Factory) or not field.init
+                or type(default) not in _LITERAL_TYPES or field.name.startswith("_")
+                or (type(default) is float and not math.isfinite(default))):
+            raise ValueError(f"{cls.__name__}.{field.name}: no plain literal default")
+        lines.append(f"    self.{field.name} = {default!r}")
+    lines.append("    return self")
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    exec("\n".join(lines), namespace)  # noqa: S102 - source built above from field names and literals
+    make = namespace["make"]
+    make.__qualname__ = make.__name__ = f"make_{cls.__name__}"
+    return make
 
 
 class GlobalScope(Protocol):

@@ -183,25 +183,25 @@ class MachineProtocol(Protocol, Driver):
     def finished(self, req: Any, edge: Any) -> Any:
         conn = self.conn
         now = self.seconds()
+        server = self.server
         if req.status:
             self.stats.observe(req.status, now - req.started)
-            if self.server.access_log is not None:
-                self.server.access_log.request(conn, req, now)
+            access_log = server.access_log
+            if access_log is not None:
+                access_log.request(conn, req, now)
         conn.req = None
         conn.requests += 1
-        machine = conn.machine
-        if edge.close or conn.closed or self.server.draining:
-            conn.state = machine.start
+        start = conn.state = conn.machine.start
+        if edge.close or conn.closed or server.draining:
             self._close()
             return None
-        conn.state = machine.start
         conn.timer = 0  # IDLE (a constant here: this runs once per request)
         if self.reading_paused:
             self.resume_reading()
         if conn.inpos >= len(conn.inbuf):
-            conn.deadline = now + self.server.settings.idle_timeout
+            conn.deadline = now + server.settings.idle_timeout
             return None
-        return machine.start  # pipelined input is already here
+        return start  # pipelined input is already here
 
     def failed(self) -> None:
         self.abort_request("failed")

@@ -2,6 +2,7 @@
 ``afpa.modules`` entry point, exactly as a third-party module would be)."""
 
 from afpa.machine.modules import Peering, ProtocolModule, collect
+from afpa.machine.scopes import request_factory
 from protocols.http.states import coalesce, deferred, remote, client as states, tracing
 from protocols.http.policy import invalidation
 from protocols.http.scopes import HttpGlobal, HttpRequest, carry_over
@@ -27,7 +28,7 @@ MODULE = ProtocolModule(
     table="http.toml",
     companions=("http-backend",),
     make_global=HttpGlobal.build,
-    make_request=lambda conn: HttpRequest(),
+    make_request=request_factory(HttpRequest),
     fail=states.fail,
     access_field=tracing.access_field,
     access_format=tracing.DEFAULT_FORMAT,

@@ -58,18 +58,38 @@ def object_heads(status: int, content_type: bytes, length: int, last_modified: f
     return head, status_line(304) + SERVER + validators
 
 
+# Pieces of the mutable fields, made once: a hit's head is then one join of
+# ready parts.  Ages below 1024 s and the few Cache-Status values seen over and
+# over are looked up rather than formatted per response.
+_AGE_LINES = [b"Age: %d\r\n" % age for age in range(1024)]
+_STATUS_LINES: dict[bytes, bytes] = {}
+_CLOSE_END = b"Connection: close\r\n\r\n"
+_KEEP_END = b"Connection: keep-alive\r\n\r\n"
+
+
 def finish_head(g: Any, req: Any, head: bytes, now: float, age: int | None, dated: bool = False) -> bytes:
     """Append the mutable fields and the blank line to an immutable head.
     ``dated``: the head carries its origin's Date already (a stored backend
     response), so no fresh one is added."""
     if req.close:
-        conn = b"Connection: close\r\n"
+        end = _CLOSE_END
     elif req.version == 10:
-        conn = b"Connection: keep-alive\r\n"
+        end = _KEEP_END
     else:
-        conn = b""
-    return b"".join((head, b"" if dated else g.dates.get(now), b"" if age is None else b"Age: %d\r\n" % age,
-                     b"Cache-Status: ", req.cache_status, b"\r\n", conn, b"\r\n"))
+        end = b"\r\n"
+    status = req.cache_status
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"Cache-Status: " + status + b"\r\n"
+        if len(_STATUS_LINES) < 256:  # stale answers carry a ttl: not all values recur
+            _STATUS_LINES[status] = line
+    if age is None:
+        age_line = b""
+    elif 0 <= age < 1024:
+        age_line = _AGE_LINES[age]
+    else:
+        age_line = b"Age: %d\r\n" % age
+    return b"".join((head, b"" if dated else g.dates.get(now), age_line, line, end))
 
 
 def set_error(g: Any, req: Any, status: int, detail: str = "", *, extra: bytes = b"",

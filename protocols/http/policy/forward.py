@@ -94,15 +94,14 @@ def _end_to_end(msg: Any, also_drop: frozenset[bytes],
             _WITH_HOP_BY_HOP[also_drop] = drop
     if named:
         drop = drop | named
-    lines, via = [], []
-    for lname, (name, value) in zip(msg.lnames, msg.headers):
+    lnames, headers = msg.lnames, msg.headers
+    lines = []
+    for lname, (name, value) in zip(lnames, headers):
         if lname in drop or lname.startswith(drop_prefixes):
-            if lname == b"via":
-                via.append(value)
             continue
-        if lname == b"via":
-            via.append(value)
         lines.append(name + b": " + value + b"\r\n")
+    # Every Via value, forwarded or not (scanned for in C: most messages have none).
+    via = [value for lname, (_, value) in zip(lnames, headers) if lname == b"via"] if b"via" in lnames else []
     return lines, via
 
 

@@ -508,6 +508,9 @@ def connection_options(value: bytes) -> frozenset[bytes]:
 
 
 _CONNECTION_OPTIONS: dict[bytes, frozenset[bytes]] = {}
+# Field lines of responses found well-formed -> ((name, value), lower-case name):
+# an origin repeats most of its lines (Server, Content-Type, Cache-Control, ...).
+_RESPONSE_LINES: dict[bytes, tuple[tuple[bytes, bytes], bytes]] = {}
 
 
 def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
@@ -559,16 +562,26 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
         if buf[line_end + 2:end].translate(_FIELD_MAP).count(0) != 2 * len(lines) - 2:
             raise HttpError(502, "invalid header section from backend")
         for line in lines:
-            name, colon, value = line.partition(b":")
-            lname = _NAMES.get(name)
-            if lname is None or not colon:
-                if not colon or TOKEN.fullmatch(name) is None:
-                    raise HttpError(502, "invalid header section from backend")
-                lname = name.lower()
-                if len(_NAMES) < 1024 and len(name) <= 64:
-                    _NAMES[name] = lname
-            value = value.strip(b" \t")
-            fields.append((name, value))
+            known = _RESPONSE_LINES.get(line)
+            if known is not None:
+                field, lname = known
+                value = field[1]
+            else:
+                name, colon, value = line.partition(b":")
+                lname = _NAMES.get(name)
+                if lname is None or not colon:
+                    if not colon or TOKEN.fullmatch(name) is None:
+                        raise HttpError(502, "invalid header section from backend")
+                    lname = name.lower()
+                    if len(_NAMES) < 1024 and len(name) <= 64:
+                        _NAMES[name] = lname
+                value = value.strip(b" \t")
+                field = (name, value)
+                if len(line) <= 128:
+                    if len(_RESPONSE_LINES) >= 2048:
+                        _RESPONSE_LINES.clear()  # the lines sent again come back soon
+                    _RESPONSE_LINES[line] = (field, lname)
+            fields.append(field)
             lnames.append(lname)
             if lname in _FRAMING:
                 if lname == b"content-length":

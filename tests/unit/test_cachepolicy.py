@@ -339,3 +339,12 @@ def test_conditionals_and_if_range_use_the_one_strict_http_date_parser():
     assert conditional.evaluate(req(b"Sun, 06 Nov 1994 08:49:37 +0000"), None, lm) == 0
     assert ranges.if_range_holds(b"Sun, 06 Nov 1994 08:49:37 GMT", None, lm)
     assert not ranges.if_range_holds(b"Sun, 06 Nov 1994 08:49:37 +0000", None, lm)
+
+
+def test_parse_directives_gives_each_caller_its_own_dict():
+    """A remembered value's directives are a fresh dict every time: changing one
+    answer never changes the next."""
+    first = cp.parse_directives([b"max-age=60, no-cache"])
+    first[b"max-age"] = b"1"
+    first.pop(b"no-cache")
+    assert cp.parse_directives([b"max-age=60, no-cache"]) == {b"max-age": b"60", b"no-cache": None}

@@ -424,3 +424,31 @@ def test_a_head_parses_the_same_every_time():
         assert outcome(parse_whole, bad) == ("error", 400)
         req, _ = parse_whole(b"GET http://Other.EXAMPLE/b%41 HTTP/1.1\r\nHost: EXAMPLE.com\r\n\r\n")
         assert (req.target, req.host) == (b"/bA", b"other.example")
+
+
+def test_response_malformed_field_line_wins_over_a_bad_content_length():
+    """Every line is checked for form before any field's meaning: a head with a
+    bad Content-Length and a later malformed line is refused as malformed."""
+    with pytest.raises(HttpError) as exc:
+        _response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nBad Name: a\r\n\r\n")
+    assert exc.value.status == 502 and "header section" in exc.value.detail
+    with pytest.raises(HttpError) as exc:
+        _response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nContent-Length: 3\r\n\r\n")
+    assert "invalid Content-Length" in exc.value.detail
+    resp = _response(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, ,Close\r\nContent-Length: 0\r\n\r\n")
+    assert resp.keep_alive is False and resp.status == 200 and resp.reason == b"OK"
+
+
+def test_response_lines_seen_before_parse_the_same_and_still_frame():
+    """A field line met again (remembered) gives the same fields and still
+    frames the message; a head with a known line and a bad one is refused."""
+    head = b"HTTP/1.1 200 OK\r\nServer: x \r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    first, again = _response(head), _response(head)
+    assert again.headers == first.headers == [(b"Server", b"x"), (b"Content-Length", b"5"),
+                                              (b"Connection", b"close")]
+    assert again.lnames == [b"server", b"content-length", b"connection"]
+    assert again.content_length == 5 and again.keep_alive is False
+    with pytest.raises(HttpError):
+        _response(b"HTTP/1.1 200 OK\r\nServer: x \r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+    with pytest.raises(HttpError):
+        _response(b"HTTP/1.1 200 OK\r\nServer: x \r\nBad Name: 1\r\n\r\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -121,7 +121,7 @@ _DIRECTIVE = re.compile(rb"[ \t]*([" + _TCHAR + rb"]+)(?:=(?:([" + _TCHAR + rb"]
 CONFLICT = b"\x00conflict"  # the value of a directive repeated with different arguments
 
 
-def parse_directives(values: Iterable[bytes]) -> dict[bytes, bytes | None]:
+def parse_directives(values: Sequence[bytes]) -> dict[bytes, bytes | None]:
     """Cache-Control directives (RFC 9111 5.2) from one or more field values.
 
     Names are case-insensitive (returned lower-case); an argument is a token or a
@@ -133,6 +133,21 @@ def parse_directives(values: Iterable[bytes]) -> dict[bytes, bytes | None]:
     different ``max-age`` is stale (RFC 9111 4.2.1 allows either; stale is the
     choice that can never serve something for longer than the origin meant).
     """
+    if len(values) == 1:  # the common case: remembered (an origin says the same thing every time)
+        value = values[0]
+        known = _ONE_VALUE.get(value)
+        if known is None:
+            known = _parse_directives(values)
+            if len(_ONE_VALUE) < 512 and len(value) <= 256:
+                _ONE_VALUE[value] = known
+        return dict(known)  # the caller's own copy
+    return _parse_directives(values)
+
+
+_ONE_VALUE: dict[bytes, dict[bytes, bytes | None]] = {}
+
+
+def _parse_directives(values: Sequence[bytes]) -> dict[bytes, bytes | None]:
     out: dict[bytes, bytes | None] = {}
     for value in values:
         for member in _split_list(value):
@@ -271,6 +286,16 @@ def _fields(lnames: list[bytes], headers: list[tuple[bytes, bytes]]) -> dict[byt
     return out
 
 
+def _values(lnames: list[bytes], headers: list[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
+    """The values of the fields named ``lname`` (lower-case), in order."""
+    n = lnames.count(lname)  # scans in C
+    if n == 0:
+        return []
+    if n == 1:
+        return [headers[lnames.index(lname)][1]]
+    return [value for name, (_, value) in zip(lnames, headers) if name == lname]
+
+
 def age_value(values: list[bytes] | None) -> float:
     """The ``Age`` field's value (RFC 9111 5.1): the first member of the first
     line; anything but a non-negative integer is ignored (0)."""
@@ -312,35 +337,38 @@ def decide(method: bytes, req_lnames: list[bytes], req_headers: list[tuple[bytes
     response without the field; ``min_ttl``/``max_ttl`` clamp the lifetime.
     """
     d = Decision()
-    fields = _fields(lnames, headers)
-    d.hide = frozenset(t for t in targeted if t in fields)
-    cc = None
-    for name in targeted:
-        if name in fields:
-            cc = parse_targeted(fields[name])
-            if cc is not None:
-                break
-    explicit_source = cc is not None
-    ignore = policy is not None and policy.ignore_cache_control
-    if ignore:
-        cc, explicit_source = {}, True  # operator's word: no directive, no Expires
-    elif cc is None:
-        cc = parse_directives(fields.get(b"cache-control", ()))
 
     def refuse(reason: str) -> Decision:
         d.store = False
         d.reason = reason
         return d
 
+    # The refusals that need no field dict come first (a no-store pass-through
+    # answer stops here): only the directive fields are read.
+    hide = [t for t in targeted if t in lnames]
+    if hide:
+        d.hide = frozenset(hide)
     if method != b"GET":
         return refuse("method")
     if status < 200 or status in (206, 304):
         return refuse("status")
+    cc = None
+    for name in hide:
+        cc = parse_targeted(_values(lnames, headers, name))
+        if cc is not None:
+            break
+    explicit_source = cc is not None
+    ignore = policy is not None and policy.ignore_cache_control
+    if ignore:
+        cc, explicit_source = {}, True  # operator's word: no directive, no Expires
+    elif cc is None:
+        cc = parse_directives(_values(lnames, headers, b"cache-control"))
     if b"must-understand" in cc:
         if status not in UNDERSTOOD_STATUS:
             return refuse("must-understand")
     elif b"no-store" in cc:
         return refuse("no-store")
+    fields = _fields(lnames, headers)
 
     # What a response that may be stored says about its reuse.
     vary = fields.get(b"vary")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocols.http.wire.errors import REASONS
+from protocols.http.wire.parser import connection_options
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
@@ -61,20 +62,22 @@ def frame(pieces: list[bytes], chunked: bool, last: bool = False) -> list[bytes]
     return out
 
 
-def connection_tokens(msg: Any) -> set[bytes]:
+def connection_tokens(msg: Any) -> frozenset[bytes]:
     """Field names listed in a message's Connection field (lower-case)."""
-    out: set[bytes] = set()
     lnames = msg.lnames
     n = lnames.count(b"connection")  # scans in C: most messages have none or one
     if n == 0:
-        return out
+        return _NO_TOKENS
     if n == 1:
-        values = [msg.headers[lnames.index(b"connection")][1]]
-    else:
-        values = [value for lname, (_, value) in zip(lnames, msg.headers) if lname == b"connection"]
-    for value in values:
-        out.update(t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t"))
+        return connection_options(msg.headers[lnames.index(b"connection")][1])
+    out: frozenset[bytes] = _NO_TOKENS
+    for lname, (_, value) in zip(lnames, msg.headers):
+        if lname == b"connection":
+            out = out | connection_options(value)
     return out
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 _WITH_HOP_BY_HOP: dict[frozenset[bytes], frozenset[bytes]] = {}
@@ -91,15 +94,14 @@ def _end_to_end(msg: Any, also_drop: frozenset[bytes],
             _WITH_HOP_BY_HOP[also_drop] = drop
     if named:
         drop = drop | named
-    lines, via = [], []
-    for lname, (name, value) in zip(msg.lnames, msg.headers):
+    lnames, headers = msg.lnames, msg.headers
+    lines = []
+    for lname, (name, value) in zip(lnames, headers):
         if lname in drop or lname.startswith(drop_prefixes):
-            if lname == b"via":
-                via.append(value)
             continue
-        if lname == b"via":
-            via.append(value)
         lines.append(name + b": " + value + b"\r\n")
+    # Every Via value, forwarded or not (scanned for in C: most messages have none).
+    via = [value for lname, (_, value) in zip(lnames, headers) if lname == b"via"] if b"via" in lnames else []
     return lines, via
 
 

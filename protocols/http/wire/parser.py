@@ -491,12 +491,26 @@ class ChunkedBody:
 
 
 STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-9][0-9]{2}) ([\t \x21-\x7e\x80-\xff]*)")
-# The same language as FIELD_BLOCK (a field value with its optional whitespace
-# is any run of SP, HTAB and field-vchars) without the value's word structure,
-# which makes the regex engine work per word: about a third of the time.
-# Valid lines are then split in Python (the name ends at the first colon).
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-_RESPONSE_BLOCK = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t " + _VCHAR + rb"]*\r\n)*")
+# Status lines found valid -> (version, status, reason); a backend sends the same few.
+_STATUS_LINES: dict[bytes, tuple[int, int, bytes]] = {}
+
+
+def connection_options(value: bytes) -> frozenset[bytes]:
+    """The lower-case, non-empty tokens of one Connection field value
+    (remembered: a backend says ``keep-alive`` on every answer)."""
+    tokens = _CONNECTION_OPTIONS.get(value)
+    if tokens is None:
+        tokens = frozenset(t for t in (t.strip(b" \t").lower() for t in value.split(b",")) if t)
+        if len(_CONNECTION_OPTIONS) < 256 and len(value) <= 256:
+            _CONNECTION_OPTIONS[value] = tokens
+    return tokens
+
+
+_CONNECTION_OPTIONS: dict[bytes, frozenset[bytes]] = {}
+# Field lines of responses found well-formed -> ((name, value), lower-case name):
+# an origin repeats most of its lines (Server, Content-Type, Cache-Control, ...).
+_RESPONSE_LINES: dict[bytes, tuple[tuple[bytes, bytes], bytes]] = {}
 
 
 def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
@@ -524,47 +538,78 @@ def parse_response_head(buf: bytes, pos: int, limit: int, resp: Any) -> int:
     if end - pos > limit:
         raise HttpError(502, "backend response head too large")
     line_end = buf.find(b"\r\n", pos)
-    m = STATUS_LINE.fullmatch(buf, pos, line_end)
-    if m is None:
-        raise HttpError(502, "invalid status line from backend")
-    block_start, block_end = line_end + 2, end + 2
+    status_line = buf[pos:line_end]
+    parsed = _STATUS_LINES.get(status_line)
+    if parsed is None:
+        m = STATUS_LINE.fullmatch(status_line)
+        if m is None:
+            raise HttpError(502, "invalid status line from backend")
+        parsed = (10 if m.group(1) == b"0" else 11, int(m.group(2)), m.group(3))
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[status_line] = parsed
+    version = parsed[0]
     fields: list = []
     lnames: list = []
-    framing = []  # (lname, value) of the fields that frame the message, in order
-    if block_end > block_start:
-        if _RESPONSE_BLOCK.fullmatch(buf, block_start, block_end) is None:
-            raise HttpError(502, "invalid header section from backend")
-        for line in buf[block_start:end].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            lname = name.lower()
-            value = value.strip(b" \t")
-            fields.append((name, value))
-            lnames.append(lname)
-            if lname in _FRAMING:
-                framing.append((lname, value))
-    resp.version = 10 if m.group(1) == b"0" else 11
-    resp.status = int(m.group(2))
-    resp.reason = m.group(3)
-    resp.headers = fields
-    resp.lnames = lnames
     content_length = -1
     te = None
-    keep_alive = resp.version == 11
-    for lname, value in framing:
-        if lname == b"content-length":
-            if DIGITS.fullmatch(value) is None:
-                raise HttpError(502, "invalid Content-Length from backend")
-            if content_length >= 0 and int(value) != content_length:
-                raise HttpError(502, "conflicting Content-Length from backend")
-            content_length = int(value)
-        elif lname == b"transfer-encoding":
-            te = value if te is None else te + b"," + value
-        elif lname == b"connection":
-            tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
-            if b"close" in tokens:
-                keep_alive = False
-            elif b"keep-alive" in tokens and resp.version == 10:
-                keep_alive = True
+    keep_alive = version == 11
+    refuse = None
+    if end > line_end:
+        # The request parser's one pass (parse_head): one C-speed check of every
+        # byte (field-vchar, SP, HT, and CR LF only between lines), then per line
+        # its name (a token, checked once per spelling) and value (OWS stripped).
+        lines = buf[line_end + 2:end].split(b"\r\n")
+        if buf[line_end + 2:end].translate(_FIELD_MAP).count(0) != 2 * len(lines) - 2:
+            raise HttpError(502, "invalid header section from backend")
+        for line in lines:
+            known = _RESPONSE_LINES.get(line)
+            if known is not None:
+                field, lname = known
+                value = field[1]
+            else:
+                name, colon, value = line.partition(b":")
+                lname = _NAMES.get(name)
+                if lname is None or not colon:
+                    if not colon or TOKEN.fullmatch(name) is None:
+                        raise HttpError(502, "invalid header section from backend")
+                    lname = name.lower()
+                    if len(_NAMES) < 1024 and len(name) <= 64:
+                        _NAMES[name] = lname
+                value = value.strip(b" \t")
+                field = (name, value)
+                if len(line) <= 128:
+                    if len(_RESPONSE_LINES) >= 2048:
+                        _RESPONSE_LINES.clear()  # the lines sent again come back soon
+                    _RESPONSE_LINES[line] = (field, lname)
+            fields.append(field)
+            lnames.append(lname)
+            if lname in _FRAMING:
+                if lname == b"content-length":
+                    # A refusal for a field's meaning waits until every line
+                    # was found well-formed (a malformed head says so).
+                    if refuse is not None:
+                        pass
+                    elif DIGITS.fullmatch(value) is None:
+                        refuse = "invalid Content-Length from backend"
+                    elif content_length >= 0 and int(value) != content_length:
+                        refuse = "conflicting Content-Length from backend"
+                    else:
+                        content_length = int(value)
+                elif lname == b"transfer-encoding":
+                    te = value if te is None else te + b"," + value
+                else:
+                    tokens = connection_options(value)
+                    if b"close" in tokens:
+                        keep_alive = False
+                    elif b"keep-alive" in tokens and version == 10:
+                        keep_alive = True
+    resp.version = version
+    resp.status = parsed[1]
+    resp.reason = parsed[2]
+    resp.headers = fields
+    resp.lnames = lnames
+    if refuse is not None:
+        raise HttpError(502, refuse)
     chunked = False
     others = b""
     if te is not None:
